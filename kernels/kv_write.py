@@ -1,0 +1,22 @@
+"""KV cache write: scatter a step's new K/V rows into their cache slots (PyTorch reference).
+
+``slot_mapping[t] = block_id * block_size + offset`` is the flat slot of token ``t``; the caches
+have the layout ``[num_blocks, block_size, num_kv_heads, head_dim]`` and are written in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k, v [num_tokens, num_kv_heads, head_dim] -> caches at ``slot_mapping`` (int64)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))

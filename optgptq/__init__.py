@@ -1,0 +1,1 @@
+"""optgptq: an Opt-GPTQ inference stack."""

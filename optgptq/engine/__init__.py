@@ -1,0 +1,1 @@
+"""The inference engine: sequences, block pool, scheduler, model runner, sampler, sync and async APIs."""

@@ -1,0 +1,140 @@
+"""The model runner: the only part of the engine that touches the device.
+
+It loads the model, sizes and preallocates the paged KV cache (per layer, K and V tensors of
+shape ``[num_blocks, block_size, num_kv_heads, head_dim]``), turns a scheduled batch into one
+flat forward pass, and samples the next token of every sequence whose prompt is fully computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from optgptq.config import EngineConfig
+from optgptq.engine.sampler import Sampler
+from optgptq.engine.scheduler import ScheduledBatch
+from optgptq.models.layers import AttentionMetadata, PagedAttention
+from optgptq.models.loader import load_config, load_model
+
+_CPU_DEFAULT_KV_BYTES = 2 << 30
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no accelerator is visible to torch")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: Path) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        hf_config = load_config(model_path)
+        self.dtype = pick_dtype(config.dtype, self.device, hf_config)
+        self.max_model_len = self._max_model_len(hf_config)
+        self.model, self.hf_config = load_model(model_path, self.dtype, self.device,
+                                                self.max_model_len)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.block_size = config.block_size
+        self.num_blocks = self._num_blocks()
+        self.kv_caches = []
+        shape = self._block_shape()
+        for layer in self.attn_layers:
+            k = torch.empty((self.num_blocks, *shape), dtype=self.dtype, device=self.device)
+            v = torch.empty((self.num_blocks, *shape), dtype=self.dtype, device=self.device)
+            layer.k_cache, layer.v_cache = k, v
+            self.kv_caches.append((k, v))
+        self.sampler = Sampler(self.device, config.seed)
+
+    def _max_model_len(self, hf_config) -> int:
+        limit = getattr(hf_config, "max_position_embeddings", None)
+        if self.config.max_model_len is not None:
+            if limit is not None and self.config.max_model_len > limit:
+                raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the model's "
+                                 f"max_position_embeddings ({limit})")
+            return self.config.max_model_len
+        return limit or 2048
+
+    def _block_shape(self) -> tuple[int, int, int]:
+        layer = self.attn_layers[0]
+        return (self.block_size, layer.num_kv_heads, layer.head_dim)
+
+    @property
+    def bytes_per_block(self) -> int:
+        b, h, d = self._block_shape()
+        return 2 * len(self.attn_layers) * b * h * d * self.dtype.itemsize
+
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_blocks is not None:
+            return cfg.num_blocks
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cpu":
+            budget = _CPU_DEFAULT_KV_BYTES
+        else:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.kv_cache_memory_fraction)
+        num = budget // self.bytes_per_block
+        if num < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of "
+                             f"{self.bytes_per_block} bytes")
+        return int(num)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        return self.sampler.generator_for(seed)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[tuple[int, int, float | None]]:
+        """Run one step; returns ``(batch index, token id, logprob)`` for each sampling sequence."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            first = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[first:first + n])
+            pos = range(first, first + n)
+            positions.extend(pos)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            starts.append(starts[-1] + n)
+            seq_lens.append(first + n)
+            if first + n == seq.num_tokens:
+                logits_rows.append(starts[-1] - 1)
+                sampling.append(i)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+        )
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])
+        tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])
+        return [(i, t, logprobs[j] if logprobs is not None else None)
+                for j, (i, t) in enumerate(zip(sampling, tokens))]

@@ -1,0 +1,1 @@
+"""Model definitions (Llama and BLOOM families), their loader, and default-model resolution."""

@@ -1,0 +1,87 @@
+"""Load a local Hugging Face folder (config.json + safetensors) into one of the engine's models.
+
+Architectures are declared as data in ``ARCHITECTURES``. The model is built on the meta device,
+materialised on the target device, and filled tensor by tensor from the safetensors shards, so
+peak memory is one copy of the weights. Missing or unexpected tensors are errors, not warnings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from optgptq.models.bloom import BloomForCausalLM
+from optgptq.models.llama import LlamaForCausalLM
+
+# architecture name -> (model class, the base-model prefix its checkpoints may omit)
+ARCHITECTURES: dict[str, tuple[type, str]] = {
+    "LlamaForCausalLM": (LlamaForCausalLM, "model."),
+    "MistralForCausalLM": (LlamaForCausalLM, "model."),
+    "BloomForCausalLM": (BloomForCausalLM, "transformer."),
+}
+
+
+def load_config(path: Path):
+    """The transformers config of a local folder, checked for a supported architecture."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {str(path)!r}: no config.json in this folder")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model {str(path)!r}: architecture {arch or '(none)'} is not supported "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
+    if arch == "MistralForCausalLM" and getattr(config, "sliding_window", None):
+        raise ValueError(f"model {str(path)!r}: sliding-window attention is not supported")
+    return config
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model {str(path)!r}: no .safetensors weights in this folder")
+    return files
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device,
+               max_positions: int) -> tuple[torch.nn.Module, object]:
+    """Build the model for ``path`` and load its weights; returns ``(model, hf_config)``.
+
+    Parameters are created on the meta device and replaced by the checkpoint's tensors, so
+    peak memory is one copy of the weights; computed buffers (RoPE tables, ALiBi slopes) are
+    built on the CPU by the modules themselves and moved with the model.
+    """
+    config = load_config(path)
+    cls, prefix = ARCHITECTURES[config.architectures[0]]
+    with torch.device("meta"):
+        model = cls(config, max_positions)
+    expected = model.state_dict(keep_vars=True)
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = key if key in expected else prefix + key
+                if name not in expected:
+                    raise ValueError(f"model {str(path)!r}: unexpected tensor {key!r} in {file.name}")
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[name].shape:
+                    raise ValueError(f"model {str(path)!r}: tensor {key!r} has shape "
+                                     f"{tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+                state[name] = tensor.to(device=device, dtype=dtype)
+    # Tied parameters appear under several names; one stored copy fills them all.
+    for name, param in expected.items():
+        if name not in state:
+            twin = next((n for n, p in expected.items() if p is param and n in state), None)
+            if twin is None:
+                raise ValueError(f"model {str(path)!r}: missing tensor {name!r}")
+            state[name] = state[twin]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.to(device).eval(), config

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random models saved as HF folders, the default model, HF references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
+
+from optgptq.models.hub import resolve_model
+
+TOKENIZER_SOURCE = "smollm2"  # tiny models borrow the default model's tokenizer
+
+
+def _save_tiny(config, path, seed: int):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init is near-uniform; widen it so greedy choices are decisive
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.save_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(resolve_model(TOKENIZER_SOURCE))).save_pretrained(str(path))
+    return path
+
+
+TINY = {
+    "llama-mha": lambda: LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        tie_word_embeddings=False, architectures=["LlamaForCausalLM"]),
+    "llama-gqa": lambda: LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        tie_word_embeddings=True, architectures=["LlamaForCausalLM"]),
+    "bloom": lambda: BloomConfig(
+        vocab_size=49152, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"]),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: _save_tiny(make(), root / name, seed=i)
+            for i, (name, make) in enumerate(TINY.items())}
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return resolve_model("smollm2")
+
+
+@torch.no_grad()
+def hf_greedy(model_path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy continuation of one unpadded prompt, through its KV cache.
+
+    A plain argmax loop: ``generate`` would stop at EOS, and its ``min_new_tokens`` works by
+    masking EOS, which changes the choices it is meant to check.
+    """
+    model = _hf_model(str(model_path))
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+_HF_CACHE: dict = {}
+
+
+def _hf_model(path: str):
+    if path not in _HF_CACHE:
+        _HF_CACHE[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _HF_CACHE[path]
+
+
+def random_prompt(rng: torch.Generator, length: int, vocab: int = 49152) -> list[int]:
+    return torch.randint(100, vocab, (length,), generator=rng).tolist()

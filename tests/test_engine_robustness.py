@@ -1,0 +1,121 @@
+"""Bad input gets clear errors; random traffic with aborts leaves the pool clean; async streaming."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from optgptq.config import EngineConfig
+from optgptq.engine.async_engine import AsyncLLMEngine
+from optgptq.engine.llm import LLM
+from optgptq.engine.llm_engine import LLMEngine
+from optgptq.engine.sampling_params import SamplingParams
+from optgptq.models.hub import resolve_model
+from tests.conftest import random_prompt
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
+    ({"top_k": 1.5}, "top_k"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"block_size": 0}, "block_size"), ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+    ({"dtype": "int3"}, "dtype"), ({"device": "tpu"}, "device"), ({"max_num_seqs": -1}, "max_num_seqs"),
+])
+def test_bad_engine_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**kwargs)
+
+
+def test_unknown_model_and_architecture(tmp_path):
+    with pytest.raises(ValueError, match="no model hub access"):
+        resolve_model("meta-llama/Llama-3-8B")
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
+        EngineConfig(model=str(tmp_path)) and LLMEngine(EngineConfig(model=str(tmp_path)))
+
+
+def test_requests_that_cannot_fit_are_rejected(tiny_models):
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama-mha"]), num_blocks=8, block_size=4))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(list(range(100, 612)))                 # context is 512
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request(list(range(100, 110)), SamplingParams(max_tokens=600))
+    with pytest.raises(ValueError, match="KV blocks"):             # 8 blocks x 4 tokens = 32
+        engine.add_request(list(range(100, 130)), SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request([1, 2, 10**9])
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([])
+    assert not engine.has_unfinished_requests()
+
+
+def test_pool_invariants_after_random_traffic_with_aborts(tiny_models):
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama-gqa"]), num_blocks=40,
+                                    block_size=4, max_num_batched_tokens=24))
+    shared = random_prompt(g, 12)
+    live, finished = [], 0
+    for step in range(150):
+        if rng.random() < 0.4:
+            body = shared[:rng.randint(0, 12)] + random_prompt(g, rng.randint(1, 20))
+            params = SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0, 0.8]),
+                                    ignore_eos=True)
+            live.append(engine.add_request(body, params))
+        if live and rng.random() < 0.15:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+        for out in engine.step():
+            if out.finished:
+                live.remove(out.request_id)
+                finished += 1
+        used = engine.pool.stats().used_blocks
+        held = sum(len(s.block_table) for s in engine.scheduler.running)
+        assert used <= held  # shared prefix blocks are held by several sequences
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.pool.stats()
+    assert finished > 10 and stats.prefix_hit_tokens > 0
+    assert stats.used_blocks == 0 and stats.free_blocks == stats.num_blocks
+    assert all(b.ref_count == 0 for b in engine.pool.blocks)
+
+
+def test_async_engine_streams_aborts_and_survives_bad_requests(tiny_models):
+    path = str(tiny_models["llama-mha"])
+    engine = AsyncLLMEngine(EngineConfig(model=path, num_blocks=64, block_size=4))
+    g = torch.Generator().manual_seed(11)
+    prompt = random_prompt(g, 9)
+    expected = LLM(path, num_blocks=64, block_size=4).generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+
+    async def consume(params, stop_after=None):
+        ids = []
+        async for out in engine.generate(prompt, params):
+            ids.extend(out.delta_token_ids)
+            if stop_after is not None and len(ids) >= stop_after:
+                break
+        return ids
+
+    async def main():
+        greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+        with pytest.raises(ValueError, match="max_model_len"):
+            await consume(SamplingParams(max_tokens=10_000))
+        full, partial = await asyncio.gather(consume(greedy), consume(greedy, stop_after=3))
+        assert full == expected.token_ids and partial == expected.token_ids[:3]
+        for _ in range(100):  # the abandoned stream's blocks come back
+            if engine.stats().pool.used_blocks == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().pool.used_blocks == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

@@ -1,0 +1,51 @@
+"""The embedded default model: conversion, greedy equality with transformers, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from optgptq.engine.llm import LLM
+from optgptq.engine.sampling_params import SamplingParams
+from tests.conftest import hf_greedy
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue, and then list three colours of the rainbow.",
+    "Hi",
+]
+
+
+def test_default_model_folder_is_a_standard_hf_folder(smollm2_path):
+    cfg = json.loads((smollm2_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 3
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path))
+    assert tok.chat_template and (smollm2_path / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_equals_transformers(smollm2_path):
+    llm = LLM("smollm2")
+    prompts = [llm.chat_prompt(p) for p in PROMPTS]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(smollm2_path, p, 24)
+    assert "Paris" in outs[0].text
+
+
+@pytest.mark.slow
+def test_cli_generate_and_errors():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "optgptq.cli", "generate", *a],
+                                    capture_output=True, text=True, timeout=300)
+    ok = run("--model", "smollm2", "--chat", "--prompt", PROMPTS[0], "--max-tokens", "12", "--json")
+    assert ok.returncode == 0, ok.stderr
+    line = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert "Paris" in line["text"]
+    bad = run("--model", "/nonexistent/model", "--prompt", "x")
+    assert bad.returncode == 2 and "no model hub access" in bad.stderr
+    bad = run("--prompt", "x", "--top-p", "2")
+    assert bad.returncode == 2 and "top_p" in bad.stderr
