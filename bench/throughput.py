@@ -14,7 +14,9 @@ time, memory and thread pools never mix. The child loads the model, runs one tin
 generate, then times a single pass over all requests (wall clock; model load and warm-up are not
 timed). Peak RSS is the largest of the child's own ``ru_maxrss`` and a 0.2 s sampled sum of RSS
 over the child's process tree (vLLM runs its engine core and worker as child processes; the sum
-counts pages they share, e.g. library code, once per process).
+counts pages they share, e.g. library code, once per process; the sampled process-tree PSS,
+which splits shared pages, is recorded too as ``peak_pss_bytes``). Each engine's KV pool counts:
+optgptq's CPU default is 2 GiB, vLLM's is set by ``--vllm-kv-gib`` (default 4).
 
 - optgptq: ``LLM.generate`` with every request submitted at once (continuous batching,
   max_num_seqs=64, max_num_batched_tokens=1024).
@@ -152,19 +154,22 @@ def run_vllm(w: dict) -> tuple[list[list[int]], float, dict]:
 
 def child(engine: str, workload: Path, out: Path) -> None:
     import psutil
-    peak = [0]
+    peak = {"rss": 0, "pss": 0}
     stop = threading.Event()
 
     def sample() -> None:
         me = psutil.Process()
         while not stop.wait(0.2):
-            total = 0
+            total = {"rss": 0, "pss": 0}
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    mem = p.memory_full_info()
+                    total["rss"] += mem.rss
+                    total["pss"] += mem.pss
                 except psutil.Error:
                     pass
-            peak[0] = max(peak[0], total)
+            for k in peak:
+                peak[k] = max(peak[k], total[k])
 
     threading.Thread(target=sample, daemon=True).start()
     w = json.loads(workload.read_text())
@@ -175,7 +180,8 @@ def child(engine: str, workload: Path, out: Path) -> None:
     out.write_text(json.dumps({
         "engine": engine, "elapsed_s": elapsed, "token_ids": tokens,
         "output_tokens": sum(map(len, tokens)), "prompt_tokens": sum(map(len, w["prompts"])),
-        "peak_rss_bytes": max(self_rss, peak[0]), "peak_rss_self_bytes": self_rss,
+        "peak_rss_bytes": max(self_rss, peak["rss"]), "peak_rss_self_bytes": self_rss,
+        "peak_pss_bytes": peak["pss"],
         "python": sys.executable, "torch": version("torch"), **extra}))
 
 
@@ -212,12 +218,12 @@ def launch(engine: str, python: str, wpath: Path, tmp: Path, args: argparse.Name
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Fraction of requests with identical tokens, and mean fraction before the first divergence."""
     def prefix(x: list[int], y: list[int]) -> int:
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        return n
-    same = sum(x == y for x, y in zip(a, b))
+        return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
     frac = [prefix(x, y) / max(len(x), 1) for x, y in zip(a, b)]
-    return {"identical_fraction": same / len(a), "mean_matching_prefix_fraction": sum(frac) / len(a)}
+    return {"identical_fraction": sum(x == y for x, y in zip(a, b)) / len(a),
+            "mean_matching_prefix_fraction": sum(frac) / len(a)}
 
 
 def machine() -> dict:
@@ -228,7 +234,7 @@ def machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of " + ", ".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma list, default: all")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2")
@@ -251,7 +257,9 @@ def main() -> None:
     w = make_workload(args, resolve_model(args.model))
     pythons = {e: sys.executable for e in engines}
     notes = []
-    if "vllm" in engines and not (pythons["vllm"] := vllm_python(args.vllm_python)):
+    if "vllm" in engines:
+        pythons["vllm"] = vllm_python(args.vllm_python)
+    if "vllm" in engines and not pythons["vllm"]:
         notes.append("vLLM skipped: no --vllm-python, no $OPTGPTQ_VLLM_PYTHON, and this "
                      "interpreter cannot import vllm")
         print(notes[-1])

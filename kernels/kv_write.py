@@ -1,7 +1,7 @@
 """KV cache write: scatter a step's new K/V rows into their cache slots (PyTorch reference).
 
 ``slot_mapping[t] = block_id * block_size + offset`` is the flat slot of token ``t``; the caches
-have the layout ``[num_blocks, block_size, num_kv_heads, head_dim]`` and are written in place.
+have the layout ``[num_kv_heads, num_blocks, block_size, head_dim]`` and are written in place.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def write_kv_ref(
     slot_mapping: torch.Tensor,
 ) -> None:
     """k, v [num_tokens, num_kv_heads, head_dim] -> caches at ``slot_mapping`` (int64)."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[3]
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        flat = cache.view(num_kv_heads, -1, head_dim)
+        flat.index_copy_(1, slot_mapping, new.transpose(0, 1).to(cache.dtype))

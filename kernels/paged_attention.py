@@ -2,10 +2,11 @@
 
 Cache layout, one tensor for K and one for V per layer::
 
-    [num_blocks, block_size, num_kv_heads, head_dim]
+    [num_kv_heads, num_blocks, block_size, head_dim]
 
 Token ``t`` of a sequence lives in block ``block_table[t // block_size]`` at slot
-``t % block_size``. A step's query tokens from several sequences arrive flattened (varlen):
+``t % block_size``. Head-major, so the ``[block_size, head_dim]`` tile of one block and one KV
+head is contiguous: a kernel loads it in one piece and a gather is a plain ``index_select``. A step's query tokens from several sequences arrive flattened (varlen):
 
 - ``q``               ``[num_tokens, num_heads, head_dim]``
 - ``query_start_loc`` ``[num_seqs + 1]`` offsets of each sequence's query tokens in ``q``
@@ -19,15 +20,20 @@ query head ``h`` reads KV head ``h // G``; queries are viewed as ``[num_kv_heads
 so one batched matmul serves a whole group against its shared K/V, never repeating the cache.
 ALiBi adds ``slope_h * (key_pos - query_pos)`` to the scores (no mask tensor is stored).
 Scores, softmax and the weighted sum run in float32; the output has ``q``'s dtype. Cache slots
-past a sequence's length are never trusted: their K is masked and their V zeroed.
+past a sequence's length get zero weight; they may hold stale values but must be finite (the
+engine zero-fills its pool, and 0 * NaN would be NaN).
 
-Decode tokens (one query token per sequence) are batched in one padded gather; prefill chunks are
-handled one sequence at a time.
+Decode tokens (one query token per sequence) are sorted by context length and gathered in groups
+of up to ``DECODE_GROUP`` sequences padded to the group's longest, so a batch of mixed lengths
+moves little padding; prefill chunks are handled one sequence at a time.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+DECODE_GROUP = 16
 
 
 def _attend(
@@ -39,29 +45,34 @@ def _attend(
     scale: float,
     alibi_slopes: torch.Tensor | None,
 ) -> torch.Tensor:
-    """q [B, Hkv, G, n, D]; k, v [B, Hkv, L, D]; q_pos [B, n]; k_len [B] -> [B, Hkv, G, n, D]."""
-    num_kv_heads, group = q.shape[1], q.shape[2]
-    scores = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
-    key_pos = torch.arange(k.shape[2], device=q.device)
-    if alibi_slopes is not None:
-        dist = (key_pos.view(1, 1, -1) - q_pos.unsqueeze(-1)).float()  # [B, n, L]
-        slopes = alibi_slopes.float().view(1, num_kv_heads, group, 1, 1)
-        scores = scores + slopes * dist.unsqueeze(1).unsqueeze(1)
-    masked = (key_pos.view(1, 1, -1) > q_pos.unsqueeze(-1)) | (
-        key_pos.view(1, 1, -1) >= k_len.view(-1, 1, 1)
-    )
-    scores = scores.masked_fill(masked.unsqueeze(1).unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # Slots past a sequence's length may hold anything (even NaN): zero them, as 0 * NaN = NaN.
-    beyond = (key_pos.view(1, -1) >= k_len.view(-1, 1)).view(k.shape[0], 1, -1, 1)
-    return torch.matmul(probs, v.float().masked_fill(beyond, 0.0).unsqueeze(2))
+    """Attention of grouped queries over gathered K/V, in float32.
+
+    q [Hkv, B, G, n, D]; k, v [Hkv, B, L, D]; q_pos [B, n]; k_len [B] -> [Hkv, B, G, n, D].
+    A group's G*n query rows form one attention problem against their KV head, so K/V are never
+    repeated per query head; the masked softmax runs in PyTorch's fused SDPA.
+    """
+    hkv, b, group, n, d = q.shape
+    length = k.shape[2]
+    key_pos = torch.arange(length, device=q.device).view(1, 1, -1)
+    allowed = (key_pos <= q_pos.unsqueeze(-1)) & (key_pos < k_len.view(-1, 1, 1))  # [B, n, L]
+    allowed = allowed.unsqueeze(1).unsqueeze(1)                                     # [B,1,1,n,L]
+    if alibi_slopes is None:
+        mask = allowed.expand(b, 1, group, n, length).reshape(b, 1, group * n, length)
+    else:
+        dist = (key_pos - q_pos.unsqueeze(-1)).float().unsqueeze(1).unsqueeze(1)
+        bias = alibi_slopes.float().view(1, hkv, group, 1, 1) * dist                 # [B,Hkv,G,n,L]
+        mask = bias.masked_fill(~allowed, float("-inf")).view(b, hkv, group * n, length)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).reshape(b, hkv, group * n, d).float(),
+        k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=mask, scale=scale)
+    return out.view(b, hkv, group, n, d).transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """cache [N, bs, Hkv, D], blocks [B, nb] -> [B, Hkv, nb * bs, D]."""
+    """cache [Hkv, N, bs, D], blocks [B, nb] -> a fresh contiguous [Hkv, B, nb * bs, D] tensor."""
     b, nb = blocks.shape
-    _, bs, hkv, d = cache.shape
-    return cache[blocks].view(b, nb * bs, hkv, d).permute(0, 2, 1, 3)
+    hkv, _, bs, d = cache.shape
+    return torch.index_select(cache, 1, blocks.reshape(-1)).view(hkv, b, nb * bs, d)
 
 
 def paged_attention_ref(
@@ -76,7 +87,7 @@ def paged_attention_ref(
 ) -> torch.Tensor:
     """Attention of every query token over its sequence's cached context; returns q's shape."""
     num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads, block_size = k_cache.shape[0], k_cache.shape[2]
     assert num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
@@ -84,17 +95,17 @@ def paged_attention_ref(
     lens = seq_lens.tolist()
     q_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
 
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
-    if decode:
-        idx = torch.tensor(decode, device=q.device)
-        rows = torch.tensor([starts[i] for i in decode], device=q.device)
-        max_len = max(lens[i] for i in decode)
-        blocks = block_tables[idx, : (max_len + block_size - 1) // block_size].long()
+    decode = sorted((i for i, n in enumerate(q_lens) if n == 1), key=lambda i: -lens[i])
+    for g in range(0, len(decode), DECODE_GROUP):
+        group_ids = decode[g:g + DECODE_GROUP]
+        idx = torch.tensor(group_ids, device=q.device)
+        rows = query_start_loc[idx].long()
+        blocks = block_tables[idx, : (lens[group_ids[0]] + block_size - 1) // block_size].long()
         k_len = seq_lens[idx].long()
-        qd = q[rows].view(len(decode), num_kv_heads, group, 1, head_dim)
+        qd = q[rows].view(len(group_ids), num_kv_heads, group, 1, head_dim).transpose(0, 1)
         o = _attend(qd, _gather(k_cache, blocks), _gather(v_cache, blocks),
                     (k_len - 1).view(-1, 1), k_len, scale, alibi_slopes)
-        out[rows] = o.view(len(decode), num_heads, head_dim).to(q.dtype)
+        out[rows] = o.transpose(0, 1).reshape(len(group_ids), num_heads, head_dim).to(q.dtype)
 
     for i, n in enumerate(q_lens):
         if n <= 1:
@@ -102,10 +113,10 @@ def paged_attention_ref(
         length = lens[i]
         blocks = block_tables[i : i + 1, : (length + block_size - 1) // block_size].long()
         qi = q[starts[i] : starts[i] + n].view(n, num_kv_heads, group, head_dim)
-        qi = qi.permute(1, 2, 0, 3).unsqueeze(0)
+        qi = qi.permute(1, 2, 0, 3).unsqueeze(1)  # [Hkv, 1, G, n, D]
         q_pos = torch.arange(length - n, length, device=q.device).view(1, n)
         k_len = seq_lens[i : i + 1].long()
         o = _attend(qi, _gather(k_cache, blocks), _gather(v_cache, blocks),
                     q_pos, k_len, scale, alibi_slopes)
-        out[starts[i] : starts[i] + n] = o[0].permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
+        out[starts[i] : starts[i] + n] = o[:, 0].permute(2, 0, 1, 3).reshape(n, num_heads, head_dim).to(q.dtype)
     return out

@@ -31,8 +31,8 @@ def test_varlen_paged_attention_matches_dense(num_heads, num_kv_heads, alibi, bl
     # (context length after the step, new query tokens): decodes, a whole prefill, a chunk after
     # a cached prefix, block-boundary lengths
     shapes = [(1, 1), (block_size, 1), (block_size + 1, 1), (37, 37), (45, 13), (2 * block_size, 5), (29, 1)]
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
-    v_cache = torch.full_like(k_cache, float("nan"))  # poisoned: unwritten slots must not leak
+    k_cache = torch.full((num_kv_heads, num_blocks, block_size, head_dim), 1e4)
+    v_cache = torch.full_like(k_cache, -1e4)  # stale values in unwritten slots must get no weight
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, qs, ks, vs, starts = [], [], [], [], [0]
     for length, n in shapes:
@@ -64,3 +64,27 @@ def test_alibi_slopes_match_bloom():
     for heads in (4, 12, 16, 20):
         hf = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32).view(heads, 2)[:, 1]
         torch.testing.assert_close(alibi_slopes(heads), hf, rtol=0, atol=0)
+
+
+def test_many_decodes_grouped_by_length_match_dense():
+    """More decode sequences than one gather group, with mixed lengths and a shared block pool."""
+    from optgptq_kernels.paged_attention import DECODE_GROUP
+
+    g = torch.Generator().manual_seed(7)
+    hkv, heads, d, bs = 2, 8, 16, 4
+    lens = torch.randint(1, 60, (2 * DECODE_GROUP + 5,), generator=g).tolist()
+    num_blocks = sum(-(-n // bs) for n in lens)
+    k_cache = torch.randn(hkv, num_blocks, bs, d, generator=g)
+    v_cache = torch.randn(hkv, num_blocks, bs, d, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // bs))] for n in lens]
+    width = max(map(len, tables))
+    q = torch.randn(len(lens), heads, d, generator=g)
+    out = ops.paged_attention(
+        q, k_cache, v_cache, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        torch.tensor(lens, dtype=torch.int32), torch.arange(len(lens) + 1, dtype=torch.int32), d ** -0.5)
+    for i, (n, table) in enumerate(zip(lens, tables)):
+        k = k_cache[:, table].reshape(hkv, -1, d)[:, :n].transpose(0, 1)
+        v = v_cache[:, table].reshape(hkv, -1, d)[:, :n].transpose(0, 1)
+        ref = dense_attention(q[i:i + 1], k, v, torch.tensor([n - 1]), None)
+        torch.testing.assert_close(out[i:i + 1].double(), ref, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """The model runner: the only part of the engine that touches the device.
 
 It loads the model, sizes and preallocates the paged KV cache (per layer, K and V tensors of
-shape ``[num_blocks, block_size, num_kv_heads, head_dim]``), turns a scheduled batch into one
+shape ``[num_kv_heads, num_blocks, block_size, head_dim]``), turns a scheduled batch into one
 flat forward pass, and samples the next token of every sequence whose prompt is fully computed.
 """
 
@@ -52,10 +52,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         self.kv_caches = []
-        shape = self._block_shape()
+        bs, hkv, d = self._block_shape()
         for layer in self.attn_layers:
-            k = torch.empty((self.num_blocks, *shape), dtype=self.dtype, device=self.device)
-            v = torch.empty((self.num_blocks, *shape), dtype=self.dtype, device=self.device)
+            k = torch.zeros((hkv, self.num_blocks, bs, d), dtype=self.dtype, device=self.device)
+            v = torch.zeros((hkv, self.num_blocks, bs, d), dtype=self.dtype, device=self.device)
             layer.k_cache, layer.v_cache = k, v
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, config.seed)
