@@ -12,10 +12,10 @@ engine. Model: ``--model`` (default ``smollm2``, SmolLM2-135M-Instruct), float32
 Method: each engine runs in its own subprocess (this script re-invoked with ``--child``), so load
 time, memory and thread pools never mix. The child loads the model, runs one tiny warm-up
 generate, then times a single pass over all requests (wall clock; model load and warm-up are not
-timed). Peak RSS is the largest of the child's own ``ru_maxrss`` and a 0.2 s sampled sum of RSS
+timed). Peak RSS is the largest of the child's own ``ru_maxrss`` and a 0.5 s sampled sum of RSS
 over the child's process tree (vLLM runs its engine core and worker as child processes; the sum
-counts pages they share, e.g. library code, once per process; the sampled process-tree PSS,
-which splits shared pages, is recorded too as ``peak_pss_bytes``). Each engine's KV pool counts:
+counts pages they share, e.g. library code, once per process; PSS is not sampled because reading
+smaps of a multi-GB process every half second steals CPU from the engine). Each engine's KV pool counts:
 optgptq's CPU default is 2 GiB, vLLM's is set by ``--vllm-kv-gib`` (default 4).
 
 - optgptq: ``LLM.generate`` with every request submitted at once (continuous batching,
@@ -154,22 +154,20 @@ def run_vllm(w: dict) -> tuple[list[list[int]], float, dict]:
 
 def child(engine: str, workload: Path, out: Path) -> None:
     import psutil
-    peak = {"rss": 0, "pss": 0}
+    peak = {"rss": 0}
     stop = threading.Event()
 
     def sample() -> None:
+        # RSS only: reading PSS walks /proc/*/smaps, which costs real CPU on a 2-core machine
         me = psutil.Process()
-        while not stop.wait(0.2):
-            total = {"rss": 0, "pss": 0}
+        while not stop.wait(0.5):
+            total = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    mem = p.memory_full_info()
-                    total["rss"] += mem.rss
-                    total["pss"] += mem.pss
+                    total += p.memory_info().rss
                 except psutil.Error:
                     pass
-            for k in peak:
-                peak[k] = max(peak[k], total[k])
+            peak["rss"] = max(peak["rss"], total)
 
     threading.Thread(target=sample, daemon=True).start()
     w = json.loads(workload.read_text())
@@ -181,7 +179,6 @@ def child(engine: str, workload: Path, out: Path) -> None:
         "engine": engine, "elapsed_s": elapsed, "token_ids": tokens,
         "output_tokens": sum(map(len, tokens)), "prompt_tokens": sum(map(len, w["prompts"])),
         "peak_rss_bytes": max(self_rss, peak["rss"]), "peak_rss_self_bytes": self_rss,
-        "peak_pss_bytes": peak["pss"],
         "python": sys.executable, "torch": version("torch"), **extra}))
 
 

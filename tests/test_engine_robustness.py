@@ -43,7 +43,7 @@ def test_unknown_model_and_architecture(tmp_path):
 
 
 def test_requests_that_cannot_fit_are_rejected(tiny_models):
-    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama-mha"]), num_blocks=8, block_size=4))
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama-mha"]), device="cpu", num_blocks=8, block_size=4))
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request(list(range(100, 612)))                 # context is 512
     with pytest.raises(ValueError, match="max_tokens"):
@@ -60,7 +60,7 @@ def test_requests_that_cannot_fit_are_rejected(tiny_models):
 def test_pool_invariants_after_random_traffic_with_aborts(tiny_models):
     rng = random.Random(0)
     g = torch.Generator().manual_seed(0)
-    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama-gqa"]), num_blocks=40,
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["llama-gqa"]), device="cpu", num_blocks=40,
                                     block_size=4, max_num_batched_tokens=24))
     shared = random_prompt(g, 12)
     live, finished = [], 0
@@ -89,10 +89,10 @@ def test_pool_invariants_after_random_traffic_with_aborts(tiny_models):
 
 def test_async_engine_streams_aborts_and_survives_bad_requests(tiny_models):
     path = str(tiny_models["llama-mha"])
-    engine = AsyncLLMEngine(EngineConfig(model=path, num_blocks=64, block_size=4))
+    engine = AsyncLLMEngine(EngineConfig(model=path, device="cpu", num_blocks=64, block_size=4))
     g = torch.Generator().manual_seed(11)
     prompt = random_prompt(g, 9)
-    expected = LLM(path, num_blocks=64, block_size=4).generate(
+    expected = LLM(path, device="cpu", num_blocks=64, block_size=4).generate(
         [prompt], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
 
     async def consume(params, stop_after=None):

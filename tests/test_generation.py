@@ -18,7 +18,7 @@ def prompts(seed, lengths):
 @pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "bloom"])
 def test_batched_greedy_equals_transformers(tiny_models, name):
     path = tiny_models[name]
-    llm = LLM(str(path), num_blocks=96, block_size=4)
+    llm = LLM(str(path), device="cpu", num_blocks=96, block_size=4)
     ps = prompts(1, [3, 9, 16, 31, 50])
     outs = llm.generate(ps, GREEDY)
     for p, out in zip(ps, outs):
@@ -30,8 +30,8 @@ def test_batched_greedy_equals_transformers(tiny_models, name):
 def test_chunked_prefill_equals_whole_prefill(tiny_models, name):
     path = tiny_models[name]
     ps = prompts(2, [70, 45, 5])
-    whole = LLM(str(path), num_blocks=96, block_size=4, max_num_batched_tokens=512).generate(ps, GREEDY)
-    chunked_llm = LLM(str(path), num_blocks=96, block_size=4, max_num_batched_tokens=7)
+    whole = LLM(str(path), device="cpu", num_blocks=96, block_size=4, max_num_batched_tokens=512).generate(ps, GREEDY)
+    chunked_llm = LLM(str(path), device="cpu", num_blocks=96, block_size=4, max_num_batched_tokens=7)
     chunked = chunked_llm.generate(ps, GREEDY)
     assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
     assert chunked[0].token_ids == hf_greedy(path, ps[0], 12)
@@ -41,14 +41,14 @@ def test_prefix_hit_equals_miss_and_is_counted(tiny_models):
     path = tiny_models["llama-gqa"]
     base = prompts(3, [40])[0]
     variant = base[:33] + prompts(4, [6])[0]
-    llm = LLM(str(path), num_blocks=96, block_size=4)
+    llm = LLM(str(path), device="cpu", num_blocks=96, block_size=4)
     first = llm.generate([base], GREEDY)[0]
     stats = llm.engine.stats().pool
     assert stats.prefix_hit_tokens == 0
     second = llm.generate([variant], GREEDY)[0]
     stats = llm.engine.stats().pool
     assert second.num_cached_tokens == 32 and stats.prefix_hit_tokens == 32
-    cold = LLM(str(path), num_blocks=96, block_size=4, enable_prefix_caching=False)
+    cold = LLM(str(path), device="cpu", num_blocks=96, block_size=4, enable_prefix_caching=False)
     assert second.token_ids == cold.generate([variant], GREEDY)[0].token_ids
     assert first.token_ids == hf_greedy(path, base, 12)
 
@@ -57,8 +57,8 @@ def test_preemption_by_recompute_gives_same_tokens(tiny_models):
     path = tiny_models["llama-mha"]
     ps = prompts(5, [12, 12, 12, 12])
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    roomy = LLM(str(path), num_blocks=128, block_size=4).generate(ps, params)
-    tight_llm = LLM(str(path), num_blocks=16, block_size=4)  # 4 x 8 blocks needed, 16 exist
+    roomy = LLM(str(path), device="cpu", num_blocks=128, block_size=4).generate(ps, params)
+    tight_llm = LLM(str(path), device="cpu", num_blocks=16, block_size=4)  # 4 x 8 blocks needed, 16 exist
     tight = tight_llm.generate(ps, params)
     assert tight_llm.engine.stats().preemptions > 0
     assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
@@ -67,7 +67,7 @@ def test_preemption_by_recompute_gives_same_tokens(tiny_models):
 def test_logprobs_match_transformers(tiny_models):
     path = tiny_models["llama-gqa"]
     p = prompts(6, [10])[0]
-    out = LLM(str(path), num_blocks=32, block_size=4).generate(
+    out = LLM(str(path), device="cpu", num_blocks=32, block_size=4).generate(
         [p], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=True))[0]
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +78,7 @@ def test_logprobs_match_transformers(tiny_models):
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_models):
-    llm = LLM(str(tiny_models["llama-mha"]), num_blocks=96, block_size=4)
+    llm = LLM(str(tiny_models["llama-mha"]), device="cpu", num_blocks=96, block_size=4)
     ps = prompts(7, [8, 20, 14])
     seeded = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=123,
                             ignore_eos=True)
@@ -92,7 +92,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_models):
 
 
 def test_top_k_one_is_greedy(tiny_models):
-    llm = LLM(str(tiny_models["bloom"]), num_blocks=64, block_size=4)
+    llm = LLM(str(tiny_models["bloom"]), device="cpu", num_blocks=64, block_size=4)
     p = prompts(8, [9])
     sampled = llm.generate(p, SamplingParams(max_tokens=8, temperature=1.5, top_k=1, ignore_eos=True))
     greedy = llm.generate(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -100,7 +100,7 @@ def test_top_k_one_is_greedy(tiny_models):
 
 
 def test_stop_token_ids_and_stop_strings(tiny_models):
-    llm = LLM(str(tiny_models["llama-mha"]), num_blocks=64, block_size=4)
+    llm = LLM(str(tiny_models["llama-mha"]), device="cpu", num_blocks=64, block_size=4)
     p = prompts(9, [10])
     full = llm.generate(p, GREEDY)[0]
     stop_tok = full.token_ids[4]
@@ -117,7 +117,7 @@ def test_stop_token_ids_and_stop_strings(tiny_models):
 
 
 def test_eos_stops_unless_ignored(tiny_models):
-    llm = LLM(str(tiny_models["llama-mha"]), num_blocks=64, block_size=4)
+    llm = LLM(str(tiny_models["llama-mha"]), device="cpu", num_blocks=64, block_size=4)
     p = prompts(10, [10])[0]
     full = llm.generate([p], GREEDY)[0]
     llm.engine.eos_token_ids = {full.token_ids[2]}

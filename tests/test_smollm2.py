@@ -29,7 +29,7 @@ def test_default_model_folder_is_a_standard_hf_folder(smollm2_path):
 
 @pytest.mark.slow
 def test_smollm2_batched_greedy_equals_transformers(smollm2_path):
-    llm = LLM("smollm2")
+    llm = LLM("smollm2", device="cpu")
     prompts = [llm.chat_prompt(p) for p in PROMPTS]
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     for p, out in zip(prompts, outs):
