@@ -34,6 +34,20 @@ def test_bad_engine_config_names_the_field(kwargs, field):
         EngineConfig(**kwargs)
 
 
+def test_engine_config_from_yaml(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("engine:\n  block_size: 32\n  max_num_seqs: 8\n")
+    cfg = EngineConfig.from_yaml(good)
+    assert (cfg.block_size, cfg.max_num_seqs, cfg.model) == (32, 8, "smollm2")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine:\n  blok_size: 32\n")
+    with pytest.raises(ValueError, match="blok_size"):
+        EngineConfig.from_yaml(bad)
+    bad.write_text("engine:\n  block_size: -4\n")
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig.from_yaml(bad)
+
+
 def test_unknown_model_and_architecture(tmp_path):
     with pytest.raises(ValueError, match="no model hub access"):
         resolve_model("meta-llama/Llama-3-8B")

@@ -40,9 +40,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator = None                 # per-request sampling generator (seeded requests)
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
