@@ -6,8 +6,8 @@ sequence cap (``max_num_seqs``):
 1. Running sequences, oldest first, each get what they still need: one token when decoding, or
    the next chunk of a prompt being prefilled (capped by the budget left). When the pool has no
    block for one, the newest running sequence is preempted (its blocks freed, its progress reset
-   to recompute later, put back at the head of the queue) until the block fits; a sequence that
-   is itself the newest preempts itself.
+   to recompute later, requeued in arrival order, ahead of later arrivals) until the block fits;
+   a sequence that is itself the newest preempts itself.
 2. If nothing was preempted, waiting sequences are admitted in arrival order while the budget,
    the cap and the pool allow: prefix-cache hits first, then a first chunk of the rest. The head
    of the queue is never skipped, so no request starves behind later, smaller ones.
