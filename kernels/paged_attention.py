@@ -47,11 +47,12 @@ def _attend(
 ) -> torch.Tensor:
     """Attention of grouped queries over gathered K/V, in float32.
 
-    q [Hkv, B, G, n, D]; k, v [Hkv, B, L, D]; q_pos [B, n]; k_len [B] -> [Hkv, B, G, n, D].
+    q [B, Hkv, G, n, D]; k, v [Hkv, B, L, D] (as gathered); q_pos [B, n]; k_len [B]
+    -> [B, Hkv, G, n, D].
     A group's G*n query rows form one attention problem against their KV head, so K/V are never
     repeated per query head; the masked softmax runs in PyTorch's fused SDPA.
     """
-    hkv, b, group, n, d = q.shape
+    b, hkv, group, n, d = q.shape
     length = k.shape[2]
     key_pos = torch.arange(length, device=q.device).view(1, 1, -1)
     allowed = (key_pos <= q_pos.unsqueeze(-1)) & (key_pos < k_len.view(-1, 1, 1))  # [B, n, L]
@@ -63,9 +64,9 @@ def _attend(
         bias = alibi_slopes.float().view(1, hkv, group, 1, 1) * dist                 # [B,Hkv,G,n,L]
         mask = bias.masked_fill(~allowed, float("-inf")).view(b, hkv, group * n, length)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).reshape(b, hkv, group * n, d).float(),
+        q.reshape(b, hkv, group * n, d).float(),
         k.transpose(0, 1).float(), v.transpose(0, 1).float(), attn_mask=mask, scale=scale)
-    return out.view(b, hkv, group, n, d).transpose(0, 1)
+    return out.view(b, hkv, group, n, d)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -102,10 +103,10 @@ def paged_attention_ref(
         rows = query_start_loc[idx].long()
         blocks = block_tables[idx, : (lens[group_ids[0]] + block_size - 1) // block_size].long()
         k_len = seq_lens[idx].long()
-        qd = q[rows].view(len(group_ids), num_kv_heads, group, 1, head_dim).transpose(0, 1)
+        qd = q[rows].view(len(group_ids), num_kv_heads, group, 1, head_dim)
         o = _attend(qd, _gather(k_cache, blocks), _gather(v_cache, blocks),
                     (k_len - 1).view(-1, 1), k_len, scale, alibi_slopes)
-        out[rows] = o.transpose(0, 1).reshape(len(group_ids), num_heads, head_dim).to(q.dtype)
+        out[rows] = o.reshape(len(group_ids), num_heads, head_dim).to(q.dtype)
 
     for i, n in enumerate(q_lens):
         if n <= 1:
@@ -113,10 +114,10 @@ def paged_attention_ref(
         length = lens[i]
         blocks = block_tables[i : i + 1, : (length + block_size - 1) // block_size].long()
         qi = q[starts[i] : starts[i] + n].view(n, num_kv_heads, group, head_dim)
-        qi = qi.permute(1, 2, 0, 3).unsqueeze(1)  # [Hkv, 1, G, n, D]
+        qi = qi.permute(1, 2, 0, 3).unsqueeze(0)  # [1, Hkv, G, n, D]
         q_pos = torch.arange(length - n, length, device=q.device).view(1, n)
         k_len = seq_lens[i : i + 1].long()
         o = _attend(qi, _gather(k_cache, blocks), _gather(v_cache, blocks),
                     q_pos, k_len, scale, alibi_slopes)
-        out[starts[i] : starts[i] + n] = o[:, 0].permute(2, 0, 1, 3).reshape(n, num_heads, head_dim).to(q.dtype)
+        out[starts[i] : starts[i] + n] = o[0].permute(2, 0, 1, 3).reshape(n, num_heads, head_dim).to(q.dtype)
     return out

@@ -43,11 +43,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
         self.config = config
         self.device = pick_device(config.device)
-        hf_config = load_config(model_path)
-        self.dtype = pick_dtype(config.dtype, self.device, hf_config)
-        self.max_model_len = self._max_model_len(hf_config)
-        self.model, self.hf_config = load_model(model_path, self.dtype, self.device,
-                                                self.max_model_len)
+        self.hf_config = load_config(model_path)
+        self.dtype = pick_dtype(config.dtype, self.device, self.hf_config)
+        self.max_model_len = self._max_model_len(self.hf_config)
+        self.model = load_model(model_path, self.hf_config, self.dtype, self.device,
+                                self.max_model_len)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()

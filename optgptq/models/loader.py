@@ -50,15 +50,14 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> tuple[torch.nn.Module, object]:
-    """Build the model for ``path`` and load its weights; returns ``(model, hf_config)``.
+def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
+               max_positions: int) -> torch.nn.Module:
+    """Build the model for ``path`` (``config`` from :func:`load_config`) and load its weights.
 
     Parameters are created on the meta device and replaced by the checkpoint's tensors, so
     peak memory is one copy of the weights; computed buffers (RoPE tables, ALiBi slopes) are
     built on the CPU by the modules themselves and moved with the model.
     """
-    config = load_config(path)
     cls, prefix = ARCHITECTURES[config.architectures[0]]
     with torch.device("meta"):
         model = cls(config, max_positions)
@@ -84,4 +83,4 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
             state[name] = state[twin]
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
-    return model.to(device).eval(), config
+    return model.to(device).eval()
