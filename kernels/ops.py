@@ -1,40 +1,97 @@
 """The one dispatch point between the engine and its kernels.
 
-Models call only these functions. Each picks the implementation for the tensors it is given;
-today every op runs its PyTorch reference, which works on CPU and on any accelerator that
-PyTorch drives (CUDA, ROCm, Hygon DCU through torch.cuda).
+Models call only these functions. Each picks, per call, the Triton kernel or its PyTorch
+reference:
+
+- ``OPTGPTQ_KERNELS=auto`` (default): Triton for tensors on an accelerator (CUDA, ROCm, Hygon DCU
+  through ``torch.cuda``) when Triton imports; the reference otherwise (CPU).
+- ``OPTGPTQ_KERNELS=reference``: always the reference.
+- ``OPTGPTQ_KERNELS=triton``: always Triton; with ``TRITON_INTERPRET=1`` (set before Triton is
+  imported) the kernels run in Triton's interpreter on CPU tensors, which is how CI tests them.
+
+The Triton modules are imported on first use, so a machine without Triton runs the references.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
+from optgptq_kernels.gptq import gptq_linear_ref
 from optgptq_kernels.kv_write import write_kv_ref
 from optgptq_kernels.paged_attention import paged_attention_ref
 
+_MODES = ("auto", "reference", "triton")
 
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether ops on tensor ``t`` run the Triton kernels under the current mode."""
+    mode = os.environ.get("OPTGPTQ_KERNELS", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"OPTGPTQ_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    if mode == "reference":
+        return False
+    if mode == "triton":
+        if not _triton_available():
+            raise ValueError("OPTGPTQ_KERNELS=triton but Triton is not installed "
+                             "(pip install 'optgptq[kernels]')")
+        return True
+    return t.is_cuda and _triton_available()
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows into the paged cache (see :mod:`optgptq_kernels.kv_write`)."""
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    if use_triton(k):
+        from optgptq_kernels.kv_write_triton import write_kv_triton
+
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    alibi_slopes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal varlen attention over the paged cache (see :mod:`optgptq_kernels.paged_attention`)."""
-    return paged_attention_ref(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, alibi_slopes
-    )
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float,
+                    alibi_slopes: torch.Tensor | None = None,
+                    max_query_len: int | None = None, max_seq_len: int | None = None,
+                    ) -> torch.Tensor:
+    """Causal varlen attention over the paged cache (see :mod:`optgptq_kernels.paged_attention`).
+
+    ``max_query_len`` and ``max_seq_len`` are the batch's longest query chunk and context, known
+    to the caller on the host; the Triton path sizes its grid from them (computing them here
+    would synchronise with the device).
+    """
+    if use_triton(q):
+        from optgptq_kernels.paged_attention_triton import paged_attention_triton
+
+        if max_query_len is None or max_seq_len is None:
+            q_lens = query_start_loc[1:] - query_start_loc[:-1]
+            max_query_len, max_seq_len = int(q_lens.max()), int(seq_lens.max())
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
+                                      query_start_loc, scale, alibi_slopes,
+                                      max_query_len, max_seq_len)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                               scale, alibi_slopes)
+
+
+def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W + bias`` for a GPTQ-packed ``W`` (layout in :mod:`optgptq_kernels.gptq`)."""
+    if use_triton(x):
+        from optgptq_kernels.gptq_triton import gptq_linear_triton
+
+        return gptq_linear_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
+    return gptq_linear_ref(x, qweight, qzeros, scales, g_idx, bits, bias)

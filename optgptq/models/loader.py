@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from optgptq.models.bloom import BloomForCausalLM
 from optgptq.models.llama import LlamaForCausalLM
+from optgptq.models.quant_linear import GPTQConfig, quantized_module_names, swap_in_gptq
 
 # architecture name -> (model class, the base-model prefix its checkpoints may omit)
 ARCHITECTURES: dict[str, tuple[type, str]] = {
@@ -50,20 +51,37 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _tensor_names(files: list[Path]) -> list[str]:
+    names: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names
+
+
 def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
                max_positions: int) -> torch.nn.Module:
     """Build the model for ``path`` (``config`` from :func:`load_config`) and load its weights.
 
     Parameters are created on the meta device and replaced by the checkpoint's tensors, so
-    peak memory is one copy of the weights; computed buffers (RoPE tables, ALiBi slopes) are
-    built on the CPU by the modules themselves and moved with the model.
+    peak memory is one copy of the weights; a GPTQ checkpoint's quantized linears become
+    :class:`~optgptq.models.quant_linear.GPTQLinear` layers; computed buffers (RoPE tables,
+    ALiBi slopes) are built on the CPU by the modules themselves and moved with the model.
     """
     cls, prefix = ARCHITECTURES[config.architectures[0]]
+    files = _weight_files(path)
     with torch.device("meta"):
         model = cls(config, max_positions)
+        qc = getattr(config, "quantization_config", None)
+        if qc:
+            qc = qc if isinstance(qc, dict) else qc.to_dict()
+            modules = dict(model.named_modules())
+            names = {n if n in modules else prefix + n
+                     for n in quantized_module_names(_tensor_names(files))}
+            swap_in_gptq(model, names, GPTQConfig.from_hf(qc))
     expected = model.state_dict(keep_vars=True)
     state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = key if key in expected else prefix + key
@@ -73,7 +91,10 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
                 if tensor.shape != expected[name].shape:
                     raise ValueError(f"model {str(path)!r}: tensor {key!r} has shape "
                                      f"{tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-                state[name] = tensor.to(device=device, dtype=dtype)
+                # Integer codes stay integers; GPTQ scales stay as stored (the kernels compute
+                # in float32 from them); everything else takes the model's dtype.
+                keep = not tensor.is_floating_point() or name.endswith(".scales")
+                state[name] = tensor.to(device=device, dtype=None if keep else dtype)
     # Tied parameters appear under several names; one stored copy fills them all.
     for name, param in expected.items():
         if name not in state:

@@ -1,0 +1,98 @@
+"""GPTQ-quantized linear layers: checkpoint settings, the layer, and swapping it into a model.
+
+A GPTQ checkpoint (the standard layout, see :mod:`optgptq_kernels.gptq`) stores, for every
+quantized ``nn.Linear`` named ``x``, the tensors ``x.qweight``, ``x.qzeros``, ``x.scales``,
+``x.g_idx`` (and ``x.bias`` if any) instead of ``x.weight``; config.json carries a
+``quantization_config`` with ``quant_method: gptq``. Which layers are quantized is read from the
+checkpoint's tensor names, so layers a quantizer left in full precision (``lm_head``, modules it
+was told to skip) load as ordinary linears. The forward pass goes through the kernels' dispatch
+point (fused dequant-GEMM on an accelerator, dequantize-then-matmul reference on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from optgptq_kernels import ops
+from optgptq_kernels.gptq import SUPPORTED_BITS
+
+QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """The parts of a checkpoint's ``quantization_config`` that decide its tensor shapes."""
+
+    bits: int
+    group_size: int
+
+    @classmethod
+    def from_hf(cls, qc: dict) -> "GPTQConfig":
+        method = qc.get("quant_method")
+        if method != "gptq":
+            raise ValueError(f"quantization_config.quant_method={method!r} is not supported "
+                             f"(supported: gptq)")
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt != "gptq":
+            raise ValueError(f"quantization_config.checkpoint_format={fmt!r} is not supported "
+                             f"(supported: gptq)")
+        bits, group_size = qc.get("bits"), qc.get("group_size", -1)
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"quantization_config.bits={bits!r}: expected one of {SUPPORTED_BITS}")
+        if not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
+            raise ValueError(f"quantization_config.group_size={group_size!r}: expected a "
+                             f"positive int or -1 (per channel)")
+        return cls(bits, group_size)
+
+    def num_groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+class GPTQLinear(nn.Module):
+    """``y = x @ W + b`` with ``W`` stored GPTQ-packed; a drop-in for ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, config: GPTQConfig,
+                 bias: bool) -> None:
+        super().__init__()
+        bits = config.bits
+        if in_features * bits % 32 or out_features * bits % 32:
+            raise ValueError(f"a {in_features}x{out_features} layer cannot hold whole 32-bit "
+                             f"words of {bits}-bit codes")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        groups = config.num_groups(in_features)
+        self.register_buffer("qweight", torch.empty(in_features * bits // 32, out_features,
+                                                    dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(groups, out_features * bits // 32,
+                                                   dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = ops.gptq_linear(x.reshape(-1, self.in_features), self.qweight, self.qzeros,
+                              self.scales, self.g_idx, self.bits, self.bias)
+        return out.view(*shape[:-1], self.out_features)
+
+
+def quantized_module_names(tensor_names: list[str]) -> set[str]:
+    """Modules a checkpoint stores quantized: those with a ``.qweight`` tensor."""
+    return {n[: -len(".qweight")] for n in tensor_names if n.endswith(".qweight")}
+
+
+def swap_in_gptq(model: nn.Module, names: set[str], config: GPTQConfig) -> None:
+    """Replace the named ``nn.Linear`` modules of ``model`` by :class:`GPTQLinear` (in place)."""
+    modules = dict(model.named_modules())
+    for name in sorted(names):
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"checkpoint quantizes {name!r}, which is not a linear layer of "
+                             f"this model")
+        parent_name, _, child = name.rpartition(".")
+        quant = GPTQLinear(linear.in_features, linear.out_features, config,
+                           linear.bias is not None)
+        setattr(modules[parent_name] if parent_name else model, child, quant)
