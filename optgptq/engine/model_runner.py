@@ -130,6 +130,8 @@ class ModelRunner:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
         )
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
         if not sampling:

@@ -26,6 +26,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32, offsets of each sequence's tokens
     seq_lens: torch.Tensor         # [num_seqs] int32, context length after this step
     block_tables: torch.Tensor     # [num_seqs, max_blocks] int32
+    max_query_len: int             # longest query chunk of the step (host-side)
+    max_seq_len: int               # longest context of the step (host-side)
 
 
 class PagedAttention(nn.Module):
@@ -52,7 +54,8 @@ class PagedAttention(nn.Module):
         ops.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = ops.paged_attention(q.view(t, self.num_heads, self.head_dim), self.k_cache,
                                   self.v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.query_start_loc, self.scale, self.alibi_slopes)
+                                  meta.query_start_loc, self.scale, self.alibi_slopes,
+                                  meta.max_query_len, meta.max_seq_len)
         return out.view(t, self.num_heads * self.head_dim)
 
 

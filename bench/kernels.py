@@ -1,0 +1,215 @@
+"""Kernel benchmark on a GPU: paged decode attention and GPTQ GEMM against their ceilings.
+
+In one run it measures the ceilings (device copy bandwidth, fp16 matmul rate) and then:
+
+- Decode attention with Llama-3-8B's heads (32 query, 8 KV, head_dim 128), batch x context in
+  {1, 8, 64, 256} x {512, 4096, 32768} (combinations whose cache does not fit are skipped):
+  KV bytes read per second as a fraction of the copy bandwidth at uniform lengths, and, with
+  mixed lengths (uniform in [1, context]), the Triton kernel against torch's
+  scaled_dot_product_attention over a padded contiguous cache holding the same sequences.
+- GPTQ 4-bit, group 128 GEMM for (K x N) in 4096x4096, 4096x14336, 14336x4096 and M in
+  {1, 4, 16, 64, 256}: time against torch's fp16 matmul.
+
+Every time is a median from ``triton.testing.do_bench_cudagraph`` (CUDA-graph replays, so launch
+overhead is not measured). Prints a table and writes ``bench/results/kernels-<gpu>.json``;
+the previous file's headline numbers are kept under ``history``.
+
+    python bench/kernels.py [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from optgptq_kernels.gptq_triton import gptq_linear_triton
+from optgptq_kernels.kv_write import write_kv_ref
+from optgptq_kernels.paged_attention_triton import paged_attention_triton
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+DTYPE = torch.float16
+
+
+def bench(fn) -> float:
+    """Median seconds per call."""
+    return do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e-3
+
+
+def ceilings() -> dict:
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    copy_s = bench(lambda: dst.copy_(buf))
+    del buf, dst
+    a = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
+    mm_s = bench(lambda: a @ a)
+    return {"copy_GBps": 2 * (1 << 30) / copy_s / 1e9, "fp16_matmul_TFLOPs": 2 * 8192 ** 3 / mm_s / 1e12}
+
+
+def _decode_inputs(lens: list[int], g: torch.Generator):
+    blocks_per = [triton.cdiv(n, BLOCK) for n in lens]
+    num_blocks = sum(blocks_per)
+    k_cache = torch.randn(KV_HEADS, num_blocks, BLOCK, HEAD_DIM, dtype=DTYPE, device="cuda",
+                          generator=g)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device="cuda", generator=g).int()
+    tables = torch.zeros(len(lens), max(blocks_per), dtype=torch.int32, device="cuda")
+    start = 0
+    for i, nb in enumerate(blocks_per):
+        tables[i, :nb] = perm[start:start + nb]
+        start += nb
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
+    q = torch.randn(len(lens), HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=g)
+    return q, k_cache, v_cache, tables, seq_lens, qsl
+
+
+def decode_attention(batch: int, ctx: int, copy_gbps: float, g: torch.Generator) -> dict | None:
+    kv_bytes_per_token = 2 * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    free, _ = torch.cuda.mem_get_info()
+    # paged cache + padded SDPA copy of the mixed case, with headroom
+    if 2.5 * batch * ctx * kv_bytes_per_token > 0.8 * free:
+        return None
+    row: dict = {"batch": batch, "context": ctx}
+    args = _decode_inputs([ctx] * batch, g)
+    t = bench(lambda: paged_attention_triton(*args, HEAD_DIM ** -0.5, None, 1, ctx))
+    row["uniform_us"] = t * 1e6
+    row["uniform_GBps"] = batch * ctx * kv_bytes_per_token / t / 1e9
+    row["fraction_of_copy_bw"] = row["uniform_GBps"] / copy_gbps
+    del args
+    lens = torch.randint(1, ctx + 1, (batch,), generator=torch.Generator().manual_seed(ctx)).tolist()
+    args = _decode_inputs(lens, g)
+    row["mixed_triton_us"] = bench(
+        lambda: paged_attention_triton(*args, HEAD_DIM ** -0.5, None, 1, max(lens))) * 1e6
+    q, k_cache, v_cache, tables, seq_lens, _ = args
+    width = max(lens)
+    kp = torch.zeros(batch, KV_HEADS, width, HEAD_DIM, dtype=DTYPE, device="cuda")
+    vp = torch.zeros_like(kp)
+    for i, n in enumerate(lens):
+        blocks = tables[i, :triton.cdiv(n, BLOCK)].long()
+        kp[i, :, :n] = k_cache[:, blocks].reshape(KV_HEADS, -1, HEAD_DIM)[:, :n]
+        vp[i, :, :n] = v_cache[:, blocks].reshape(KV_HEADS, -1, HEAD_DIM)[:, :n]
+    mask = (torch.arange(width, device="cuda") < seq_lens.view(-1, 1)).view(batch, 1, 1, width)
+    qs = q.view(batch, HEADS, 1, HEAD_DIM)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        qs, kp, vp, attn_mask=mask, enable_gqa=True)
+    check = paged_attention_triton(*args, HEAD_DIM ** -0.5, None, 1, max(lens))
+    err = (check.float() - sdpa().view(batch, HEADS, HEAD_DIM).float()).abs().max().item()
+    assert err < 1e-2, f"Triton and SDPA disagree by {err}"
+    row["mixed_sdpa_padded_us"] = bench(sdpa) * 1e6
+    row["speedup_vs_sdpa"] = row["mixed_sdpa_padded_us"] / row["mixed_triton_us"]
+    del args, kp, vp
+    torch.cuda.empty_cache()
+    return row
+
+
+def gptq_gemm(k: int, n: int, m: int, g: torch.Generator) -> dict:
+    groups = k // 128
+    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), dtype=torch.int32, device="cuda",
+                            generator=g)
+    qzeros = torch.randint(-2 ** 31, 2 ** 31 - 1, (groups, n // 8), dtype=torch.int32,
+                           device="cuda", generator=g)
+    scales = (torch.rand(groups, n, device="cuda", generator=g) * 0.01).to(DTYPE)
+    g_idx = (torch.arange(k, device="cuda") // 128).int()
+    x = torch.randn(m, k, dtype=DTYPE, device="cuda", generator=g)
+    w = torch.randn(k, n, dtype=DTYPE, device="cuda", generator=g)
+    gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4)   # caches the group layout
+    t_q = bench(lambda: gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4))
+    t_f = bench(lambda: x @ w)
+    return {"K": k, "N": n, "M": m, "gptq_us": t_q * 1e6, "fp16_us": t_f * 1e6,
+            "speedup_vs_fp16": t_f / t_q}
+
+
+def _target(name: str, value: float, target: float, better: str) -> dict:
+    met = value >= target if better == "higher" else value <= target
+    return {"name": name, "value": round(value, 4), "target": target, "better": better, "met": met}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke run")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a GPU (torch.cuda)")
+    g = torch.Generator("cuda").manual_seed(0)
+    ceil = ceilings()
+    print(f"copy {ceil['copy_GBps']:.0f} GB/s, fp16 matmul {ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s")
+
+    batches, contexts = ([1, 64], [512, 4096]) if args.quick else ([1, 8, 64, 256], [512, 4096, 32768])
+    attn = []
+    print(f"{'batch':>5} {'ctx':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'mixed us':>9} {'sdpa us':>9} {'x sdpa':>7}")
+    for b in batches:
+        for c in contexts:
+            row = decode_attention(b, c, ceil["copy_GBps"], g)
+            if row is None:
+                print(f"{b:>5} {c:>6}  skipped: does not fit")
+                continue
+            attn.append(row)
+            print(f"{b:>5} {c:>6} {row['uniform_us']:>9.1f} {row['uniform_GBps']:>7.0f} "
+                  f"{100 * row['fraction_of_copy_bw']:>5.1f}% {row['mixed_triton_us']:>9.1f} "
+                  f"{row['mixed_sdpa_padded_us']:>9.1f} {row['speedup_vs_sdpa']:>7.2f}")
+
+    gemm = []
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 14336), (14336, 4096)]
+    print(f"{'K':>6} {'N':>6} {'M':>4} {'gptq us':>8} {'fp16 us':>8} {'x fp16':>7}")
+    for k, n in shapes:
+        for m in (1, 4, 16, 64, 256):
+            row = gptq_gemm(k, n, m, g)
+            gemm.append(row)
+            print(f"{k:>6} {n:>6} {m:>4} {row['gptq_us']:>8.1f} {row['fp16_us']:>8.1f} "
+                  f"{row['speedup_vs_fp16']:>7.2f}")
+
+    big = [r for r in attn if r["batch"] * r["context"] >= 256 * 1024]
+    targets = [
+        _target("decode attention, min fraction of copy bandwidth (batch x context >= 256k)",
+                min((r["fraction_of_copy_bw"] for r in big), default=0.0), 0.85, "higher"),
+        _target("decode attention, min speedup vs SDPA over padded cache (mixed lengths)",
+                min(r["speedup_vs_sdpa"] for r in attn), 1.0, "higher"),
+        _target("GPTQ 4-bit GEMM, min speedup vs fp16 for M <= 16",
+                min(r["speedup_vs_fp16"] for r in gemm if r["M"] <= 16), 3.0, "higher"),
+        _target("GPTQ 4-bit GEMM, min speedup vs fp16 at M = 256",
+                min(r["speedup_vs_fp16"] for r in gemm if r["M"] == 256), 0.9, "higher"),
+    ]
+    name = torch.cuda.get_device_name().lower()
+    gpu = "h200" if "h200" in name else "h100" if "h100" in name else name.replace(" ", "-")
+    path = Path(args.out) / f"kernels-{gpu}.json"
+    history = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        history = old.get("history", []) + [{"date": old["date"], "commit": old.get("commit"),
+                                             "targets": old["targets"]}]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("OPTGPTQ_COMMIT")
+    result = {
+        "machine": {"gpu": torch.cuda.get_device_name(), "platform": platform.platform(),
+                    "cores": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "triton": triton.__version__, "cuda": torch.version.cuda},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "commit": commit,
+        "results": {"ceilings": ceil, "decode_attention": attn, "gptq_gemm": gemm},
+        "targets": targets,
+        "history": history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.rename(path)
+    for t in targets:
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (target {t['target']})")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
