@@ -4,7 +4,9 @@ In one run it measures the ceilings (device copy bandwidth, fp16 matmul rate) an
 
 - Decode attention with Llama-3-8B's heads (32 query, 8 KV, head_dim 128), batch x context in
   {1, 8, 64, 256} x {512, 4096, 32768} (combinations whose cache does not fit are skipped):
-  KV bytes read per second as a fraction of the copy bandwidth at uniform lengths, and, with
+  KV bytes read per second as a fraction of the copy bandwidth (bytes read + written by a
+  device-to-device copy, per second) and of the read bandwidth (a reduction over a buffer) at
+  uniform lengths, and, with
   mixed lengths (uniform in [1, context]), the Triton kernel against torch's
   scaled_dot_product_attention over a padded contiguous cache holding the same sequences.
 - GPTQ 4-bit, group 128 GEMM for (K x N) in 4096x4096, 4096x14336, 14336x4096 and M in
@@ -49,10 +51,13 @@ def ceilings() -> dict:
     buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(buf)
     copy_s = bench(lambda: dst.copy_(buf))
-    del buf, dst
+    words = buf.view(torch.int32)
+    read_s = bench(lambda: words.sum())
+    del buf, dst, words
     a = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
     mm_s = bench(lambda: a @ a)
-    return {"copy_GBps": 2 * (1 << 30) / copy_s / 1e9, "fp16_matmul_TFLOPs": 2 * 8192 ** 3 / mm_s / 1e12}
+    return {"copy_GBps": 2 * (1 << 30) / copy_s / 1e9, "read_GBps": (1 << 30) / read_s / 1e9,
+            "fp16_matmul_TFLOPs": 2 * 8192 ** 3 / mm_s / 1e12}
 
 
 def _decode_inputs(lens: list[int], g: torch.Generator):
@@ -73,7 +78,7 @@ def _decode_inputs(lens: list[int], g: torch.Generator):
     return q, k_cache, v_cache, tables, seq_lens, qsl
 
 
-def decode_attention(batch: int, ctx: int, copy_gbps: float, g: torch.Generator) -> dict | None:
+def decode_attention(batch: int, ctx: int, ceil: dict, g: torch.Generator) -> dict | None:
     kv_bytes_per_token = 2 * KV_HEADS * HEAD_DIM * DTYPE.itemsize
     free, _ = torch.cuda.mem_get_info()
     # paged cache + padded SDPA copy of the mixed case, with headroom
@@ -84,7 +89,8 @@ def decode_attention(batch: int, ctx: int, copy_gbps: float, g: torch.Generator)
     t = bench(lambda: paged_attention_triton(*args, HEAD_DIM ** -0.5, None, 1, ctx))
     row["uniform_us"] = t * 1e6
     row["uniform_GBps"] = batch * ctx * kv_bytes_per_token / t / 1e9
-    row["fraction_of_copy_bw"] = row["uniform_GBps"] / copy_gbps
+    row["fraction_of_copy_bw"] = row["uniform_GBps"] / ceil["copy_GBps"]
+    row["fraction_of_read_bw"] = row["uniform_GBps"] / ceil["read_GBps"]
     del args
     lens = torch.randint(1, ctx + 1, (batch,), generator=torch.Generator().manual_seed(ctx)).tolist()
     args = _decode_inputs(lens, g)
@@ -143,20 +149,23 @@ def main() -> None:
         sys.exit("bench/kernels.py needs a GPU (torch.cuda)")
     g = torch.Generator("cuda").manual_seed(0)
     ceil = ceilings()
-    print(f"copy {ceil['copy_GBps']:.0f} GB/s, fp16 matmul {ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"copy {ceil['copy_GBps']:.0f} GB/s (read + write), read {ceil['read_GBps']:.0f} GB/s, "
+          f"fp16 matmul {ceil['fp16_matmul_TFLOPs']:.0f} TFLOP/s")
 
     batches, contexts = ([1, 64], [512, 4096]) if args.quick else ([1, 8, 64, 256], [512, 4096, 32768])
     attn = []
-    print(f"{'batch':>5} {'ctx':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'mixed us':>9} {'sdpa us':>9} {'x sdpa':>7}")
+    print(f"{'batch':>5} {'ctx':>6} {'us':>9} {'GB/s':>7} {'%copy':>6} {'%read':>6} "
+          f"{'mixed us':>9} {'sdpa us':>9} {'x sdpa':>7}")
     for b in batches:
         for c in contexts:
-            row = decode_attention(b, c, ceil["copy_GBps"], g)
+            row = decode_attention(b, c, ceil, g)
             if row is None:
                 print(f"{b:>5} {c:>6}  skipped: does not fit")
                 continue
             attn.append(row)
             print(f"{b:>5} {c:>6} {row['uniform_us']:>9.1f} {row['uniform_GBps']:>7.0f} "
-                  f"{100 * row['fraction_of_copy_bw']:>5.1f}% {row['mixed_triton_us']:>9.1f} "
+                  f"{100 * row['fraction_of_copy_bw']:>5.1f}% {100 * row['fraction_of_read_bw']:>5.1f}% "
+                  f"{row['mixed_triton_us']:>9.1f} "
                   f"{row['mixed_sdpa_padded_us']:>9.1f} {row['speedup_vs_sdpa']:>7.2f}")
 
     gemm = []
@@ -188,8 +197,13 @@ def main() -> None:
         old = json.loads(path.read_text())
         history = old.get("history", []) + [{"date": old["date"], "commit": old.get("commit"),
                                              "targets": old["targets"]}]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("OPTGPTQ_COMMIT")
+    commit = os.environ.get("OPTGPTQ_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip() or None
+        except OSError:
+            commit = None
     result = {
         "machine": {"gpu": torch.cuda.get_device_name(), "platform": platform.platform(),
                     "cores": os.cpu_count()},

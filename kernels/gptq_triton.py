@@ -1,19 +1,24 @@
 """GPTQ linear in Triton: a fused dequant-GEMM for small batches, dequantize-then-matmul for
 large ones. Same contract as :func:`optgptq_kernels.gptq.gptq_linear_ref`.
 
-Fused path (``M <= FUSED_MAX_M``, decode): program ``(m, n, k)`` computes a ``BLOCK_M x
-BLOCK_N`` output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. Each
-slice's weight tile is unpacked in registers: for 2/4/8 bits the ``BLOCK_K / (32 / bits)``
-packed rows are loaded once and shifted out; for 3 bits each code is read from the pair of words
-it may straddle. When groups are contiguous and a whole slice lies in one group
-(``GROUP_ALIGNED``: no act-order and ``BLOCK_K`` divides the group size) the slice needs one row of
-scales and zeros; otherwise they are gathered per input row through ``g_idx`` (act-order,
-ragged groups). The float32 product ``(q - z) * s`` is rounded to the activation dtype and fed
-to ``tl.dot`` with float32 accumulation. With ``SPLIT_K > 1`` the slices' partial sums meet in a
-float32 buffer by atomic adds, which keeps a GPU busy when ``M x N`` alone gives too few tiles.
+Fused path (``M <= FUSED_MAX_M``, decode): program ``(m, n, k)`` computes a ``BLOCK_M x BLOCK_N``
+output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. With ``SPLIT_K >
+1`` the slices' partial sums meet in a float32 buffer by atomic adds, which keeps the GPU busy
+when ``M x N`` alone gives too few tiles. Three ways to form a slice's product:
 
-Large batches are compute-bound: the weight is dequantized once per call by the same unpacking
-code into a dense tile-by-tile copy and multiplied by ``torch.matmul``.
+- ``GROUP_ALIGNED`` (no act-order, ``BLOCK_K`` divides the group size): the slice lies in one
+  group, so ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))``. The dot runs on
+  the raw codes made exact floats by bit pattern (``0x6400 | q`` is ``1024 + q`` in float16,
+  ``0x4300 | q`` is ``128 + q`` in bfloat16), and scale and zero are applied once per slice.
+- ``PER_SHIFT`` on top of that for 2/4/8 bits: the slice's packed rows are loaded once and shift
+  ``j`` of every word (inputs ``k0 + PER * i + j``) meets the matching strided columns of ``x``
+  in its own ``tl.dot``, so codes are never reordered in registers.
+- otherwise (act-order, ragged groups) each row's scale and zero are gathered through ``g_idx``
+  and the dequantized tile is rounded to the activation dtype before the dot.
+
+3-bit codes straddle words and are read from the pair of words that holds them. Large batches
+are compute-bound: the weight is dequantized once per call into a dense copy and multiplied by
+``torch.matmul``.
 """
 
 from __future__ import annotations
@@ -45,27 +50,10 @@ def _unpack(ptr, idx, other_off, stride_word, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, k0, K, group_size,
-                 stride_qw, stride_qz, stride_sc,
-                 BITS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-                 RESHAPE: tl.constexpr):
-    """The float32 weight tile ``W[offs_k, offs_n]`` (``offs_k = k0 + arange(BLOCK_K)``)."""
+def _scale_codes(q, offs_k, k_mask, offs_n, n_mask, qz_ptr, sc_ptr, g_ptr, stride_qz, stride_sc,
+                 BITS: tl.constexpr):
+    """Codes ``q[offs_k, offs_n]`` to float32 weights, each row with its own group (g_idx)."""
     tile_mask = k_mask[:, None] & n_mask[None, :]
-    if 32 % BITS == 0 and RESHAPE:
-        per: tl.constexpr = 32 // BITS
-        rows = k0 // per + tl.arange(0, BLOCK_K // per)
-        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
-                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
-        shifts = tl.arange(0, per) * BITS
-        q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-        q = tl.reshape(q, (BLOCK_K, q.shape[2]))
-    else:
-        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], stride_qw, tile_mask, BITS)
-    if GROUP_ALIGNED:
-        g = k0 // group_size
-        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = _unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1
-        return (q - z[None, :]).to(tl.float32) * s[None, :]
     g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
     s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=tile_mask,
                 other=0.0).to(tl.float32)
@@ -74,39 +62,96 @@ def _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, 
 
 
 @triton.jit
+def _exact_float(q, dtype: tl.constexpr, OFFSET: tl.constexpr):
+    """Codes as exact floats ``OFFSET + q``: by bit pattern where an offset makes that an OR
+    (1024 + q is 0x6400 | q in float16, 128 + q is 0x4300 | q in bfloat16), else converted."""
+    if OFFSET == 1024:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    elif OFFSET == 128:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return q.to(dtype)
+
+
+@triton.jit
+def _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask, k0, K, stride_qw,
+               BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, OFFSET: tl.constexpr, PER_SHIFT: tl.constexpr,
+               IEEE: tl.constexpr):
+    """``x[:, slice] @ (OFFSET + q[slice, :])`` and the row sums of ``x[:, slice]``.
+
+    ``PER_SHIFT`` (2/4/8 bits): the slice's packed rows are loaded once; shift ``j`` of every
+    word holds the codes of inputs ``k0 + PER * i + j``, which meet the matching strided columns
+    of ``x`` in one ``tl.dot`` per shift, so codes never need reordering in registers.
+    Otherwise each code is read from its own word(s)."""
+    part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    x_sum = tl.zeros([BLOCK_M], tl.float32)
+    if PER_SHIFT:
+        per: tl.constexpr = 32 // BITS
+        rows = k0 // per + tl.arange(0, BLOCK_K // per)
+        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
+                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+        for j in tl.static_range(per):
+            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                        mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            w = _exact_float((words >> (j * BITS)) & ((1 << BITS) - 1), x.dtype, OFFSET)
+            if IEEE:
+                part += tl.dot(x, w, input_precision="ieee")
+            else:
+                part += tl.dot(x, w)
+            x_sum += tl.sum(x.to(tl.float32), 1)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], stride_qw,
+                    k_mask[:, None] & n_mask[None, :], BITS)
+        w = _exact_float(q, x.dtype, OFFSET)
+        if IEEE:
+            part = tl.dot(x, w, input_precision="ieee")
+        else:
+            part = tl.dot(x, w)
+        x_sum = tl.sum(x.to(tl.float32), 1)
+    return part, x_sum
+
+
+@triton.jit
 def _fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, M, N, K, group_size,
                   stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, GEMV: tl.constexpr,
-                  RESHAPE: tl.constexpr):
+                  OFFSET: tl.constexpr, PER_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  IEEE: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
-    if GEMV:  # one row: FMAs into a [BLOCK_K, BLOCK_N] tile, reduced once at the end
-        acc2 = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, k0, K,
-                         group_size, stride_qw, stride_qz, stride_sc,
-                         BITS, BLOCK_K, GROUP_ALIGNED, RESHAPE)
-        w = tl.where(k_mask[:, None], w, 0.0)
-        if GEMV:
-            x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-            acc2 += x.to(tl.float32)[:, None] * w.to(x.dtype).to(tl.float32)
+        if GROUP_ALIGNED:
+            # The slice lies in one group: x.((q - z) s) = s (x.(OFFSET + q) - (OFFSET + z) sum x)
+            part, x_sum = _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask,
+                                     k0, K, stride_qw, BITS, BLOCK_M, BLOCK_N, BLOCK_K, OFFSET,
+                                     PER_SHIFT, IEEE)
+            g = k0 // group_size
+            s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = _unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1 + OFFSET
+            acc += s[None, :] * (part - x_sum[:, None] * z.to(tl.float32)[None, :])
         else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], stride_qw,
+                        k_mask[:, None] & n_mask[None, :], BITS)
+            w = _scale_codes(q, offs_k, k_mask, offs_n, n_mask, qz_ptr, sc_ptr, g_ptr, stride_qz,
+                             stride_sc, BITS).to(x.dtype)
             if IEEE:
-                acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+                acc += tl.dot(x, w, input_precision="ieee")
             else:
-                acc += tl.dot(x, w.to(x.dtype))
-    if GEMV:
-        acc = tl.sum(acc2, 0)[None, :]
+                acc += tl.dot(x, w)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -119,19 +164,33 @@ def _fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, M, N,
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, qz_ptr, sc_ptr, g_ptr, w_ptr, N, K, group_size,
+def _dequant_kernel(qw_ptr, qz_ptr, sc_ptr, g_ptr, w_ptr, N, K,
                     stride_qw, stride_qz, stride_sc, stride_w,
-                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUP_ALIGNED: tl.constexpr):
+                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     k0 = tl.program_id(0) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_mask, n_mask = offs_k < K, offs_n < N
-    w = _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, k_mask, n_mask, k0, K,
-                     group_size, stride_qw, stride_qz, stride_sc, BITS, BLOCK_K, GROUP_ALIGNED,
-                     True)
-    tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
-             w.to(w_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+    n_mask = offs_n < N
+    if 32 % BITS == 0:  # load the packed rows once; shift j holds inputs k0 + PER * i + j
+        per: tl.constexpr = 32 // BITS
+        rows = k0 // per + tl.arange(0, BLOCK_K // per)
+        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
+                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+        for j in tl.static_range(per):
+            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
+            k_mask = kk < K
+            w = _scale_codes((words >> (j * BITS)) & ((1 << BITS) - 1), kk, k_mask, offs_n,
+                             n_mask, qz_ptr, sc_ptr, g_ptr, stride_qz, stride_sc, BITS)
+            tl.store(w_ptr + kk[:, None] * stride_w + offs_n[None, :],
+                     w.to(w_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], stride_qw,
+                    k_mask[:, None] & n_mask[None, :], BITS)
+        w = _scale_codes(q, offs_k, k_mask, offs_n, n_mask, qz_ptr, sc_ptr, g_ptr, stride_qz,
+                         stride_sc, BITS)
+        tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :],
+                 w.to(w_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
 def _group_layout(g_idx: torch.Tensor, k: int, num_groups: int) -> int:
@@ -147,18 +206,21 @@ def _group_layout(g_idx: torch.Tensor, k: int, num_groups: int) -> int:
     return cached
 
 
-def _pick_block_k(group_size: int, bits: int) -> tuple[int, bool]:
-    """A BLOCK_K for the fused kernel and whether slices then stay inside one group."""
+def _pick_block_k(group_size: int, bits: int) -> tuple[int, bool, bool]:
+    """The fused kernel's BLOCK_K, whether each slice stays inside one group, and whether it
+    runs per shift (a dot per shift needs ``BLOCK_K / (32 / bits) >= 16`` inputs)."""
+    if bits != 3 and group_size and group_size % (16 * 32 // bits) == 0:
+        return 16 * 32 // bits, True, True
     for block_k in (128, 64, 32):
         if group_size and group_size % block_k == 0:
-            return block_k, True
-    return (64 if bits != 3 else 32), False
+            return block_k, True, False
+    return (64 if bits != 3 else 32), False, False
 
 
 def _num_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -166,13 +228,12 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     """The dense ``[K, N]`` weight in ``dtype``."""
     check_bits(bits)
     k, n = g_idx.shape[0], scales.shape[1]
-    group_size = _group_layout(g_idx, k, scales.shape[0])
-    block_k, aligned = _pick_block_k(group_size, bits)
+    block_k = 128 if bits != 3 else 32
     w = torch.empty((k, n), dtype=dtype, device=scales.device)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, 64))
-    _dequant_kernel[grid](qweight, qzeros, scales, g_idx, w, n, k, max(group_size, 1),
+    _dequant_kernel[grid](qweight, qzeros, scales, g_idx, w, n, k,
                           qweight.stride(0), qzeros.stride(0), scales.stride(0), w.stride(0),
-                          BITS=bits, BLOCK_K=block_k, BLOCK_N=64, GROUP_ALIGNED=aligned)
+                          BITS=bits, BLOCK_K=block_k, BLOCK_N=64)
     return w
 
 
@@ -192,22 +253,39 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
         return torch.addmm(bias.to(x.dtype), x, w, out=out)
     x = x.contiguous()
     group_size = _group_layout(g_idx, k, scales.shape[0])
-    block_k, aligned = _pick_block_k(group_size, bits)
+    block_k, aligned, per_shift = _pick_block_k(group_size, bits)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64 if n >= 2048 or x.device.type != "cuda" else 32
+    block_n = (128 if m <= 16 else 64) if x.device.type == "cuda" else 32
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = 1
     while tiles * split_k * 2 <= _num_programs(x.device) and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
+    launch_fused(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned,
+                 per_shift, block_m, block_n, block_k, split_k)
+    return out
+
+
+def launch_fused(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                 scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None, out: torch.Tensor, group_size: int, aligned: bool,
+                 per_shift: bool, block_m: int, block_n: int, block_k: int, split_k: int,
+                 num_warps: int = 4, num_stages: int = 3) -> None:
+    """One launch of the fused kernel with an explicit tiling (also used to tune it)."""
+    m, k = x.shape
+    n = out.shape[1]
+    offset = 0
+    if aligned and x.dtype == torch.float16:
+        offset = 1024
+    elif aligned and x.dtype == torch.bfloat16 and bits < 8:
+        offset = 128
     acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _fused_kernel[grid](x, qweight, qzeros, scales, g_idx, bias if bias is not None else x, acc,
                         m, n, k, max(group_size, 1), x.stride(0), qweight.stride(0),
                         qzeros.stride(0), scales.stride(0), acc.stride(0),
                         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, HAS_BIAS=bias is not None,
-                        IEEE=x.dtype == torch.float32, GEMV=False, RESHAPE=True,
-                        num_warps=4, num_stages=3)
+                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset, PER_SHIFT=per_shift,
+                        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                        num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         out.copy_(acc)
-    return out

@@ -147,7 +147,8 @@ def _gptq_case(g, bits, k, n, group_size, act_order):
 
 
 GPTQ_CASES = [  # bits, K, N, group size, act-order
-    (4, 256, 96, 64, False), (4, 320, 64, 128, False), (3, 192, 64, 64, False),
+    (4, 256, 96, 64, False), (4, 320, 64, 128, False), (2, 512, 32, 256, False),
+    (3, 192, 64, 64, False),
     (3, 96, 32, 40, True), (2, 160, 32, -1, False), (2, 128, 64, 32, True),
     (8, 200, 64, 48, True), (8, 128, 32, -1, False),
 ]
@@ -173,6 +174,16 @@ def test_gptq_linear(bits, k, n, group_size, act_order, m):
         assert rel_err(out, ref) < TOLERANCE[dtype]
         torch.testing.assert_close(out, gptq_linear_ref(x, *packed, bits, bias),
                                    rtol=TOLERANCE[dtype] * 10, atol=TOLERANCE[dtype] * 10)
+
+
+@pytest.mark.parametrize("bits,k,n,group_size,act_order", GPTQ_CASES[:4])
+def test_gptq_linear_float16_codes(bits, k, n, group_size, act_order):
+    """float16 activations: codes become exact floats by bit pattern (1024 + q)."""
+    g = torch.Generator().manual_seed(bits + k)
+    packed = _gptq_case(g, bits, k, n, group_size, act_order)
+    x = torch.randn(3, k, generator=g).to(device=DEVICE, dtype=torch.float16)
+    ref = x.double() @ dequantize_ref(*packed, bits, torch.float64)
+    assert rel_err(gptq_linear_triton(x, *packed, bits), ref) < TOLERANCE[torch.float16]
 
 
 def test_gptq_linear_split_k_on_long_inputs(monkeypatch):
