@@ -255,6 +255,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     group_size = _group_layout(g_idx, k, scales.shape[0])
     block_k, aligned, per_shift = _pick_block_k(group_size, bits)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     block_n = (128 if m <= 16 else 64) if x.device.type == "cuda" else 32
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = 1
