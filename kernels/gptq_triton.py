@@ -118,7 +118,73 @@ def _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask, k0, K, 
 
 
 @triton.jit
-def _fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, M, N, K, group_size,
+def _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om, ws_ptr,
+               lock_ptr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store a program's ``acc`` tile. With ``SPLIT_K > 1`` each program stores its partial in
+    the workspace and counts itself in on the tile's lock; the last to arrive sums the
+    partials, writes the output and resets the lock to zero for the next call, so split-K needs
+    no zeroed buffer and no second kernel."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    tile = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + tl.program_id(2) * M * N + tile, acc, mask=mask)
+        tl.debug_barrier()
+        lock = lock_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros(acc.shape, tl.float32)
+            for part in range(0, SPLIT_K):
+                acc += tl.load(ws_ptr + part * M * N + tile, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, N, K,
+                 group_size, stride_qw, stride_qz, stride_sc,
+                 BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One input row (decode at batch 1), 2/4/8 bits, groups aligned to slices: no tensor cores;
+    shift ``j`` of the packed rows meets inputs ``k0 + PER * i + j`` in float32 FMAs into a
+    ``[BLOCK_K / PER, BLOCK_N]`` tile, scaled once per slice and reduced once at the end."""
+    pid_n, pid_k = tl.program_id(1), tl.program_id(2)
+    per: tl.constexpr = 32 // BITS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        rows = k0 // per + tl.arange(0, BLOCK_K // per)
+        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
+                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+        part = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
+        x_sum = tl.zeros([BLOCK_K // per], tl.float32)
+        for j in tl.static_range(per):
+            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
+            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            part += x[:, None] * q
+            x_sum += x
+        g = k0 // group_size
+        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = (_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1).to(tl.float32)
+        acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
+    total = tl.sum(acc, 0)[None, :]
+    offs_m = tl.arange(0, 1)
+    _write_out(total, offs_m, offs_n, offs_m < 1, n_mask, 1, N, bias_ptr, out_ptr, N, ws_ptr,
+               lock_ptr, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+                  M, N, K, group_size,
                   stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
@@ -152,15 +218,8 @@ def _fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, M, N,
                 acc += tl.dot(x, w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, acc, mask=mask)
-    else:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om, ws_ptr,
+               lock_ptr, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -237,6 +296,19 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     return w
 
 
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-tile arrival counters for split-K, zero between calls (the last program resets its
+    own); grown on demand, allocated outside any graph capture by the first call of a shape."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
+
+
 def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
                        scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
                        bias: torch.Tensor | None = None,
@@ -254,39 +326,47 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     x = x.contiguous()
     group_size = _group_layout(g_idx, k, scales.shape[0])
     block_k, aligned, per_shift = _pick_block_k(group_size, bits)
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    gemv = m == 1 and aligned and bits != 3
+    block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     block_n = (128 if m <= 16 else 64) if x.device.type == "cuda" else 32
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = 1
     while tiles * split_k * 2 <= _num_programs(x.device) and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
-    launch_fused(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned,
-                 per_shift, block_m, block_n, block_k, split_k)
+    launch(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned, per_shift,
+           gemv, block_m, block_n, block_k, split_k)
     return out
 
 
-def launch_fused(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                 scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
-                 bias: torch.Tensor | None, out: torch.Tensor, group_size: int, aligned: bool,
-                 per_shift: bool, block_m: int, block_n: int, block_k: int, split_k: int,
-                 num_warps: int = 4, num_stages: int = 3) -> None:
-    """One launch of the fused kernel with an explicit tiling (also used to tune it)."""
+def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+           g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None, out: torch.Tensor,
+           group_size: int, aligned: bool, per_shift: bool, gemv: bool, block_m: int,
+           block_n: int, block_k: int, split_k: int, num_warps: int = 4,
+           num_stages: int = 3) -> None:
+    """One launch of the GEMV or fused kernel with an explicit tiling (also used to tune it)."""
     m, k = x.shape
     n = out.shape[1]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    locks = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else out
+    bias_arg = bias if bias is not None else x
+    if gemv:
+        _gemv_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
+                           group_size, qweight.stride(0), qzeros.stride(0), scales.stride(0),
+                           BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                           HAS_BIAS=bias is not None, num_warps=num_warps,
+                           num_stages=num_stages)
+        return
     offset = 0
     if aligned and x.dtype == torch.float16:
         offset = 1024
     elif aligned and x.dtype == torch.bfloat16 and bits < 8:
         offset = 128
-    acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    _fused_kernel[grid](x, qweight, qzeros, scales, g_idx, bias if bias is not None else x, acc,
+    _fused_kernel[grid](x, qweight, qzeros, scales, g_idx, bias_arg, out, ws, locks,
                         m, n, k, max(group_size, 1), x.stride(0), qweight.stride(0),
-                        qzeros.stride(0), scales.stride(0), acc.stride(0),
+                        qzeros.stride(0), scales.stride(0), out.stride(0),
                         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                         SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset, PER_SHIFT=per_shift,
                         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                         num_warps=num_warps, num_stages=num_stages)
-    if split_k > 1:
-        out.copy_(acc)
