@@ -279,7 +279,7 @@ def _pick_block_k(group_size: int, bits: int) -> tuple[int, bool, bool]:
 def _num_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -329,10 +329,15 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     gemv = m == 1 and aligned and bits != 3
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
-    block_n = (128 if m <= 16 else 64) if x.device.type == "cuda" else 32
+    # Tiling measured on an H200 (bench/kernels.py): GEMV and short dots want wide tiles split
+    # along K until the GPU holds ~4 (GEMV) or ~2 (dot) programs per SM.
+    on_gpu = x.device.type == "cuda"
+    block_n = (256 if m <= 16 else 64) if on_gpu else 32
+    target = _num_programs(x.device) * (2 if gemv else 1)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = 1
-    while tiles * split_k * 2 <= _num_programs(x.device) and k // (block_k * split_k * 2) >= 4:
+    while (split_k < 16 and tiles * split_k * 2 <= target
+           and k // (block_k * split_k * 2) >= 2):
         split_k *= 2
     launch(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned, per_shift,
            gemv, block_m, block_n, block_k, split_k)
