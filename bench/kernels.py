@@ -36,7 +36,6 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 from optgptq_kernels.gptq_triton import gptq_linear_triton
-from optgptq_kernels.kv_write import write_kv_ref
 from optgptq_kernels.paged_attention_triton import paged_attention_triton
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16

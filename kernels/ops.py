@@ -15,6 +15,7 @@ The Triton modules are imported on first use, so a machine without Triton runs t
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -29,7 +30,7 @@ _MODES = ("auto", "reference", "triton")
 @functools.cache
 def _triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError:
         return False
     return True

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from optgptq.engine.llm import LLM
