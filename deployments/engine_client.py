@@ -10,6 +10,7 @@ consumer stops early (client disconnect), which aborts it on the replica and fre
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -124,12 +125,14 @@ class EngineClient:
                            f"{len(token_ids)} tokens exceeds the model's context of {limit}",
                            param="max_tokens", code="context_length_exceeded")
         request = EngineRequest(uuid.uuid4().hex, list(token_ids), params)
-        response = self.handle.generate.remote(request)
-        try:
+        response = None
+        try:  # backpressure can raise from remote() itself or from the first chunk
+            response = self.handle.generate.remote(request)
             first = await response.__anext__()
-        except BaseException as exc:
-            response.cancel()
-            if isinstance(exc, Exception):
-                raise api_error(exc) from None
+        except asyncio.CancelledError:  # the client went away while we waited
+            if response is not None:
+                response.cancel()
             raise
+        except Exception as exc:  # the request failed: nothing left to cancel
+            raise api_error(exc) from None
         return RequestStream(response, first, start, self.metrics)

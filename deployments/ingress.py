@@ -46,6 +46,14 @@ async def _not_found(request: Request, exc) -> JSONResponse:
     return _error(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
 
 
+def _invalid(exc: ValidationError) -> APIError:
+    """422 naming the top-level field (OpenAI's ``param``) and the full location."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    return APIError(422, f"{'.'.join(loc) or 'body'}: {err['msg']}",
+                    param=loc[0] if loc else None, code="invalid_value")
+
+
 def _grpc_params(request: pb.GenerateRequest) -> dict:
     params = {name: getattr(request, name) for name in
               ("max_tokens", "temperature", "top_p", "top_k", "seed") if request.HasField(name)}
@@ -118,7 +126,8 @@ class Ingress:
             return _error(exc)
         self.metrics.observe_request(endpoint, 200)
         return JSONResponse(completion_body(rid, self.model_name, chat, text, stream.finish_reason,
-                                            usage(stream.prompt_tokens, stream.completion_tokens)),
+                                            usage(stream.prompt_tokens, stream.completion_tokens,
+                                                  stream.cached_tokens)),
                             headers=headers)
 
     async def _sse(self, stream, rid: str, chat: bool) -> AsyncIterator[str]:
@@ -144,10 +153,7 @@ class Ingress:
         try:
             body = schema.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise APIError(422, f"{param}: {err['msg']}", param=param,
-                           code="invalid_value") from None
+            raise _invalid(exc) from None
         self._check_model(body.model)
         return body
 
@@ -194,9 +200,7 @@ class Ingress:
             ids = self._token_ids(body, chat=bool(messages))
             stream = await self.client.open(ids, body.sampling_params())
         except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(str(p) for p in err["loc"])
-            _grpc_fail(grpc_context, APIError(422, f"{param}: {err['msg']}", param=param))
+            _grpc_fail(grpc_context, _invalid(exc))
         except APIError as exc:
             _grpc_fail(grpc_context, exc)
         stream.request_id = new_id("grpc")

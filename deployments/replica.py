@@ -40,6 +40,7 @@ class EngineReplica:
         self._index = index
         self._period = publish_period_s
         self._produced: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s
+        self.cancelled = 0
         self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
@@ -56,6 +57,9 @@ class EngineReplica:
                                   out.num_cached_tokens)
         except ValueError as exc:
             raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+        except (asyncio.CancelledError, GeneratorExit):  # caller gone: the engine aborts it
+            self.cancelled += 1
+            raise
         finally:
             await stream.aclose()
 
@@ -76,7 +80,7 @@ class EngineReplica:
                 "free_blocks": pool.free_blocks, "cached_blocks": pool.cached_blocks,
                 "used_blocks": pool.used_blocks, "num_blocks": pool.num_blocks,
                 "prefix_hit_tokens": pool.prefix_hit_tokens,
-                "prefix_miss_tokens": pool.prefix_miss_tokens,
+                "prefix_miss_tokens": pool.prefix_miss_tokens, "cancelled": self.cancelled,
                 "tokens_per_s": sum(n for _, n in self._produced) / RATE_WINDOW_S}
 
     def record_routing_stats(self) -> dict:

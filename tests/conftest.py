@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback, not eth0
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig

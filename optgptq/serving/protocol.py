@@ -59,10 +59,15 @@ class _Sampling(BaseModel):
     stream: bool = False
 
     def sampling_params(self) -> SamplingParams:
+        """The engine's parameters; APIError 400 naming the field if it rejects them."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
-                              ignore_eos=self.ignore_eos)
+        try:
+            return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                                  top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
+                                  ignore_eos=self.ignore_eos)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split()[0],
+                           code="invalid_value") from None
 
 
 class CompletionRequest(_Sampling):
@@ -111,9 +116,10 @@ def completion_body(rid: str, model: str, chat: bool, text: str, finish_reason: 
     return body
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 @dataclass
