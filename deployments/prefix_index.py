@@ -23,7 +23,8 @@ STALE_S = 10.0
 
 
 @serve.deployment(name=INDEX_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000,
-                  ray_actor_options={"num_cpus": 0})
+                  ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})  # updates arrive every 0.1-2 s
 class PrefixIndexService:
     def __init__(self, params: dict) -> None:
         self.index = PrefixIndex(RouterParams(**params))

@@ -53,7 +53,7 @@ def server(tiny_models):
         }), name="optgptq", route_prefix="/")
         yield {"http": HTTPClient(f"http://127.0.0.1:{http_port}", model=MODEL, timeout=120),
                "grpc": GRPCClient(f"127.0.0.1:{grpc_port}", model=MODEL, timeout=120),
-               "port": http_port}
+               "port": http_port, "grpc_target": f"127.0.0.1:{grpc_port}"}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -140,6 +140,19 @@ def test_grpc_unary_and_stream_agree_with_http(server, rng):
                                    ignore_eos=True)
     http_chat = server["http"].chat(prompt, max_tokens=6, temperature=0, ignore_eos=True)
     assert chat.text == http_chat["choices"][0]["message"]["content"]
+
+
+def test_cli_client_over_http_and_grpc(server, rng, capsys):
+    from optgptq.cli import main
+
+    prompt = _words(rng, rng.randrange(3, 12))
+    common = ["--prompt", prompt, "--model", MODEL, "--max-tokens", "6"]
+    assert main(["client", "--url", server["http"].url, *common]) == 0
+    http_text = capsys.readouterr().out
+    assert main(["client", "--grpc", server["grpc_target"], "--stream", *common]) == 0
+    assert capsys.readouterr().out == http_text  # greedy both ways
+    assert main(["client", "--url", server["http"].url, "--prompt", "x", "--model", "nope"]) == 1
+    assert "404" in capsys.readouterr().err
 
 
 BAD_HTTP = [
