@@ -11,8 +11,8 @@ cannot absorb. This policy takes the largest of three demands, each expressed as
   number of requests waiting inside an engine (admitted by Serve, not yet scheduled for lack of
   blocks or batch room) at ``queue_target``.
 
-The per-replica signals come from :meth:`deployments.replica.EngineReplica.record_autoscaling_stats`,
-averaged by Serve over ``look_back_period_s``. Serve then applies the config's ``min_replicas``,
+The per-replica signals come from
+:meth:`deployments.replica.EngineReplica.record_autoscaling_stats`, averaged by Serve over ``look_back_period_s``. Serve then applies the config's ``min_replicas``,
 ``max_replicas``, ``upscale_delay_s``, ``downscale_delay_s`` and scaling factors to the result.
 Parameters (``policy_kwargs``): ``kv_target`` (0-1, default 0.75), ``queue_target`` (default 2).
 """

@@ -17,6 +17,7 @@ A client that disconnects cancels the engine request, which aborts it and frees 
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from fastapi import FastAPI, Request
@@ -60,7 +61,7 @@ def _grpc_params(request: pb.GenerateRequest) -> dict:
     return {**params, "stop": list(request.stop), "ignore_eos": request.ignore_eos}
 
 
-def _grpc_fail(grpc_context, exc: APIError):
+def _grpc_fail(grpc_context, exc: APIError) -> NoReturn:
     code = _GRPC_CODES.get(exc.status)
     if code is None:
         code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.code == "overloaded"
@@ -194,9 +195,10 @@ class Ingress:
             if bool(request.prompt) == bool(request.messages):
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            body = (ChatCompletionRequest(model=request.model, messages=messages, **_grpc_params(request))
+            params = _grpc_params(request)
+            body = (ChatCompletionRequest(model=request.model, messages=messages, **params)
                     if messages else
-                    CompletionRequest(model=request.model, prompt=request.prompt, **_grpc_params(request)))
+                    CompletionRequest(model=request.model, prompt=request.prompt, **params))
             ids = self._token_ids(body, chat=bool(messages))
             stream = await self.client.open(ids, body.sampling_params())
         except ValidationError as exc:

@@ -67,7 +67,8 @@ class EngineReplica:
         """What the ingress validates requests against."""
         runner = self.engine.engine
         return {"max_model_len": runner.max_model_len, "block_size": self.config.block_size,
-                "num_blocks": runner.pool.num_blocks, "vocab_size": runner.runner.hf_config.vocab_size}
+                "num_blocks": runner.pool.num_blocks,
+                "vocab_size": runner.runner.hf_config.vocab_size}
 
     def stats(self) -> dict:
         """Engine load, pool occupancy and throughput of this replica."""

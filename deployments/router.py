@@ -91,8 +91,10 @@ class OptGPTQRouter(RequestRouter):
         # A handle's first use builds its router, which blocks on Serve's router event loop:
         # the loop this method runs on. Build it on a worker thread instead.
         if self._index is None:
-            self._index = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: serve.get_deployment_handle(INDEX_DEPLOYMENT, self.app_name).options())
+            def build():
+                return serve.get_deployment_handle(INDEX_DEPLOYMENT, self.app_name).options()
+
+            self._index = await asyncio.get_running_loop().run_in_executor(None, build)
         return self._index
 
     # -- hooks --------------------------------------------------------------------------------

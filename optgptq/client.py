@@ -1,8 +1,8 @@
 """Python client of the serving deployment: OpenAI-style HTTP and the gRPC service.
 
 ``HTTPClient("http://127.0.0.1:8000").chat("Hi")`` returns the OpenAI response body;
-``stream=True`` yields text deltas as they arrive (server-sent events). ``GRPCClient("127.0.0.1:9000")``
-calls ``optgptq.OptGPTQ/Generate`` and ``GenerateStream``. HTTP needs only the standard library;
+``stream=True`` yields text deltas as they arrive (server-sent events).
+``GRPCClient("127.0.0.1:9000")`` calls ``optgptq.OptGPTQ/Generate`` and ``GenerateStream``. HTTP needs only the standard library;
 gRPC needs ``grpcio`` (the ``serve`` extra). Errors raise :class:`ClientError` with the HTTP
 status (or gRPC code name) and the server's message.
 """
@@ -47,7 +47,8 @@ class HTTPClient:
                 err = json.loads(raw)
             except ValueError:
                 raise ClientError(exc.code, raw.decode(errors="replace")) from None
-            raise ClientError(exc.code, err.get("error", {}).get("message", str(err)), err) from None
+            message = err.get("error", {}).get("message", str(err))
+            raise ClientError(exc.code, message, err) from None
 
     def models(self) -> list[str]:
         with self._open("/v1/models") as r:
