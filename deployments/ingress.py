@@ -15,7 +15,6 @@ A client that disconnects cancels the engine request, which aborts it and frees 
 """
 
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -36,6 +35,10 @@ app = FastAPI(title="optgptq", docs_url=None, redoc_url=None)
 _GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
                429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+# Module-level helpers come before the class: serve.ingress captures the class when it is
+# decorated, and helpers defined after it were missing in the replicas (NameError).
 
 
 def _error(exc: APIError) -> JSONResponse:
