@@ -216,6 +216,11 @@ def test_shared_prefix_follows_its_holder_and_unrelated_prompts_spread(server, r
         served.add(_last_replica(server, prefix + _ids(rng, 3)))
     assert len(served) == 1, served
     assert all(c >= 19 * BS for c in cached[1:])
+    (holder,) = served
+    deadline = time.monotonic() + 60  # the holder's cache events reach the router actor
+    while _replica_stats()[holder]["indexed_blocks"] < 20:
+        assert time.monotonic() < deadline, "cache events never reached the index"
+        time.sleep(0.1)
     spread = {_last_replica(server, _ids(rng, rng.randrange(20, 60))) for _ in range(16)}
     assert len(spread) == 2
 
