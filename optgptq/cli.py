@@ -1,4 +1,5 @@
-"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts."""
+"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts; ``optgptq client``
+sends one to a running deployment (``make serve``) over HTTP or gRPC."""
 
 from __future__ import annotations
 
@@ -75,6 +76,39 @@ def _generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _client(a: argparse.Namespace) -> int:
+    from optgptq.client import ClientError, GRPCClient, HTTPClient
+
+    params = {"max_tokens": a.max_tokens, "temperature": a.temperature}
+    try:
+        if a.grpc:
+            client = GRPCClient(a.grpc, model=a.model)
+            if a.stream:
+                for part in client.stream(a.prompt, chat=not a.raw, **params):
+                    print(part.text, end="", flush=True)
+                print()
+            else:
+                print(client.generate(a.prompt, chat=not a.raw, **params).text)
+            return 0
+        client = HTTPClient(a.url, model=a.model)
+        send = client.complete if a.raw else client.chat
+        if a.stream:
+            for delta in send(a.prompt, stream=True, **params):
+                print(delta, end="", flush=True)
+            print()
+        else:
+            out = send(a.prompt, **params)
+            choice = out["choices"][0]
+            print(choice["text"] if a.raw else choice["message"]["content"])
+    except ClientError as exc:
+        print(f"optgptq client: error {exc.status}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"optgptq client: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optgptq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--logprobs", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_generate)
+    cli = sub.add_parser("client", help="send a prompt to a running deployment (HTTP or gRPC)")
+    cli.add_argument("--prompt", required=True)
+    cli.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
+    cli.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at this address instead")
+    cli.add_argument("--model", default="smollm2", help="the served model name")
+    cli.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    cli.add_argument("--stream", action="store_true")
+    cli.add_argument("--max-tokens", type=int, default=64)
+    cli.add_argument("--temperature", type=float, default=0.0)
+    cli.set_defaults(func=_client)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback, not eth0
+
 import pytest
 import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
 
 from optgptq.models.hub import resolve_model

@@ -12,6 +12,7 @@ frees its blocks at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import queue
@@ -40,6 +41,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = threading.Event()
+        self._cache_events: collections.deque[tuple[str, int]] = collections.deque()
         self._thread = threading.Thread(target=self._loop, name="optgptq-engine", daemon=True)
         self._thread.start()
 
@@ -74,6 +76,14 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def drain_cache_events(self) -> list[tuple[str, int]]:
+        """Block-pool ``("add" | "evict", hash)`` events since the last call, in order (needs
+        ``record_cache_events``); safe to call from any thread."""
+        events = []
+        while self._cache_events:
+            events.append(self._cache_events.popleft())
+        return events
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._inbox.put(("stop",))
@@ -99,6 +109,7 @@ class AsyncLLMEngine:
                     self.engine.abort_request(rid)
                     self._send(rid, RuntimeError(f"engine step failed: {exc}"), final=True)
                 continue
+            self._cache_events.extend(self.engine.pool.drain_events())
             for out in outputs:
                 self._send(out.request_id, out, final=out.finished)
         for rid in list(self._streams):

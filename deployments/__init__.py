@@ -1,0 +1,1 @@
+"""Ray Serve deployments of optgptq: builder, ingress, router, router actor, engine replicas."""

@@ -1,0 +1,147 @@
+"""Application builder: ``import_path: deployments.app:build_app`` in deployments/optgptq.yaml.
+
+The ``args`` of the YAML application are validated once, here, by :class:`AppConfig`; every
+error names the offending field (``engine.block_size``, ``router.policy``, ...). The builder
+binds three deployments: the engine replicas (:mod:`deployments.replica`, routed by
+:mod:`deployments.router`), the router actor holding the prefix index
+(:mod:`deployments.prefix_index`) and the HTTP + gRPC ingress (:mod:`deployments.ingress`).
+Replicas take one GPU each where the cluster has GPUs, else a fraction of a CPU
+(``replicas.num_cpus``), so two replicas fit on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+
+from deployments.ingress import Ingress
+from deployments.prefix_index import PrefixIndexService
+from deployments.replica import EngineReplica
+from optgptq.config import EngineConfig
+from optgptq.models.hub import resolve_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RouterConfig(_Strict):
+    """Routing policy and the prefix-aware parameters (optgptq.serving.router_index)."""
+
+    policy: Literal["prefix_aware", "pow2", "round_robin"] = "prefix_aware"
+    load_token_cost: float = Field(256.0, ge=0)
+    balance_abs: int = Field(4, ge=0)
+    balance_rel: float = Field(1.5, ge=1)
+    claim_ttl_s: float = Field(30.0, gt=0)
+    index_timeout_s: float = Field(0.5, gt=0)
+    stats_period_s: float = Field(1.0, gt=0)
+    """Serve's request_routing_stats_period_s: how often replicas report load to routers."""
+
+
+class ReplicasConfig(_Strict):
+    """The engine deployment: fixed ``num_replicas`` or an ``autoscaling_config``."""
+
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    num_cpus: float = Field(0.5, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    """Requests one replica accepts at once (its engine batches them)."""
+    max_queued_requests: int = Field(64, ge=1)
+    """Requests queued at a router beyond that; more get HTTP 429 / RESOURCE_EXHAUSTED."""
+    max_waiting: int = Field(64, ge=1)
+    """Requests waiting inside one engine; more get HTTP 503 / RESOURCE_EXHAUSTED."""
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _serve_autoscaling(cls, value):
+        if value is not None:
+            AutoscalingConfig(**value)  # Serve's own validation, once, here
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.num_replicas is None) == (self.autoscaling_config is None):
+            raise ValueError("give exactly one of num_replicas and autoscaling_config")
+        return self
+
+
+class IngressConfig(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_request_bytes: int = Field(1 << 20, ge=1024)
+
+
+class AppConfig(_Strict):
+    """Everything the YAML's ``args`` may set."""
+
+    model: str = "smollm2"
+    """``smollm2``, or a local HF folder (also a quantized checkpoint folder)."""
+    served_model_name: str | None = None
+    """The name clients pass as ``model``; default: the ``model`` value."""
+    engine: dict[str, Any] = Field(default_factory=dict)
+    """EngineConfig fields except ``model`` (block_size, kv_cache_bytes, max_num_seqs, ...)."""
+    replicas: ReplicasConfig = Field(default_factory=lambda: ReplicasConfig(num_replicas=2))
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value):
+        if "model" in value:
+            raise ValueError("set the model at the top level (model:), not under engine")
+        EngineConfig.from_dict({"device": "cpu", **value})  # field errors name the field
+        return value
+
+
+def parse_config(args: dict[str, Any]) -> AppConfig:
+    """Validate the application args; ValueError names the field (``engine: block_size ...``)."""
+    try:
+        config = AppConfig.model_validate(args)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "args"
+        raise ValueError(f"optgptq app config: {where}: {err['msg']}") from None
+    try:
+        resolve_model(config.model)
+    except ValueError as exc:
+        raise ValueError(f"optgptq app config: model: {exc}") from None
+    return config
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve's application builder."""
+    config = parse_config(args)
+    engine = {"model": config.model, **config.engine}
+    r = config.replicas
+    gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 \
+        and engine.get("device", "auto") != "cpu"
+    actor = {"num_gpus": 1} if gpus else {"num_cpus": r.num_cpus}
+    scaling = ({"num_replicas": r.num_replicas} if r.num_replicas is not None
+               else {"autoscaling_config": r.autoscaling_config})
+    rc = config.router
+    index = PrefixIndexService.bind({
+        "block_size": engine.get("block_size", 16), "load_token_cost": rc.load_token_cost,
+        "balance_abs": rc.balance_abs, "balance_rel": rc.balance_rel,
+        "claim_ttl_s": rc.claim_ttl_s})
+    replicas = serve.deployment(EngineReplica).options(
+        name="EngineReplica", ray_actor_options=actor, max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=r.max_queued_requests, health_check_period_s=2,
+        request_router_config={
+            "request_router_class": "deployments.router:OptGPTQRouter",
+            "request_router_kwargs": {"policy": rc.policy,
+                                      "block_size": engine.get("block_size", 16),
+                                      "index_timeout_s": rc.index_timeout_s},
+            "request_routing_stats_period_s": rc.stats_period_s},
+        **scaling,
+    ).bind(engine, index, max_waiting=r.max_waiting)
+    ing = config.ingress
+    return serve.deployment(Ingress).options(
+        name="Ingress",
+        num_replicas=ing.num_replicas, ray_actor_options={"num_cpus": ing.num_cpus},
+        max_ongoing_requests=max(1000, r.max_queued_requests * 4),
+    ).bind(replicas, index, config.served_model_name or config.model,
+           str(resolve_model(config.model)), ing.max_request_bytes)

@@ -1,0 +1,144 @@
+"""Wire formats of the serving layer: OpenAI request/response bodies, errors, engine messages.
+
+HTTP bodies follow the OpenAI completions and chat completions APIs (the subset this engine
+implements; unknown fields are ignored as OpenAI clients send many). Errors carry an HTTP status
+and render as OpenAI's ``{"error": {"message", "type", "param", "code"}}``. ``EngineRequest`` and
+``EngineChunk`` are what the ingress sends to an engine replica and what streams back.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from optgptq.engine.sampling_params import SamplingParams
+
+MAX_TOKENS_LIMIT = 1 << 20
+"""Sanity bound on max_tokens before the model's context is known (a 422, not an allocation)."""
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled",
+                500: "internal_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered as an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.code}}
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return APIError, (self.status, self.message, self.param, self.code)
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=16, gt=0, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    n: Literal[1] = 1
+    stream: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's parameters; APIError 400 naming the field if it rejects them."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                                  top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
+                                  ignore_eos=self.ignore_eos)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split()[0],
+                           code="invalid_value") from None
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions: a text prompt or a list of token ids."""
+
+    prompt: str | list[int] = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS_LIMIT)
+
+    def sampling_params(self) -> SamplingParams:
+        params = super().sampling_params()
+        if self.max_completion_tokens is not None:
+            params.max_tokens = self.max_completion_tokens
+        return params
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(rid: str, model: str, chat: bool, text: str, finish_reason: str | None,
+                    usage: dict | None) -> dict:
+    """A whole response (``usage`` given) or one streamed chunk (``usage`` None)."""
+    if chat:
+        key, value = ("message", {"role": "assistant", "content": text}) if usage is not None \
+            else ("delta", {"content": text})
+        choice = {"index": 0, key: value, "finish_reason": finish_reason}
+        kind = "chat.completion" if usage is not None else "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        kind = "text_completion"
+    body = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+            "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+@dataclass
+class EngineRequest:
+    """One request from the ingress to an engine replica (the router reads ``token_ids``)."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class EngineChunk:
+    """One streamed step of a request on a replica."""
+
+    replica: str
+    text: str
+    num_tokens: int
+    finished: bool
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0

@@ -1,0 +1,66 @@
+"""How failures from the handle, the replicas and validation reach clients (no Ray cluster)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("ray.serve")
+from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+
+from deployments.engine_client import api_error  # noqa: E402
+from deployments.ingress import _grpc_fail  # noqa: E402
+from optgptq.serving.protocol import APIError, CompletionRequest  # noqa: E402
+
+
+class FakeContext:
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+def test_replica_errors_cross_processes_intact():
+    err = APIError(400, f"max_tokens={random.randint(1, 99)} is too many", param="max_tokens")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.status, back.message, back.param) == (400, err.message, "max_tokens")
+    wrapped = RayTaskError("generate", "traceback", err)
+    assert api_error(wrapped).body() == err.body()
+
+
+@pytest.mark.parametrize("exc,status,code", [
+    (BackPressureError(num_queued_requests=2, max_queued_requests=2), 429, "queue_full"),
+    (ActorDiedError(), 503, "replica_died"),
+    (RuntimeError("boom"), 500, "internal_error"),
+])
+def test_handle_failures_map_to_statuses(exc, status, code):
+    err = api_error(exc)
+    assert (err.status, err.code) == (status, code)
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("err,code", [
+    (APIError(422, "bad", param="top_p"), grpc.StatusCode.INVALID_ARGUMENT),
+    (APIError(413, "long", param="prompt"), grpc.StatusCode.INVALID_ARGUMENT),
+    (APIError(404, "no model", param="model"), grpc.StatusCode.NOT_FOUND),
+    (APIError(429, "queue full", code="queue_full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (APIError(503, "engine queue full", code="overloaded"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (APIError(503, "died", code="replica_died"), grpc.StatusCode.UNAVAILABLE),
+])
+def test_grpc_status_codes(err, code):
+    ctx = FakeContext()
+    with pytest.raises(APIError):
+        _grpc_fail(ctx, err)
+    assert ctx.code == code and ctx.details == err.message
+
+
+def test_values_the_engine_rejects_are_400_naming_the_field():
+    body = CompletionRequest(model="m", prompt="hi", stop=["ok", ""])
+    with pytest.raises(APIError) as err:
+        body.sampling_params()
+    assert err.value.status == 400 and err.value.param == "stop"

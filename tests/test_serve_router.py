@@ -1,0 +1,121 @@
+"""The Serve RequestRouter subclass with fake replicas and an in-process index (Ray not started)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.serve")
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID  # noqa: E402
+
+from deployments.router import OptGPTQRouter  # noqa: E402
+from optgptq.engine.sampling_params import SamplingParams  # noqa: E402
+from optgptq.serving.protocol import EngineRequest  # noqa: E402
+from optgptq.serving.router_index import PrefixIndex, RouterParams, prompt_block_hashes  # noqa: E402
+
+BS = 16
+DEPLOYMENT = DeploymentID(name="EngineReplica", app_name="app")
+
+
+class FakeIndexHandle:
+    """Stands in for the router actor's DeploymentHandle: ``handle.route.remote(...)``."""
+
+    def __init__(self, index: PrefixIndex | None) -> None:
+        self.index = index
+        self.removed: list[str] = []
+        self.route = SimpleNamespace(remote=self._route)
+        self.remove_replica = SimpleNamespace(remote=self.removed.append)
+
+    async def _route(self, *args):
+        if self.index is None:
+            raise ConnectionError("router actor is gone")
+        return self.index.route(*args)
+
+
+def _replica(name: str, stats: dict | None = None):
+    return SimpleNamespace(replica_id=ReplicaID(unique_id=name, deployment_id=DEPLOYMENT),
+                           routing_stats=stats or {})
+
+
+def _router(policy: str, index: PrefixIndex | None = None) -> tuple[OptGPTQRouter, FakeIndexHandle]:
+    router = OptGPTQRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(policy=policy, block_size=BS)
+    handle = FakeIndexHandle(index)
+    router._index = handle
+    return router, handle
+
+
+def _pending(token_ids: list[int], internal_id: str):
+    return SimpleNamespace(args=[EngineRequest(internal_id, token_ids, SamplingParams())],
+                           kwargs={}, metadata=SimpleNamespace(internal_request_id=internal_id),
+                           routing_context=SimpleNamespace(should_backoff=False))
+
+
+def _first(ranks) -> str:
+    return ranks[0][0].replica_id.unique_id
+
+
+def test_round_robin_takes_replicas_in_turn():
+    router, _ = _router("round_robin")
+    replicas = [_replica(n) for n in random.sample(["a", "b", "c"], 3)]
+    firsts = [_first(asyncio.run(router.choose_replicas(replicas, None))) for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_pow2_offers_two_distinct_replicas():
+    router, _ = _router("pow2")
+    ranks = asyncio.run(router.choose_replicas([_replica(n) for n in "abcd"], None))
+    assert len(ranks) == 1 and len({r.replica_id.unique_id for r in ranks[0]}) == 2
+
+
+def test_prefix_aware_follows_the_index_and_counts_in_flight_load():
+    rng = random.Random()
+    index = PrefixIndex(RouterParams(block_size=BS, load_token_cost=64, balance_abs=2),
+                        rng=rng)
+    router, _ = _router("prefix_aware", index)
+    replicas = [_replica("a"), _replica("b")]
+    prefix = [rng.randrange(100, 49152) for _ in range(12 * BS)]
+    index.apply_events("b", [("add", h) for h in prompt_block_hashes(prefix + [1], BS)])
+    chosen = []
+    for i in range(8):  # requests stay in flight: load builds up on the holder
+        pending = _pending(prefix + [rng.randrange(100, 49152)], f"req-{i}")
+        replica = asyncio.run(router.choose_replicas(replicas, pending))[0][0]
+        router.on_request_routed(pending, replica.replica_id, None)
+        chosen.append(replica.replica_id.unique_id)
+    assert chosen[:3] == ["b", "b", "b"]  # 192 cached tokens outweigh two queued requests
+    assert "a" in chosen  # but not every request piles onto the holder
+    for i in range(8):
+        router.on_request_completed(_replica(chosen[i]).replica_id, f"req-{i}")
+    assert router._in_flight == {"a": 0, "b": 0}
+
+
+def test_reported_engine_queue_counts_as_load():
+    router, _ = _router("prefix_aware", PrefixIndex(RouterParams(block_size=BS)))
+    replicas = [_replica("a", {"waiting": 9, "running": 3}), _replica("b", {"running": 1})]
+    pending = _pending([random.randrange(100, 49152) for _ in range(40)], "r")
+    assert _first(asyncio.run(router.choose_replicas(replicas, pending))) == "b"
+
+
+def test_unreachable_index_falls_back_to_least_loaded():
+    router, _ = _router("prefix_aware", None)
+    replicas = [_replica("a", {"running": 2}), _replica("b", {"running": 0})]
+    pending = _pending([random.randrange(100, 49152) for _ in range(40)], "r")
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    assert [r[0].replica_id.unique_id for r in ranks] == ["b", "a"]
+    assert pending.routing_context.should_backoff
+
+
+def test_dead_replica_leaves_the_index():
+    router, handle = _router("prefix_aware", PrefixIndex(RouterParams(block_size=BS)))
+    dead = _replica("dead")
+    router.on_request_routed(_pending([1, 2], "x"), dead.replica_id, None)
+    router.on_replica_actor_died(dead.replica_id)
+    assert handle.removed == ["dead"] and "dead" not in router._in_flight
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="policy"):
+        _router("fastest")
