@@ -71,6 +71,10 @@ class ModelRunner:
 
     def _block_shape(self) -> tuple[int, int, int]:
         layer = self.attn_layers[0]
+        if any((a.num_kv_heads, a.head_dim) != (layer.num_kv_heads, layer.head_dim)
+               for a in self.attn_layers):
+            raise ValueError("every attention layer must have the same K/V head count and "
+                             "head size (one cache block shape for the whole pool)")
         return (self.block_size, layer.num_kv_heads, layer.head_dim)
 
     @property
