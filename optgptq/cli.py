@@ -1,4 +1,5 @@
-"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts."""
+"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts; ``quantize``
+and ``eval`` (:mod:`optgptq.compress.cli`) compress and evaluate models."""
 
 from __future__ import annotations
 
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--logprobs", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_generate)
+    from optgptq.compress.cli import register as register_compress
+
+    register_compress(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
