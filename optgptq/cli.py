@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from optgptq.compress.convert_cli import add_convert_parser
 from optgptq.config import EngineConfig
 
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--logprobs", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_generate)
+    add_convert_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
