@@ -202,6 +202,15 @@ def test_cli_convert_and_its_errors(tiny_models, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_saved_folder_keeps_the_source_dtype(tiny_models, tmp_path):
+    model = gqa.load_model(tiny_models["llama-gqa"]).to(torch.bfloat16)
+    gqa.save_folder(model, tiny_models["llama-gqa"], tmp_path / "out")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
 def test_interrupted_write_leaves_no_folder(tiny_models, tmp_path, monkeypatch):
     model = gqa.load_model(tiny_models["llama-gqa"])
 

@@ -252,11 +252,16 @@ def expand_to_mha(model: torch.nn.Module, shuffle_seed: int | None = None) -> li
 
 
 def save_folder(model: torch.nn.Module, source: str | Path, out: str | Path) -> Path:
-    """Write ``model`` as an HF folder at ``out`` (which must not exist), with the source
-    folder's tokenizer and other non-weight files, through a temporary folder renamed at the end."""
+    """Write ``model`` as an HF folder at ``out`` (which must not exist), in the source
+    config's dtype, with the source folder's tokenizer and other non-weight files, through a
+    temporary folder renamed at the end."""
+    from transformers import AutoConfig
+
     source, out = Path(source), Path(out).expanduser().resolve()
     if out.exists():
         raise ValueError(f"--out {str(out)!r} already exists; choose a new folder")
+    dtype = getattr(AutoConfig.from_pretrained(str(source), local_files_only=True), "dtype", None)
+    model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
