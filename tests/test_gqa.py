@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from optgptq.cli import main
 from optgptq.compress import gqa, gqa_auto
@@ -93,6 +93,31 @@ def test_unshuffled_expansion_round_trips_bit_for_bit(tiny_models):
     gqa.convert_model(model, 2, "similarity", "mean", calib_tokens(3))
     for (name, a), (_, b) in zip(original.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_attention_biases_travel_with_their_heads():
+    config = LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, attention_bias=True,
+                         architectures=["LlamaForCausalLM"])
+    torch.manual_seed(15)
+    original = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(16))
+    ref = logits(original, ids)
+    model = copy.deepcopy(original)
+    perms = gqa.expand_to_mha(model, shuffle_seed=17)
+    planted = [sorted(sorted(i for i, p in enumerate(perm) if p // 3 == g) for g in range(2))
+               for perm in perms]
+    assert gqa.convert_model(model, 2, "similarity", "mean", ids).groups == planted
+    torch.testing.assert_close(logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+    errors = {}
+    for merge in gqa.MERGES:
+        merged = copy.deepcopy(original)
+        gqa.convert_model(merged, 1, "similarity", merge, ids)
+        errors[merge] = rel_error(logits(merged, ids), ref)
+    assert errors["lstsq"] < 0.95 * errors["mean"], errors
 
 
 @pytest.mark.parametrize("name, heads", [("llama-mha", 2), ("llama-gqa", 1), ("bloom", 2)])
