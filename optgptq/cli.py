@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from optgptq.compress.cli import register as register_compress
+from optgptq.compress.convert_cli import add_convert_parser
 from optgptq.config import EngineConfig
 
 
@@ -93,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--logprobs", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_generate)
-    from optgptq.compress.cli import register as register_compress
-
+    add_convert_parser(sub)
     register_compress(sub)
     args = parser.parse_args(argv)
     try:
