@@ -131,3 +131,23 @@ def test_eval_cli_reports_sizes(tiny_models, calib_text, capsys):
     assert result["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2     # K,V x layers x heads x dim x fp16
     assert kv_bytes_per_token(tiny_models["llama-mha"]) == 2 * 2 * 4 * 16 * 2
     assert result["weight_bytes"] > 49152 * 64 * 4
+
+
+def test_compress_converts_then_quantizes(tiny_models, calib_text, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert cli.main(["compress", "--model", str(tiny_models["llama-mha"]), "--out", str(out),
+                     "--num-kv-heads", "2", "--grouping", "similarity", "--merge", "mean",
+                     "--calib", str(calib_text), "--num-samples", "8", "--seq-len", "64",
+                     "--bits", "4", "--group-size", "32", "--quiet"]) == 0
+    config = AutoConfig.from_pretrained(str(out))
+    assert config.num_key_value_heads == 2 and config.quantization_config["bits"] == 4
+    assert kv_bytes_per_token(out) == kv_bytes_per_token(tiny_models["llama-mha"]) // 2
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]         # the GQA temp folder is gone
+    rng = torch.Generator().manual_seed(8)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    assert len(LLM(str(out), device="cpu").generate([random_prompt(rng, 9)],
+                                                    params)[0].token_ids) == 5
+    capsys.readouterr()
+    assert cli.main(["compress", "--model", str(tiny_models["llama-mha"]), "--out",
+                     str(tmp_path / "d"), "--num-kv-heads", "3", "--calib", str(calib_text)]) == 2
+    assert "optgptq: error:" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
-GPTQ checkpoint) and ``eval`` (perplexity, weight bytes, KV bytes per token)."""
+GPTQ checkpoint), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
+(perplexity, weight bytes, KV bytes per token)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,6 +70,21 @@ def _quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(a: argparse.Namespace) -> int:
+    from optgptq.compress.convert_cli import run_convert
+
+    out = Path(a.out).expanduser().resolve()
+    if out.exists() and not a.overwrite:
+        raise ValueError(f"out {str(out)!r} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-gqa-", dir=out.parent) as tmp:
+        gqa_dir = Path(tmp) / "gqa"
+        run_convert(argparse.Namespace(**{**vars(a), "out": str(gqa_dir)}))
+        summary = quantize_folder(gqa_dir, out, a, a.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
 def _eval(a: argparse.Namespace) -> int:
     from optgptq.compress.calib import load_texts
     from optgptq.compress.eval import evaluate
@@ -81,13 +98,27 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``quantize`` and ``eval`` to the ``optgptq`` subcommands."""
+    """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
     q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint")
     q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")
     q.add_argument("--out", required=True, help="the checkpoint folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_quant_args(q)
     q.set_defaults(func=_quantize)
+    c = sub.add_parser("compress", help="Opt-GQA conversion then GPTQ, into a GPTQ checkpoint")
+    c.add_argument("--model", default="smollm2", help="'smollm2' or a local HF folder")
+    c.add_argument("--out", required=True, help="the checkpoint folder to write")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    c.add_argument("--num-kv-heads", required=True, help="K/V heads to keep, or 'auto'")
+    c.add_argument("--grouping", choices=("contiguous", "similarity"), default="similarity")
+    c.add_argument("--merge", choices=("mean", "lstsq"), default="mean")
+    for flag in ("--kv-budget", "--target-batch", "--target-context", "--accelerator-memory"):
+        c.add_argument(flag, type=lambda v: int(float(v)), default=None,
+                       help="as for `optgptq convert` (with --num-kv-heads auto)")
+    c.add_argument("--kv-dtype", default="float16", help="as for `optgptq convert`")
+    c.add_argument("--quiet", action="store_true", help="no per-layer group listing")
+    add_quant_args(c)
+    c.set_defaults(func=_compress)
     e = sub.add_parser("eval", help="perplexity on a text, weight bytes, KV bytes per token")
     e.add_argument("--model", required=True, help="'smollm2' or a local HF or GPTQ folder")
     e.add_argument("--text", required=True, help="a .txt/.jsonl file or folder")
