@@ -45,6 +45,19 @@ from optgptq.compress.quantizer import QuantSpec
 from optgptq.models.hub import resolve_model
 
 RESULTS = Path(__file__).parent / "results"
+NOTES = [
+    "gptqmodel 7.6.0 runs in float32 (its default bfloat16 is about 60x slower on this CPU), "
+    "calibration batch size 16, act_group_aware off (plain GPTQ with act-order, as ours), on the "
+    "same token batch.",
+    "Times are wall clock on a 2-core machine shared with other jobs (load average 5-9 during "
+    "these runs): they vary by tens of percent between runs. Ours include loading the model; "
+    "gptqmodel's include its loading and packing, not saving.",
+    "Our GPTQ makes one forward pass per decoder layer (each group of linears is quantized in a "
+    "pre-hook on the input the already-quantized model gives it); gptqmodel runs one pass per "
+    "group of linears plus a replay, five per layer.",
+    "RTN rows are round-to-nearest with the same groups (act-order has no meaning without a "
+    "Hessian).",
+]
 GPTQMODEL = "gptqmodel w4 g64"
 GPTQMODEL_FP16 = "gptqmodel w4 g64, unquantized tensors in fp16"
 
@@ -208,6 +221,7 @@ def markdown(doc: dict) -> str:
             ppl = f"{row['ppl']:.3f}" if "ppl" in row else ""
             note = {k: v for k, v in row.items() if k not in ("ppl", "num_kv_heads")}
             lines.append(f"| {name} | {ppl} | {row['num_kv_heads']} | {json.dumps(note)} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
         lines.append(f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
