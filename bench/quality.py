@@ -124,7 +124,7 @@ def run(a: argparse.Namespace) -> dict:
     rows = _rows(work)
 
     def row(name: str, make) -> None:
-        if name in rows:
+        if name in rows or name in a.skip:
             return
         path, seconds, extra = make()
         start = time.perf_counter()
@@ -241,6 +241,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--skip", action="append", default=[], help="a row not to compute (repeat)")
     a = p.parse_args()
     import transformers
 
