@@ -1,4 +1,5 @@
-"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts."""
+"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts; ``quantize``
+and ``eval`` (:mod:`optgptq.compress.cli`) compress and evaluate models."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 import time
 
+from optgptq.compress.cli import register as register_compress
 from optgptq.compress.convert_cli import add_convert_parser
 from optgptq.config import EngineConfig
 
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)
+    register_compress(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

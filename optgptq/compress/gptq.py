@@ -151,23 +151,28 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResul
     block = gs if gs >= spec.block_size else spec.block_size // gs * gs
 
     codes, Q = torch.zeros_like(W), torch.zeros_like(W)
-    loss = 0.0
+    group_list = group_of_col.tolist()
+    loss = torch.zeros(())
+    scale = zero = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n_out, i2 - i1), Hinv[i1:i2, i1:i2]
+        diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
-            col = i1 + i
-            g = int(group_of_col[col])
+            col, g = i1 + i, group_list[i1 + i]
             if not spec.static_groups and col % gs == 0:
                 scales[g], zeros[g] = find_params(W1[:, i:i + gs], spec)
-            w, d = W1[:, i], Hinv1[i, i]
-            codes[:, col], Q[:, col] = quantize_column(w, scales[g], zeros[g], spec.maxq)
-            err = (w - Q[:, col]) / d
-            loss += float(err.square().sum()) / 2
+            if col % gs == 0 or spec.static_groups:
+                scale, zero = scales[g], zeros[g]
+            w = W1[:, i]
+            codes[:, col], Q[:, col] = quantize_column(w, scale, zero, spec.maxq)
+            err = (w - Q[:, col]) / diag[i]
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
+        loss += Err1.square().sum() / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    assert math.isfinite(loss), "GPTQ loss is not finite"
-    return QuantResult(codes[:, inv].to(torch.uint8), scales, zeros.long(), g_idx.int(), Q[:, inv], loss)
+    assert math.isfinite(float(loss)), "GPTQ loss is not finite"
+    return QuantResult(codes[:, inv].to(torch.uint8), scales, zeros.long(), g_idx.int(),
+                       Q[:, inv], float(loss))

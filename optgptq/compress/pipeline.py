@@ -84,6 +84,17 @@ def load_float_model(model_path: Path) -> nn.Module:
                                                 local_files_only=True).eval()
 
 
+def check_packable(layers: nn.ModuleList, arch: ArchSpec, bits: int) -> None:
+    """Every quantized linear must fill whole 32-bit words with codes along both dimensions."""
+    for i, layer in enumerate(layers):
+        for name in (n for names in arch.groups for n in names):
+            m = layer.get_submodule(name)
+            if m.in_features * bits % 32 or m.out_features * bits % 32:
+                raise ValueError(f"bits={bits}: layer {i} {name} ({m.in_features} in, "
+                                 f"{m.out_features} out features) cannot be packed into 32-bit "
+                                 f"words (for 3 bits both must be multiples of 32)")
+
+
 class _Captured(Exception):
     pass
 
@@ -132,6 +143,7 @@ def quantize_model(model_path: Path, spec: QuantSpec, method: str = "gptq",
     start = time.perf_counter()
     model = load_float_model(model_path)
     layers = model.get_submodule(arch.layers)
+    check_packable(layers, arch, spec.bits)
     results: dict[str, QuantResult] = {}
     layer_seconds: list[float] = []
     bar = tqdm(range(len(layers)), desc=f"{method} {spec.bits}-bit", unit="layer",

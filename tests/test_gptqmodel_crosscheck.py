@@ -1,0 +1,72 @@
+"""Cross-check with the maintained GPTQ library: gptqmodel loads our checkpoint of a tiny model
+and computes the logits our dequantized weights give (to its bfloat16 kernel's rounding), and
+the greedy tokens the engine gives.
+
+gptqmodel runs in a subprocess (it patches transformers and logs on import). The test is
+skipped, saying why, where gptqmodel is not installed (``pip install --no-deps
+gptqmodel==7.6.0`` plus its runtime dependencies, see README.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from optgptq.compress.checkpoint import load_dequantized, save_gptq
+from optgptq.compress.pipeline import quantize_model
+from optgptq.compress.quantizer import QuantSpec
+from optgptq.engine.llm import LLM
+from optgptq.engine.sampling_params import SamplingParams
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                       reason="gptqmodel is not installed (pip install --no-deps "
+                              "gptqmodel==7.6.0 and its dependencies; see README.md)"),
+]
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from gptqmodel import GPTQModel
+    path, ids, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    model = GPTQModel.load(path, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        tokens = list(ids)
+        for _ in range(steps):
+            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    print(json.dumps({"logits": logits.tolist(), "greedy": tokens[len(ids):]}))
+""")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptqmodel_loads_our_checkpoint(tiny_models, tmp_path, act_order):
+    src = tiny_models["llama-mha"]            # 64 / 128 features: every kernel's shapes
+    g = torch.Generator().manual_seed(9)
+    calib = torch.randint(100, 49152, (8, 64), generator=g)
+    spec = QuantSpec(4, 32, sym=True, desc_act=act_order)
+    qm = quantize_model(src, spec, "gptq", calib, progress=False)
+    out = save_gptq(qm.model, qm.results, spec, "gptq", src, tmp_path / "q",
+                    dtype=torch.float32)
+    prompt = torch.randint(100, 49152, (12,), generator=g).tolist()
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(out), json.dumps(prompt), "6"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        ours = load_dequantized(out)(torch.tensor([prompt])).logits[0]
+    # gptqmodel's CPU kernel (TorchFusedLinear) keeps scales and zeros in bfloat16: agreement
+    # to bfloat16 rounding. A zero-point or packing mistake moves weights by whole steps.
+    diff = (torch.tensor(theirs["logits"]) - ours).abs().max()
+    assert diff <= 0.03 * ours.abs().max(), (diff, ours.abs().max())
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = LLM(str(out), device="cpu").generate([prompt], params)[0].token_ids
+    assert engine == theirs["greedy"]
