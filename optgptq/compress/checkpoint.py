@@ -37,8 +37,9 @@ _MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
 
 def quantization_config(spec: QuantSpec, method: str) -> dict:
+    """config.json's ``quantization_config`` (round-to-nearest never reorders columns)."""
     return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
-            "desc_act": spec.desc_act, "sym": spec.sym, "checkpoint_format": "gptq",
+            "desc_act": spec.desc_act and method == "gptq", "sym": spec.sym, "checkpoint_format": "gptq",
             "static_groups": spec.static_groups, "damp_percent": spec.damp,
             "true_sequential": True, "lm_head": False,
             "meta": {"quantizer": [f"optgptq:{method}"]}}

@@ -90,11 +90,20 @@ class GPTQ:
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
-    """Round-to-nearest with the same groups and packing as GPTQ (no error feedback)."""
-    result = solve(weight, torch.eye(weight.shape[1]), QuantSpec(
-        spec.bits, spec.group_size, spec.sym, False, spec.static_groups, spec.damp))
-    result.loss = 0.0
-    return result
+    """Round-to-nearest with the same groups and packing as GPTQ (no error feedback): what
+    :func:`solve` gives with a diagonal Hessian, computed a group at a time."""
+    W = weight.detach().float()
+    n_out, k = W.shape
+    gs, groups = spec.group_width(k), spec.num_groups(k)
+    scales, zeros = torch.zeros(groups, n_out), torch.zeros(groups, n_out)
+    codes, Q = torch.zeros_like(W), torch.zeros_like(W)
+    for g in range(groups):
+        cols = slice(g * gs, (g + 1) * gs)
+        scales[g], zeros[g] = find_params(W[:, cols], spec)
+        codes[:, cols], Q[:, cols] = quantize_column(W[:, cols], scales[g].unsqueeze(1),
+                                                     zeros[g].unsqueeze(1), spec.maxq)
+    g_idx = (torch.arange(k) // gs).int()
+    return QuantResult(codes.to(torch.uint8), scales, zeros.long(), g_idx, Q, 0.0)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -77,6 +77,7 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and their dequantized values for a column of weights ``w [N]``."""
+    """Codes and their dequantized values for a column of weights ``w [N]`` (or a block
+    ``[N, C]`` with ``scale``/``zero`` shaped ``[N, 1]``)."""
     q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
     return q, scale * (q - zero)
