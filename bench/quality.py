@@ -208,7 +208,10 @@ def markdown(doc: dict) -> str:
         f"Machine: {doc['machine']}. Command: `{doc['command']}`.", "",
         "| model | perplexity | vs fp16 | quantize s | weights | KV bytes/token |",
         "|---|---:|---:|---:|---:|---:|"]
-    for name, row in rows.items():
+    order = ["fp32", "fp16", "rtn w4 g64", "gptq w4 g64", GPTQMODEL, GPTQMODEL_FP16, "rtn w3 g64",
+             "gptq w3 g64"]
+    for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+        row = rows[name]
         secs = "" if row["quantize_s"] is None else f"{row['quantize_s']:.0f}"
         lines.append(f"| {name} | {row['perplexity']:.3f} | {row['perplexity'] / fp16 - 1:+.1%} "
                      f"| {secs} | {_size(row['weight_bytes'])} | {row['kv_bytes_per_token']} |")
@@ -224,7 +227,7 @@ def markdown(doc: dict) -> str:
     lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
-        lines.append(f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
+        lines.append(f"| {t['name'].replace('|', chr(92) + '|')} | {t['value']} | {t['target']} ({t['better']}) | "
                      f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
