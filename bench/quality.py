@@ -49,9 +49,10 @@ NOTES = [
     "gptqmodel 7.6.0 runs in float32 (its default bfloat16 is about 60x slower on this CPU), "
     "calibration batch size 16, act_group_aware off (plain GPTQ with act-order, as ours), on the "
     "same token batch.",
-    "Times are wall clock on a 2-core machine shared with other jobs (load average 5-9 during "
-    "these runs): they vary by tens of percent between runs. Ours include loading the model; "
-    "gptqmodel's include its loading and packing, not saving.",
+    "Times are wall clock on a 2-core machine shared with other jobs. The GPTQ 4-bit and "
+    "gptqmodel rows were timed back to back on a quiet machine (load average 1-2); the others "
+    "under load from other jobs (load average 5-9; the same two took 272 s and 592 s then). "
+    "Ours include loading the model; gptqmodel's include its loading and packing, not saving.",
     "Our GPTQ makes one forward pass per decoder layer (each group of linears is quantized in a "
     "pre-hook on the input the already-quantized model gives it); gptqmodel runs one pass per "
     "group of linears plus a replay, five per layer.",
