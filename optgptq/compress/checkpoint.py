@@ -1,0 +1,139 @@
+"""Write a quantized model as a standard GPTQ checkpoint folder, and read one back densely.
+
+The folder (the layout of :mod:`optgptq_kernels.gptq`, ``checkpoint_format: gptq``):
+
+- ``model.safetensors``: for each quantized linear ``m``: ``m.qweight`` (codes packed along the
+  input dim), ``m.qzeros`` (zero points minus one, packed along the output dim), ``m.scales``
+  (float16), ``m.g_idx`` (int32) and ``m.bias`` if it has one; every other tensor as in the model
+  (float tensors in ``dtype``, default float16), tied copies stored once;
+- ``config.json``: the source config with ``quantization_config`` = ``{quant_method: gptq, bits,
+  group_size, desc_act, sym, checkpoint_format: gptq, static_groups, damp_percent,
+  true_sequential, lm_head: false}``;
+- every other file of the source folder (tokenizer, generation config).
+
+It is written to a temporary sibling folder and renamed into place when complete, so an
+interrupted run never leaves a folder that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from optgptq.compress.gptq import QuantResult
+from optgptq.compress.quantizer import QuantSpec
+from optgptq_kernels.gptq import dequantize_ref, pack_cols, pack_rows
+
+_MODEL_FILES = ("config.json", "model.safetensors.index.json")
+
+
+def quantization_config(spec: QuantSpec, method: str) -> dict:
+    """config.json's ``quantization_config`` (round-to-nearest never reorders columns)."""
+    return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
+            "desc_act": spec.desc_act and method == "gptq", "sym": spec.sym, "checkpoint_format": "gptq",
+            "static_groups": spec.static_groups, "damp_percent": spec.damp,
+            "true_sequential": True, "lm_head": False,
+            "meta": {"quantizer": [f"optgptq:{method}"]}}
+
+
+def gptq_tensors(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:
+    """A linear's checkpoint tensors (without bias) from its quantization result."""
+    return {"qweight": pack_rows(result.codes.t(), bits),
+            "qzeros": pack_cols(result.zeros - 1, bits),
+            "scales": result.scales.half(),
+            "g_idx": result.g_idx.int().clone()}
+
+
+def _state_tensors(model: nn.Module, results: dict[str, QuantResult], bits: int,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in results and leaf == "weight":
+            state.update({f"{module}.{k}": t for k, t in gptq_tensors(results[module],
+                                                                     bits).items()})
+            continue
+        if tensor.data_ptr() in seen:       # a tied copy (lm_head = embeddings)
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+    return state
+
+
+def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec, method: str,
+              source: Path, out: Path, dtype: torch.dtype = torch.float16,
+              overwrite: bool = False) -> Path:
+    """Write the checkpoint folder ``out`` (see the module docstring) and return its path."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise ValueError(f"out {str(out)!r} already exists (pass overwrite to replace it)")
+    if out.resolve() == Path(source).resolve():
+        raise ValueError("out must differ from the source model folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        for f in Path(source).iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in _MODEL_FILES:
+                shutil.copy2(f, tmp / f.name)
+        config = json.loads((Path(source) / "config.json").read_text())
+        config["quantization_config"] = quantization_config(spec, method)
+        dtype_name = str(dtype).removeprefix("torch.")
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = dtype_name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(_state_tensors(model, results, spec.bits, dtype), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@torch.no_grad()
+def load_dequantized(path: Path) -> nn.Module:
+    """A GPTQ checkpoint as an ordinary float32 transformers model (weights dequantized), for
+    evaluation on any machine; a float checkpoint loads as it is."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                    local_files_only=True).eval()
+    bits = (qc if isinstance(qc, dict) else qc.to_dict())["bits"]
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    raw: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    state = {}
+    for name, tensor in raw.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "qweight":
+            q = {k: raw[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+            state[f"{module}.weight"] = dequantize_ref(q["qweight"], q["qzeros"], q["scales"],
+                                                       q["g_idx"], bits, torch.float32).t()
+        elif leaf not in ("qzeros", "scales", "g_idx"):
+            state[name] = tensor.float() if tensor.is_floating_point() else tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"model {str(path)!r}: unexpected tensors {unexpected[:5]}")
+    model.tie_weights()
+    untied = [m for m in missing if "lm_head" not in m]
+    if untied:
+        raise ValueError(f"model {str(path)!r}: missing tensors {untied[:5]}")
+    return model

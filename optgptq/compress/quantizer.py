@@ -1,0 +1,83 @@
+"""Quantization settings and the per-group min/max quantizer GPTQ and round-to-nearest share.
+
+A group of weights ``w`` (one output row, the input columns of one group) is stored as integer
+codes ``q`` in ``[0, 2**bits - 1]`` with a scale ``s`` and an integer zero point ``z``, and stands
+for ``s * (q - z)``:
+
+- asymmetric (``sym=False``): the range ``[min(w, 0), max(w, 0)]`` is spread over the codes,
+  ``s = (hi - lo) / maxq``, ``z = round(-lo / s)``. The checkpoint stores ``z - 1`` (the
+  ``checkpoint_format: gptq`` convention), which cannot hold ``z = 0``, so ``z`` is at least 1;
+- symmetric (``sym=True``): ``hi = max(|min w|, |max w|)``, ``lo = -hi`` and ``z = 2**(bits-1)``.
+
+A row of zeros gets the range ``[-1, 1]``. Scales are rounded to float16 (the checkpoint's
+dtype) before the codes are chosen, so ``s * (q - z)`` here is exactly what a loader computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from optgptq_kernels.gptq import SUPPORTED_BITS
+
+_MIN_SCALE = 1e-5   # well inside float16's normal range
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: see :mod:`optgptq.compress.gptq` for the GPTQ-specific fields."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be a positive int or -1 (one group per row), "
+                             f"got {self.group_size}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must lie in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group_width(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return -(-in_features // self.group_width(in_features))
+
+
+def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (float32 holding float16 values) and integer zero (as float) for ``w [N, C]``."""
+    lo = w.min(dim=1).values.clamp(max=0)
+    hi = w.max(dim=1).values.clamp(min=0)
+    if spec.sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+    scale = ((hi - lo) / spec.maxq).clamp(min=_MIN_SCALE).half().float()
+    if spec.sym:
+        zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
+    else:
+        zero = torch.round(-lo / scale).clamp(1, spec.maxq)
+    return scale, zero
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and their dequantized values for a column of weights ``w [N]`` (or a block
+    ``[N, C]`` with ``scale``/``zero`` shaped ``[N, 1]``)."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
