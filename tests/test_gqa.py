@@ -133,11 +133,13 @@ def test_lstsq_reduces_calibration_error(tiny_models, name, heads):
     assert errors["lstsq"] < 0.95 * errors["mean"], errors
 
 
-def _engine_matches_transformers(path, seed: int) -> None:
+def _engine_matches_transformers(path, seed: int, kv_heads: int | None = None) -> None:
     g = torch.Generator().manual_seed(seed)
     prompts = [random_prompt(g, n) for n in (5, 17, 30)]
-    outs = LLM(str(path), device="cpu", num_blocks=64, block_size=4).generate(
-        prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    llm = LLM(str(path), device="cpu", num_blocks=64, block_size=4)
+    if kv_heads is not None:
+        assert llm.engine.runner.kv_caches[0][0].shape[0] == kv_heads
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for p, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(path, p, 8)
 
@@ -174,7 +176,30 @@ def test_bloom_groups_share_kv_and_keep_their_heads(tiny_models, tmp_path):
             assert all(torch.equal(w[grp[0], 1:], w[h, 1:]) for h in grp)
     with pytest.raises(ValueError, match="BLOOM models are stored multi-head"):
         gqa.expand_to_mha(hf)
-    _engine_matches_transformers(out, 9)
+    _engine_matches_transformers(out, 9, kv_heads=2)
+
+
+def test_engine_caches_one_kv_head_per_interleaved_bloom_group(tiny_models, tmp_path):
+    """Groups that are not neighbours ([0, 2] and [1, 3]): the engine reorders the query heads
+    with their ALiBi slopes, caches two K/V heads and still gives transformers' tokens."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "bloom-interleaved"
+    shutil.copytree(tiny_models["bloom"], out)
+    state = load_file(str(out / "model.safetensors"))
+    for name, t in state.items():
+        if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+            heads = t.view(4, 3, 16, *t.shape[1:])
+            heads[2, 1:] = heads[0, 1:]
+            heads[3, 1:] = heads[1, 1:]
+    save_file(state, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["kv_head_groups"] = [[[0, 2], [1, 3]]] * cfg["n_layer"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    _engine_matches_transformers(out, 10, kv_heads=2)
 
 
 def test_auto_picks_the_best_fitting_option_and_prints_table(tiny_models, tmp_path, capsys):
