@@ -14,8 +14,8 @@ from positions; no bias or mask tensor exists.
 
 Decode (every query chunk one token): ``BLOCK_Q = 1``, ``BLOCK_M = max(16, G_PAD)``. When the
 batch alone would not fill the GPU, long contexts are split into as many partitions (of at least
-``MIN_PARTITION`` keys) as it takes to fill it; each writes an unnormalised partial output with its max and sum, and a second kernel
-reduces them (flash-decoding). Prefill and mixed batches use ``BLOCK_M = 64`` rows and one
+``MIN_PARTITION`` keys) as it takes to fill it; each writes an unnormalised partial output with
+its max and sum, and a second kernel reduces them (flash-decoding). Prefill and mixed batches use ``BLOCK_M = 64`` rows and one
 partition: a long prompt already has many query tiles.
 """
 
