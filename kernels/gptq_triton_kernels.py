@@ -25,6 +25,17 @@ def _unpack(ptr, idx, other_off, stride_word, mask, BITS: tl.constexpr):
 
 
 @triton.jit
+def _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The ``BLOCK_K / (32 / BITS)`` packed int32 rows holding inputs ``k0 .. k0 + BLOCK_K``
+    (2/4/8 bits: shift ``j`` of row ``i`` is input ``k0 + (32 / BITS) * i + j``)."""
+    per: tl.constexpr = 32 // BITS
+    rows = k0 // per + tl.arange(0, BLOCK_K // per)
+    return tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
+                   mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+
+
+@triton.jit
 def _scale_codes(q, offs_k, k_mask, offs_n, n_mask, qz_ptr, sc_ptr, g_ptr, stride_qz, stride_sc,
                  BITS: tl.constexpr):
     """Codes ``q[offs_k, offs_n]`` to float32 weights, each row with its own group (g_idx)."""
@@ -63,9 +74,7 @@ def _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask, k0, K, 
     x_sum = tl.zeros([BLOCK_M], tl.float32)
     if PER_SHIFT:
         per: tl.constexpr = 32 // BITS
-        rows = k0 // per + tl.arange(0, BLOCK_K // per)
-        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
-                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
         for j in tl.static_range(per):
             kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
@@ -136,9 +145,7 @@ def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_p
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        rows = k0 // per + tl.arange(0, BLOCK_K // per)
-        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
-                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
         part = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
         x_sum = tl.zeros([BLOCK_K // per], tl.float32)
         for j in tl.static_range(per):
@@ -206,9 +213,7 @@ def dequant_kernel(qw_ptr, qz_ptr, sc_ptr, g_ptr, w_ptr, N, K,
     n_mask = offs_n < N
     if 32 % BITS == 0:  # load the packed rows once; shift j holds inputs k0 + PER * i + j
         per: tl.constexpr = 32 // BITS
-        rows = k0 // per + tl.arange(0, BLOCK_K // per)
-        words = tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
-                        mask=(rows * per < K)[:, None] & n_mask[None, :], other=0)
+        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
         for j in tl.static_range(per):
             kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
             k_mask = kk < K
