@@ -18,9 +18,7 @@ interrupted run never leaves a folder that looks like a model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from optgptq.compress.gptq import QuantResult
 from optgptq.compress.quantizer import QuantSpec
+from optgptq.folders import staged_folder
 from optgptq_kernels.gptq import dequantize_ref, pack_cols, pack_rows
 
 _MODEL_FILES = ("config.json", "model.safetensors.index.json")
@@ -79,10 +78,7 @@ def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec
         raise ValueError(f"out {str(out)!r} already exists (pass overwrite to replace it)")
     if out.resolve() == Path(source).resolve():
         raise ValueError("out must differ from the source model folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with staged_folder(out, replace=True) as tmp:
         for f in Path(source).iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _MODEL_FILES:
                 shutil.copy2(f, tmp / f.name)
@@ -94,12 +90,6 @@ def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(_state_tensors(model, results, spec.bits, dtype), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -26,10 +26,8 @@ multi-head model that computes the same function.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from optgptq.compress.gqa_grouping import (check_group_count, contiguous_groups,
                                            similarity_groups)
 from optgptq.compress.gqa_merge import (OutProjFit, mean_merge, output_weights,
                                         rope_query_weights, weighted_merge)
+from optgptq.folders import staged_folder
 
 GROUPINGS = ("contiguous", "similarity")
 MERGES = ("mean", "lstsq")
@@ -262,18 +261,12 @@ def save_folder(model: torch.nn.Module, source: str | Path, out: str | Path) -> 
         raise ValueError(f"--out {str(out)!r} already exists; choose a new folder")
     dtype = getattr(AutoConfig.from_pretrained(str(source), local_files_only=True), "dtype", None)
     model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         model.save_pretrained(str(tmp))
         for f in sorted(source.iterdir()):
             if (f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _WRITTEN
                     and not (tmp / f.name).exists()):
                 shutil.copy2(f, tmp / f.name)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

