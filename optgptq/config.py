@@ -27,6 +27,9 @@ class EngineConfig:
     dtype: str = "auto"
     """Weights and KV dtype; ``auto`` is float32 on CPU, the checkpoint's 16-bit type (else
     bfloat16) on an accelerator."""
+    quantization: str | None = None
+    """The checkpoint's method, checked when the model loads: ``none`` (float), ``gptq``,
+    ``gptqt`` or ``dgq``; unset accepts whatever the checkpoint is."""
     block_size: int = 16
     """Tokens per KV cache block."""
     kv_cache_memory_fraction: float = 0.85
@@ -59,6 +62,12 @@ class EngineConfig:
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], "
                              f"got {self.kv_cache_memory_fraction!r}")
+        if self.quantization is not None:
+            from optgptq.models.quantization import QUANT_METHODS
+
+            if self.quantization not in ("none", *QUANT_METHODS):
+                raise ValueError(f"quantization must be none or one of "
+                                 f"{', '.join(QUANT_METHODS)}, got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.models.quant_linear import GPTQConfig
+from optgptq.models.quantization import method_of
 from optgptq_kernels.gptq import (dequantize_ref, gptq_linear_ref, pack_cols, pack_rows,
                                   unpack_cols, unpack_rows)
 from tests.conftest import random_prompt
@@ -157,7 +158,18 @@ def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_pa
 def test_bad_quantization_config_is_rejected():
     with pytest.raises(ValueError, match="bits"):
         GPTQConfig.from_hf({"quant_method": "gptq", "bits": 5, "group_size": 64})
-    with pytest.raises(ValueError, match="quant_method"):
-        GPTQConfig.from_hf({"quant_method": "awq", "bits": 4})
+    with pytest.raises(ValueError, match="quant_method='awq'"):
+        method_of({"quant_method": "awq", "bits": 4})
     with pytest.raises(ValueError, match="group_size"):
         GPTQConfig.from_hf({"quant_method": "gptq", "bits": 4, "group_size": 0})
+
+
+def test_quantization_setting_is_checked_against_the_checkpoint(tiny_models, tmp_path):
+    quant, dense = write_gptq_twins(tiny_models["llama-gqa"], tmp_path, bits=4, group_size=16)
+    LLM(str(quant), device="cpu", quantization="gptq")
+    with pytest.raises(ValueError, match="quantization='gptq', but .* is not quantized"):
+        LLM(str(dense), device="cpu", quantization="gptq")
+    with pytest.raises(ValueError, match="is a gptq checkpoint"):
+        LLM(str(quant), device="cpu", quantization="none")
+    with pytest.raises(ValueError, match="quantization must be none or one of"):
+        LLM(str(quant), device="cpu", quantization="awq")

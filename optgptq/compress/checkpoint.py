@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from optgptq.compress.gptq import QuantResult
 from optgptq.compress.quantizer import QuantSpec
 from optgptq.folders import staged_folder
-from optgptq_kernels.gptq import dequantize_ref, pack_cols, pack_rows
+from optgptq.models.quantization import QUANT_METHODS, method_of
+from optgptq_kernels.gptq import pack_cols, pack_rows
 
 _MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
@@ -95,7 +96,7 @@ def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec
 
 @torch.no_grad()
 def load_dequantized(path: Path) -> nn.Module:
-    """A GPTQ checkpoint as an ordinary float32 transformers model (weights dequantized), for
+    """A quantized checkpoint as an ordinary float32 transformers model (weights dequantized), for
     evaluation on any machine; a float checkpoint loads as it is."""
     path = Path(path)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -103,7 +104,9 @@ def load_dequantized(path: Path) -> nn.Module:
     if not qc:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                     local_files_only=True).eval()
-    bits = (qc if isinstance(qc, dict) else qc.to_dict())["bits"]
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = QUANT_METHODS[method_of(qc)]
+    settings = method.parse(qc)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     raw: dict[str, torch.Tensor] = {}
@@ -113,11 +116,13 @@ def load_dequantized(path: Path) -> nn.Module:
     state = {}
     for name, tensor in raw.items():
         module, _, leaf = name.rpartition(".")
-        if leaf == "qweight":
-            q = {k: raw[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-            state[f"{module}.weight"] = dequantize_ref(q["qweight"], q["qzeros"], q["scales"],
-                                                       q["g_idx"], bits, torch.float32).t()
-        elif leaf not in ("qzeros", "scales", "g_idx"):
+        if f"{module}.{method.marker}" in raw and leaf != "bias":
+            if leaf == method.marker:
+                prefix = module + "."
+                tensors = {k[len(prefix):]: t for k, t in raw.items() if k.startswith(prefix)
+                           and "." not in k[len(prefix):] and k[len(prefix):] != "bias"}
+                state[f"{module}.weight"] = method.dense_weight(tensors, settings)
+        else:
             state[name] = tensor.float() if tensor.is_floating_point() else tensor
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -43,7 +43,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
         self.config = config
         self.device = pick_device(config.device)
-        self.hf_config = load_config(model_path)
+        self.hf_config = load_config(model_path, config.quantization)
         self.dtype = pick_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._max_model_len(self.hf_config)
         self.model = load_model(model_path, self.hf_config, self.dtype, self.device,

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 
 from optgptq.models.bloom import BloomForCausalLM
 from optgptq.models.llama import LlamaForCausalLM
-from optgptq.models.quant_linear import GPTQConfig, quantized_module_names, swap_in_gptq
+from optgptq.models.quantization import method_of, quantized_module_names, swap_in_quantized
 
 # architecture name -> (model class, the base-model prefix its checkpoints may omit)
 ARCHITECTURES: dict[str, tuple[type, str]] = {
@@ -26,8 +26,9 @@ ARCHITECTURES: dict[str, tuple[type, str]] = {
 }
 
 
-def load_config(path: Path):
-    """The transformers config of a local folder, checked for a supported architecture."""
+def load_config(path: Path, quantization: str | None = None):
+    """The transformers config of a local folder, checked for a supported architecture and, when
+    ``quantization`` is given, for a checkpoint of that method (``"none"``: a float one)."""
     if not (path / "config.json").is_file():
         raise ValueError(f"model {str(path)!r}: no config.json in this folder")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -37,6 +38,11 @@ def load_config(path: Path):
                          f"(supported: {', '.join(ARCHITECTURES)})")
     if arch == "MistralForCausalLM" and getattr(config, "sliding_window", None):
         raise ValueError(f"model {str(path)!r}: sliding-window attention is not supported")
+    qc = getattr(config, "quantization_config", None)
+    method = method_of(qc if isinstance(qc, dict) or qc is None else qc.to_dict()) or "none"
+    if quantization is not None and quantization != method:
+        raise ValueError(f"quantization={quantization!r}, but model {str(path)!r} is "
+                         f"{'not quantized' if method == 'none' else f'a {method} checkpoint'}")
     return config
 
 
@@ -64,21 +70,22 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
     """Build the model for ``path`` (``config`` from :func:`load_config`) and load its weights.
 
     Parameters are created on the meta device and replaced by the checkpoint's tensors, so
-    peak memory is one copy of the weights; a GPTQ checkpoint's quantized linears become
-    :class:`~optgptq.models.quant_linear.GPTQLinear` layers; computed buffers (RoPE tables,
+    peak memory is one copy of the weights; a quantized checkpoint's linears become its
+    method's layers (:mod:`optgptq.models.quantization`); computed buffers (RoPE tables,
     ALiBi slopes) are built on the CPU by the modules themselves and moved with the model.
     """
     cls, prefix = ARCHITECTURES[config.architectures[0]]
     files = _weight_files(path)
+    quantized: set[str] = set()
     with torch.device("meta"):
         model = cls(config, max_positions)
         qc = getattr(config, "quantization_config", None)
         if qc:
             qc = qc if isinstance(qc, dict) else qc.to_dict()
             modules = dict(model.named_modules())
-            names = {n if n in modules else prefix + n
-                     for n in quantized_module_names(_tensor_names(files))}
-            swap_in_gptq(model, names, GPTQConfig.from_hf(qc))
+            quantized = {n if n in modules else prefix + n
+                         for n in quantized_module_names(qc, _tensor_names(files))}
+            swap_in_quantized(model, quantized, qc)
     expected = model.state_dict(keep_vars=True)
     state: dict[str, torch.Tensor] = {}
     for file in files:
@@ -91,9 +98,10 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
                 if tensor.shape != expected[name].shape:
                     raise ValueError(f"model {str(path)!r}: tensor {key!r} has shape "
                                      f"{tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-                # Integer codes stay integers; GPTQ scales stay as stored (the kernels compute
-                # in float32 from them); everything else takes the model's dtype.
-                keep = not tensor.is_floating_point() or name.endswith(".scales")
+                # Integer codes stay integers and a quantized layer's tensors stay as stored
+                # (its kernels decide the compute types); everything else takes the model's dtype.
+                module, _, leaf = name.rpartition(".")
+                keep = not tensor.is_floating_point() or (module in quantized and leaf != "bias")
                 state[name] = tensor.to(device=device, dtype=None if keep else dtype)
     # Tied parameters appear under several names; one stored copy fills them all.
     for name, param in expected.items():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from optgptq_kernels import ops
-from optgptq_kernels.gptq import SUPPORTED_BITS
+from optgptq_kernels.gptq import SUPPORTED_BITS, dequantize_ref
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -32,10 +32,6 @@ class GPTQConfig:
 
     @classmethod
     def from_hf(cls, qc: dict) -> "GPTQConfig":
-        method = qc.get("quant_method")
-        if method != "gptq":
-            raise ValueError(f"quantization_config.quant_method={method!r} is not supported "
-                             f"(supported: gptq)")
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt != "gptq":
             raise ValueError(f"quantization_config.checkpoint_format={fmt!r} is not supported "
@@ -79,20 +75,7 @@ class GPTQLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
 
-def quantized_module_names(tensor_names: list[str]) -> set[str]:
-    """Modules a checkpoint stores quantized: those with a ``.qweight`` tensor."""
-    return {n[: -len(".qweight")] for n in tensor_names if n.endswith(".qweight")}
-
-
-def swap_in_gptq(model: nn.Module, names: set[str], config: GPTQConfig) -> None:
-    """Replace the named ``nn.Linear`` modules of ``model`` by :class:`GPTQLinear` (in place)."""
-    modules = dict(model.named_modules())
-    for name in sorted(names):
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"checkpoint quantizes {name!r}, which is not a linear layer of "
-                             f"this model")
-        parent_name, _, child = name.rpartition(".")
-        quant = GPTQLinear(linear.in_features, linear.out_features, config,
-                           linear.bias is not None)
-        setattr(modules[parent_name] if parent_name else model, child, quant)
+def gptq_dense_weight(tensors: dict[str, torch.Tensor], config: GPTQConfig) -> torch.Tensor:
+    """The float32 ``[out, in]`` weight that a GPTQ linear's checkpoint tensors stand for."""
+    return dequantize_ref(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                          tensors["g_idx"], config.bits, torch.float32).t()
