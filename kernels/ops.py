@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from optgptq_kernels.dgq import dgq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
 from optgptq_kernels.kv_write import write_kv_ref
 from optgptq_kernels.paged_attention import paged_attention_ref
@@ -96,3 +97,15 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
 
         return gptq_linear_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
     return gptq_linear_ref(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+
+def dgq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+               qscales: torch.Tensor, scales: torch.Tensor, smooth: torch.Tensor,
+               group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A8W4 ``x @ W + bias`` for a DGQ weight (layout and numerics in :mod:`optgptq_kernels.dgq`):
+    per-token INT8 activations times INT8-dequantized INT4 weights in one integer GEMM."""
+    if use_triton(x):
+        from optgptq_kernels.dgq_triton import dgq_linear_triton
+
+        return dgq_linear_triton(x, qweight, qzeros, qscales, scales, smooth, group_size, bias)
+    return dgq_linear_ref(x, qweight, qzeros, qscales, scales, smooth, group_size, bias)
