@@ -12,7 +12,10 @@ The folder (the layout of :mod:`optgptq_kernels.gptq`, ``checkpoint_format: gptq
 - every other file of the source folder (tokenizer, generation config).
 
 It is written to a temporary sibling folder and renamed into place when complete, so an
-interrupted run never leaves a folder that looks like a model.
+interrupted run never leaves a folder that looks like a model. :func:`save_quantized` writes
+the same kind of folder for any registered method (DGQ's tensors, say), and
+:func:`load_for_eval` reads any checkpoint back as a transformers model that computes what the
+engine serves.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from optgptq.compress.gptq import QuantResult
 from optgptq.compress.quantizer import QuantSpec
 from optgptq.folders import staged_folder
-from optgptq.models.quantization import QUANT_METHODS, method_of
+from optgptq.models.quantization import (QUANT_METHODS, method_of, quantized_module_names,
+                                         swap_in_quantized)
 from optgptq_kernels.gptq import pack_cols, pack_rows
 
 _MODEL_FILES = ("config.json", "model.safetensors.index.json")
@@ -132,3 +136,80 @@ def load_dequantized(path: Path) -> nn.Module:
     if untied:
         raise ValueError(f"model {str(path)!r}: missing tensors {untied[:5]}")
     return model
+
+
+def save_quantized(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]],
+                   qconfig: dict, source: Path, out: Path, dtype: torch.dtype = torch.float16,
+                   overwrite: bool = False) -> Path:
+    """Write a checkpoint folder of any registered method: for each module named in ``tensors``
+    its tensors (leaf name -> tensor, stored as given) replace ``module.weight`` (its bias stays,
+    in ``dtype``); every other tensor as in the model (float tensors in ``dtype``, tied copies
+    once); config.json gets ``quantization_config = qconfig``; other source files are copied."""
+    method_of(qconfig)
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise ValueError(f"out {str(out)!r} already exists (pass overwrite to replace it)")
+    if out == Path(source).resolve():
+        raise ValueError("out must differ from the source model folder")
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in tensors and leaf == "weight":
+            state.update({f"{module}.{k}": t.contiguous() for k, t in tensors[module].items()})
+        elif tensor.data_ptr() not in seen:       # skip tied copies (lm_head = embeddings)
+            seen.add(tensor.data_ptr())
+            state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+    with staged_folder(out, replace=True) as tmp:
+        for f in Path(source).iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in _MODEL_FILES:
+                shutil.copy2(f, tmp / f.name)
+        config = json.loads((Path(source) / "config.json").read_text())
+        config["quantization_config"] = qconfig
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+            config[key] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@torch.no_grad()
+def load_with_layers(path: Path) -> nn.Module:
+    """A quantized checkpoint as a float32 transformers model whose quantized linears are its
+    method's own layers, computing through the kernels' dispatch point (on the CPU, the
+    references): the engine's numerics, activation quantization included."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    raw: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    quantized = quantized_module_names(qc, list(raw))
+    swap_in_quantized(model, quantized, qc)
+    state = {name: t.float() if t.is_floating_point() and (name.rpartition(".")[0] not in
+                                                            quantized or name.endswith(".bias"))
+             else t for name, t in raw.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"model {str(path)!r}: unexpected tensors {unexpected[:5]}")
+    model.tie_weights()
+    untied = [m for m in missing if "lm_head" not in m]
+    if untied:
+        raise ValueError(f"model {str(path)!r}: missing tensors {untied[:5]}")
+    return model
+
+
+def load_for_eval(path: Path) -> nn.Module:
+    """The float32 transformers model that computes what the engine serves from ``path``: dense
+    weights for a float or weight-only checkpoint (:func:`load_dequantized`), the method's own
+    layers when it also quantizes activations (:func:`load_with_layers`)."""
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    if qc and not QUANT_METHODS[method_of(qc)].weight_only:
+        return load_with_layers(path)
+    return load_dequantized(path)

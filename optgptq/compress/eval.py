@@ -8,7 +8,10 @@ context. The text is tokenized without special tokens; ``max_tokens`` keeps its 
 
 The model runs through transformers in float32 on the CPU: a float folder as it is, a GPTQ
 checkpoint dequantized by :func:`optgptq.compress.checkpoint.load_dequantized` — exactly the
-weights this project's engine computes with — so no GPTQ kernel library is needed.
+weights this project's engine computes with — so no GPTQ kernel library is needed. A method that
+also quantizes activations (DGQ's A8W4) runs its own layers instead, through the kernels' CPU
+references (:func:`optgptq.compress.checkpoint.load_for_eval`), so its perplexity includes the
+INT8 activations.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from optgptq.compress.checkpoint import load_dequantized
+from optgptq.compress.checkpoint import load_for_eval
 
 
 @dataclass
@@ -98,7 +101,7 @@ def evaluate(model_path: Path, text: str, window: int = 512, stride: int = 512,
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    model = load_dequantized(Path(model_path))
+    model = load_for_eval(Path(model_path))
     ppl, count = perplexity(model, ids, window, stride, progress)
     return EvalResult(ppl, count, window, stride, weight_bytes(Path(model_path)),
                       kv_bytes_per_token(Path(model_path)))

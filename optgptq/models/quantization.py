@@ -8,6 +8,8 @@ quantized, so layers a quantizer left in full precision load as ordinary linears
 Each method is one :class:`QuantMethod` entry in ``QUANT_METHODS``: how to read its settings,
 which layer replaces ``nn.Linear``, and how to turn its tensors back into a dense weight (for
 evaluation with transformers). The loader and the evaluator only go through this table.
+A method whose layer also quantizes activations (DGQ's A8W4) is not ``weight_only``: its dense
+weight alone does not reproduce its outputs, so evaluation runs the layer itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from optgptq.models.dgq_linear import DGQConfig, DGQLinear, dgq_dense_weight
 from optgptq.models.quant_linear import GPTQConfig, GPTQLinear, gptq_dense_weight
 
 
@@ -26,16 +29,20 @@ class QuantMethod:
     """One checkpoint format: ``parse`` reads ``quantization_config`` (raising ``ValueError`` on
     bad settings), ``layer(in_features, out_features, config, bias)`` builds the module that
     replaces ``nn.Linear``, ``dense_weight(tensors, config)`` rebuilds the float32 ``[out, in]``
-    weight from a linear's checkpoint tensors (keyed by leaf name)."""
+    weight from a linear's checkpoint tensors (keyed by leaf name); ``weight_only``: the layer's
+    output is a matmul with that weight (false when it also quantizes activations)."""
 
     marker: str
     parse: Callable[[dict], Any]
     layer: Callable[[int, int, Any, bool], nn.Module]
     dense_weight: Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+    weight_only: bool = True
 
 
 QUANT_METHODS: dict[str, QuantMethod] = {
     "gptq": QuantMethod("qweight", GPTQConfig.from_hf, GPTQLinear, gptq_dense_weight),
+    "dgq": QuantMethod("qscales", DGQConfig.from_hf, DGQLinear, dgq_dense_weight,
+                       weight_only=False),
 }
 
 
