@@ -147,25 +147,29 @@ def coarse_search(W: torch.Tensor, H: torch.Tensor, fine: torch.Tensor, zeros: t
     """Phase 2: channel scales ``[N]``, integer group scales ``[G, N]``, codes ``[N, K]`` and
     each row's output error."""
     n, k = W.shape
-    gk = torch.arange(k) // group_width(k, spec.group_size)
-    z = zeros.t()[:, gk]                                          # [N, K]
+    width, groups = group_width(k, spec.group_size), num_groups(k, spec.group_size)
+    pad = groups * width - k                     # a short last group: zero columns, no error
+    Wg = torch.nn.functional.pad(W, (0, pad)).view(n, groups, width)
+    Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    z = zeros.t()[:, :, None]                                     # [N, G, 1]
     amax = W.abs().amax(1)
     best = torch.full((n,), float("inf"))
-    best_sc, best_u, best_q = torch.empty(n), torch.empty_like(fine), torch.empty_like(W)
+    best_sc, best_u, best_d = torch.empty(n), torch.empty_like(fine), torch.empty_like(Wg)
     for r in _ratios(spec.coarse_grid, spec.coarse_min_ratio).tolist():
         s_c = (amax * r / 127).clamp(min=_MIN_SCALE).half().float()
         u = torch.round(fine / s_c).clamp(1, 127)                  # [G, N]
-        lim = torch.floor(127 / u).t()[:, gk]
-        step = (u * s_c).t()[:, gk]
-        q = torch.round(W / step) + z
-        q = torch.minimum(torch.maximum(q, (z - lim).clamp(min=0)), (z + lim).clamp(max=15))
-        err = _row_error(W - step * (q - z), H)
+        lim = torch.floor(127 / u).t()[:, :, None]
+        step = (u * s_c).t()[:, :, None]
+        # d = q - z with q = clamp(round(w / step) + z, max(z - lim, 0), min(z + lim, 15))
+        d = torch.clamp(torch.round(Wg / step), torch.maximum(-lim, -z), torch.minimum(lim, 15 - z))
+        err = _row_error((Wg - step * d).view(n, -1), Hp)
         better = err < best
         best = torch.where(better, err, best)
         best_sc = torch.where(better, s_c, best_sc)
         best_u = torch.where(better, u, best_u)
-        best_q = torch.where(better[:, None], q, best_q)
-    return best_sc, best_u, best_q, best
+        best_d = torch.where(better[:, None, None], d, best_d)
+    codes = (best_d + z).view(n, -1)[:, :k]
+    return best_sc, best_u, codes, best
 
 
 class DGQ:
