@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _other_sections(path: Path) -> str:
+    """Sections other reports keep in quality.md between ``<!-- name:begin -->`` and
+    ``<!-- name:end -->`` (e.g. bench/dgq_quality.py's), carried over when it is rewritten."""
+    old = path.read_text() if path.is_file() else ""
+    pattern = r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->"
+    return "".join("\n" + m.group(0) + "\n" for m in re.finditer(pattern, old, flags=re.S))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -269,7 +278,7 @@ def main() -> None:
            "targets": targets(rows, gqa_doc)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "quality.md").write_text(markdown(doc))
+    (RESULTS / "quality.md").write_text(markdown(doc) + _other_sections(RESULTS / "quality.md"))
     print(json.dumps(doc["targets"], indent=2))
 
 
