@@ -47,8 +47,8 @@ from optgptq_kernels.gptq_triton import gptq_linear_triton
 
 GROUP = 128
 PAPER_SPEEDUP, PAPER_MEMORY = 3.24, 1.12
-TILINGS = [(16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3),
-           (128, 128, 8, 3), (128, 256, 8, 3)]
+TILINGS = [(16, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
+           (64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]
 
 
 def bench(fn, device: str) -> float:

@@ -9,10 +9,12 @@ Two kernels per call:
 2. the product, by one of two paths:
 
    - fused (``M <= INT_MM_MIN_M``, or where ``torch._int_mm`` does not apply): program ``(m,
-     n)`` walks the input dimension in ``BLOCK_K`` slices; each slice's packed rows are loaded
-     once, the eight 4-bit codes of every word are unpacked by broadcasting against the shifts
-     (``[BLOCK_K / 8, 8, BLOCK_N]`` reshaped to ``[BLOCK_K, BLOCK_N]``, the natural row order),
-     turned into INT8 in registers (``u * (q - z)``, with the slice's one group row of ``u``
+     n, k)`` walks every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension (split-K while
+     the output tiles alone would leave the GPU idle; the int32 partials are summed exactly by
+     the tile's last program); each slice's packed rows are loaded once, the eight 4-bit codes
+     of every word are unpacked by broadcasting against the shifts (``[BLOCK_K / 8, 8,
+     BLOCK_N]`` reshaped to ``[BLOCK_K, BLOCK_N]``, the natural row order), turned into INT8 in
+     registers (``u * (q - z)``, with the slice's one group row of ``u``
      and ``z`` when ``BLOCK_K`` divides the group size, else gathered per row) and multiplied
      by ``tl.dot`` on int8 into int32 accumulators. The epilogue applies ``s_tok``, ``s_c`` and
      the bias.
@@ -85,21 +87,9 @@ def _int8_tile(qw_ptr, qz_ptr, qs_ptr, k0, K, offs_n, n_mask, group_size, stride
 
 
 @triton.jit
-def gemm_kernel(x8_ptr, s_ptr, qw_ptr, qz_ptr, qs_ptr, sc_ptr, bias_ptr, out_ptr, M, N, K,
-                group_size, stride_x8, stride_qw, stride_g, stride_om,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x8_ptr + offs_m[:, None] * stride_x8 + offs_k[None, :],
-                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
-        w = _int8_tile(qw_ptr, qz_ptr, qs_ptr, k0, K, offs_n, n_mask, group_size, stride_qw,
-                       stride_g, BLOCK_K, BLOCK_N, GROUP_ALIGNED)
-        acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, s_ptr, sc_ptr, bias_ptr, out_ptr, stride_om,
+              HAS_BIAS: tl.constexpr):
+    """``(float32(acc) * s_tok) * s_c (+ bias)`` stored in the output's dtype."""
     s_tok = tl.load(s_ptr + offs_m, mask=m_mask, other=0.0)
     s_c = tl.load(sc_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     y = (acc.to(tl.float32) * s_tok[:, None]) * s_c[None, :]
@@ -107,6 +97,46 @@ def gemm_kernel(x8_ptr, s_ptr, qw_ptr, qz_ptr, qs_ptr, sc_ptr, bias_ptr, out_ptr
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
              y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def gemm_kernel(x8_ptr, s_ptr, qw_ptr, qz_ptr, qs_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr,
+                lock_ptr, M, N, K, group_size, stride_x8, stride_qw, stride_g, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Program ``(m, n, k)``: the int32 product of an output tile over every ``SPLIT_K``-th
+    slice. With ``SPLIT_K > 1`` each program stores its int32 partial and counts itself in on
+    the tile's lock; the last to arrive sums the partials (exactly: integers), runs the
+    epilogue and resets the lock to zero for the next call."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x8_ptr + offs_m[:, None] * stride_x8 + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
+        w = _int8_tile(qw_ptr, qz_ptr, qs_ptr, k0, K, offs_n, n_mask, group_size, stride_qw,
+                       stride_g, BLOCK_K, BLOCK_N, GROUP_ALIGNED)
+        acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+    if SPLIT_K > 1:
+        mask = m_mask[:, None] & n_mask[None, :]
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=mask)
+        tl.debug_barrier()
+        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(lock, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            for part in range(0, SPLIT_K):
+                acc += tl.load(ws_ptr + part * M * N + tile, mask=mask, other=0,
+                               cache_modifier=".cg")
+            _epilogue(acc, offs_m, offs_n, m_mask, n_mask, s_ptr, sc_ptr, bias_ptr, out_ptr,
+                      stride_om, HAS_BIAS)
+            tl.atomic_xchg(lock, 0)
+    else:
+        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, s_ptr, sc_ptr, bias_ptr, out_ptr,
+                  stride_om, HAS_BIAS)
 
 
 @triton.jit
@@ -168,22 +198,51 @@ def _tiles(m: int, device: torch.device) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-tile arrival counters for split-K, zero between calls (the last program of a tile
+    resets its own); grown on demand."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < tiles:
+        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
+
+
+def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> int:
+    """Split the input dimension until the GPU holds about two programs per SM."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 8
+    split = 1
+    while split < 16 and tiles * split * 2 <= target and k // (block_k * split * 2) >= 2:
+        split *= 2
+    return split
+
+
 def gemm_triton(x8: torch.Tensor, s_tok: torch.Tensor, qweight: torch.Tensor,
                 qzeros: torch.Tensor, qscales: torch.Tensor, scales: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None, out: torch.Tensor,
-                tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """The fused INT8 GEMM and epilogue into ``out`` (``tiles`` overrides :func:`_tiles`)."""
+                tiles: tuple[int, int, int, int] | None = None,
+                split_k: int | None = None) -> torch.Tensor:
+    """The fused INT8 GEMM and epilogue into ``out`` (``tiles`` and ``split_k`` override the
+    defaults of :func:`_tiles` and :func:`_split_k`)."""
     m, k = x8.shape
     n = scales.shape[0]
     block_k, aligned = _block_k(k, group_size)
     block_m, block_n, warps, stages = tiles or _tiles(m, x8.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = split_k or _split_k(grid_mn, k, block_k, x8.device)
+    ws = torch.empty((split, m, n), dtype=torch.int32, device=x8.device) if split > 1 else out
+    locks = _locks(x8.device, grid_mn) if split > 1 else out
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     gemm_kernel[grid](x8, s_tok, qweight, qzeros, qscales, scales,
-                      bias if bias is not None else scales, out, m, n, k,
+                      bias if bias is not None else scales, out, ws, locks, m, n, k,
                       group_width(k, group_size), x8.stride(0), qweight.stride(0),
                       qzeros.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_K=block_k, GROUP_ALIGNED=aligned, HAS_BIAS=bias is not None,
-                      num_warps=warps, num_stages=stages)
+                      BLOCK_K=block_k, SPLIT_K=split, GROUP_ALIGNED=aligned,
+                      HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
     return out
 
 

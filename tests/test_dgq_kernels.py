@@ -129,9 +129,11 @@ def test_triton_gemm_matches_reference(m, k, n, group_size, with_bias):
     qweight, qzeros, qscales, scales, smooth = tensors
     expect = dgq_linear_ref(x, *tensors, group_size, bias)
     x8, s_tok = quantize_activations_triton(x, smooth)
-    out = torch.full((m, n), float("nan"), dtype=DTYPE, device=DEVICE)
-    gemm_triton(x8, s_tok, qweight, qzeros, qscales, scales, group_size, bias, out)
-    _assert_same(out, expect, with_bias)
+    for split_k in (None, 3, 3):     # the default, then split-K twice (its locks reset)
+        out = torch.full((m, n), float("nan"), dtype=DTYPE, device=DEVICE)
+        gemm_triton(x8, s_tok, qweight, qzeros, qscales, scales, group_size, bias, out,
+                    split_k=split_k)
+        _assert_same(out, expect, with_bias)
     w8 = torch.full((k, n), 99, dtype=torch.int8, device=DEVICE)
     w8.copy_(dequantize_int8_triton(qweight, qzeros, qscales, group_size))
     assert torch.equal(w8, int8_weight_ref(qweight, qzeros, qscales, group_size))

@@ -93,7 +93,8 @@ class DGQResult:
     def split(self, sizes: list[int]) -> list["DGQResult"]:
         """The results of the row blocks of a stacked weight (output rows ``sizes``)."""
         parts = zip(self.codes.split(sizes), self.zeros.split(sizes, 1),
-                    self.qscales.split(sizes, 1), self.scales.split(sizes), self.weight.split(sizes))
+                    self.qscales.split(sizes, 1), self.scales.split(sizes),
+                    self.weight.split(sizes))
         return [DGQResult(c, z, u, s, self.smooth, w, self.loss) for c, z, u, s, w in parts]
 
     def tensors(self) -> dict[str, torch.Tensor]:
