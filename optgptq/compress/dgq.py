@@ -120,27 +120,38 @@ def _ratios(points: int, lowest: float) -> torch.Tensor:
     return torch.linspace(1.0, lowest, points) if points > 1 else torch.ones(1)
 
 
-def fine_search(W: torch.Tensor, H: torch.Tensor, spec: DGQSpec
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1: group scales ``[G, N]`` (float32) and zeros ``[G, N]`` of ``W [N, K]``."""
+def _grouped(W: torch.Tensor, H: torch.Tensor, spec: DGQSpec
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W [N, K]`` as ``[N, G, width]`` and ``H`` to match, a short last group padded with
+    zeros (zero weights that quantize exactly, so they add no error)."""
     n, k = W.shape
     width, groups = group_width(k, spec.group_size), num_groups(k, spec.group_size)
-    scales, zeros = torch.empty(groups, n), torch.empty(groups, n)
-    for g in range(groups):
-        cols = slice(g * width, (g + 1) * width)
-        w, h = W[:, cols], H[cols, cols]
-        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        best = torch.full((n,), float("inf"))
-        for r in _ratios(spec.fine_grid, spec.fine_min_ratio).tolist():
-            s = ((hi - lo) * r / 15).clamp(min=_MIN_SCALE)
-            z = torch.round(-lo * r / s).clamp(0, 15)
-            q = torch.clamp(torch.round(w / s) + z, 0, 15)
-            err = _row_error(w - s * (q - z), h)
-            better = err < best
-            best = torch.where(better, err, best)
-            scales[g] = torch.where(better, s[:, 0], scales[g])
-            zeros[g] = torch.where(better, z[:, 0], zeros[g])
-    return scales, zeros
+    pad = groups * width - k
+    return (torch.nn.functional.pad(W, (0, pad)).view(n, groups, width),
+            torch.nn.functional.pad(H, (0, pad, 0, pad)))
+
+
+def fine_search(W: torch.Tensor, H: torch.Tensor, spec: DGQSpec
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1: group scales ``[G, N]`` (float32) and zeros ``[G, N]`` of ``W [N, K]``, all
+    groups at once."""
+    Wg, Hp = _grouped(W, H, spec)
+    width = Wg.shape[2]
+    Hg = torch.stack([Hp[g * width:(g + 1) * width, g * width:(g + 1) * width]
+                      for g in range(Wg.shape[1])])
+    lo, hi = Wg.amin(2, keepdim=True), Wg.amax(2, keepdim=True)            # [N, G, 1]
+    best = torch.full(lo.shape, float("inf"))
+    scales, zeros = torch.empty_like(lo), torch.empty_like(lo)
+    for r in _ratios(spec.fine_grid, spec.fine_min_ratio).tolist():
+        s = ((hi - lo) * r / 15).clamp(min=_MIN_SCALE)
+        z = torch.round(-lo * r / s).clamp(0, 15)
+        e = Wg - s * (torch.clamp(torch.round(Wg / s) + z, 0, 15) - z)
+        err = (torch.einsum("ngw,gwv->ngv", e, Hg) * e).sum(2, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        scales = torch.where(better, s, scales)
+        zeros = torch.where(better, z, zeros)
+    return scales[:, :, 0].t().contiguous(), zeros[:, :, 0].t().contiguous()
 
 
 def coarse_search(W: torch.Tensor, H: torch.Tensor, fine: torch.Tensor, zeros: torch.Tensor,
@@ -148,10 +159,7 @@ def coarse_search(W: torch.Tensor, H: torch.Tensor, fine: torch.Tensor, zeros: t
     """Phase 2: channel scales ``[N]``, integer group scales ``[G, N]``, codes ``[N, K]`` and
     each row's output error."""
     n, k = W.shape
-    width, groups = group_width(k, spec.group_size), num_groups(k, spec.group_size)
-    pad = groups * width - k                     # a short last group: zero columns, no error
-    Wg = torch.nn.functional.pad(W, (0, pad)).view(n, groups, width)
-    Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    Wg, Hp = _grouped(W, H, spec)
     z = zeros.t()[:, :, None]                                     # [N, G, 1]
     amax = W.abs().amax(1)
     best = torch.full((n,), float("inf"))
@@ -190,9 +198,20 @@ class DGQ:
         self.nsamples += x.shape[0]
 
     def quantize(self, weight: torch.Tensor, spec: DGQSpec) -> DGQResult:
-        """Quantize ``weight [N, in_features]`` (module docstring)."""
+        """Quantize ``weight [N, in_features]`` (module docstring).
+
+        Runs on one thread: the searches are many mid-sized ops, which thread hand-offs slow
+        down several-fold on a busy CPU (as for GPTQ's solver)."""
         if self.nsamples == 0:
             raise ValueError("DGQ.quantize: no calibration inputs were added")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._quantize(weight, spec)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _quantize(self, weight: torch.Tensor, spec: DGQSpec) -> DGQResult:
         t = smoothing(self.absmax, spec.clip_percentile)
         H = (self.XtX / self.nsamples / torch.outer(t, t).double()).float()
         W = weight.detach().float() * t[None, :]
