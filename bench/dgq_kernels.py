@@ -17,8 +17,8 @@ For (K x N) in 4096x4096, 4096x14336, 14336x4096 and M in {1, 16, 256, 2048}, gr
 Every time is a median of ``triton.testing.do_bench_cudagraph`` (CUDA-graph replays). Targets
 state the paper's figures (3.24x speed over A16W4, 1.12x less memory; the latter is end-to-end
 memory in the paper, the weights alone here). The section is merged under the key ``"dgq"`` of
-``bench/results/kernels-<gpu>.json`` (read, modify, write to a temporary file, rename; the rest
-of the file is kept)::
+``bench/results/kernels-<gpu>.json``, its targets also into the file's ``targets`` (read, modify,
+write to a temporary file, rename; the rest of the file is kept)::
 
     python bench/dgq_kernels.py [--out bench/results]
 
@@ -152,12 +152,12 @@ def targets(rows: list[dict]) -> list[dict]:
     big = [r for r in rows if r["M"] == top]
     memory = min(r["weight_bytes"]["gptq"] / r["weight_bytes"]["dgq"] for r in rows)
     return [
-        _target(f"DGQ A8W4 vs W4A16 GPTQ kernel, M={top} (min over shapes; paper: 3.24x over "
-                "A16W4)", min(r["dgq_speedup_vs_gptq"] for r in big), PAPER_SPEEDUP),
-        _target(f"DGQ A8W4 vs fp16 matmul, M={top} (min over shapes; INT8 tensor cores)",
+        _target(f"[dgq] DGQ A8W4 vs W4A16 GPTQ kernel, M={top} (min over shapes; paper: 3.24x "
+                "over A16W4)", min(r["dgq_speedup_vs_gptq"] for r in big), PAPER_SPEEDUP),
+        _target(f"[dgq] DGQ A8W4 vs fp16 matmul, M={top} (min over shapes; INT8 tensor cores)",
                 min(r["dgq_speedup_vs_fp16"] for r in big), 1.0),
-        _target("weight memory, W4A16 GPTQ / DGQ A8W4 (paper: 1.12x less memory end to end, "
-                "here weights only)", memory, PAPER_MEMORY),
+        _target("[dgq] weight memory, W4A16 GPTQ / DGQ A8W4 (paper: 1.12x less memory end to "
+                "end, here weights only)", memory, PAPER_MEMORY),
     ]
 
 
@@ -173,9 +173,13 @@ def _commit() -> str | None:
 
 
 def merge(path: Path, section: dict) -> None:
-    """Write ``section`` under ``"dgq"`` of the JSON file ``path``, keeping everything else."""
+    """Write ``section`` under ``"dgq"`` of the JSON file ``path`` and its targets into the
+    file's ``targets`` (replacing earlier ones of the same name), keeping everything else."""
     doc = json.loads(path.read_text()) if path.is_file() else {}
     doc["dgq"] = section
+    mine = {t["name"] for t in section["targets"]}
+    doc["targets"] = [t for t in doc.get("targets", []) if t["name"] not in mine] + \
+        section["targets"]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.rename(path)

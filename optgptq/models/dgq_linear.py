@@ -74,6 +74,22 @@ class DGQLinear(nn.Module):
         self.register_buffer("smooth", torch.empty(in_features, dtype=torch.float16))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    def random_tensors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random codes about the middle zero point, group scales in 1..8 (so every INT8 weight
+        fits), channel scales giving the weights a standard deviation near 0.02 and no smoothing
+        (no bias): the layout for ``load_format: dummy``."""
+        dev = generator.device
+        groups = self.qzeros.shape[0]
+        u = torch.randint(1, 9, (groups, self.out_features), device=dev, generator=generator)
+        w8_std = float((torch.arange(1, 9.0) ** 2).mean().sqrt()) * ((16 ** 2 - 1) / 12) ** 0.5
+        return {"qweight": torch.randint(-2**31, 2**31 - 1, self.qweight.shape, dtype=torch.int32,
+                                         device=dev, generator=generator),
+                "qzeros": torch.full(self.qzeros.shape, 8, dtype=torch.uint8, device=dev),
+                "qscales": u.to(torch.int8),
+                "scales": torch.full((self.out_features,), 0.02 / w8_std, dtype=torch.float16,
+                                     device=dev),
+                "smooth": torch.ones(self.in_features, dtype=torch.float16, device=dev)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = ops.dgq_linear(x.reshape(-1, self.in_features), self.qweight, self.qzeros,
