@@ -32,7 +32,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from optgptq_kernels.gptq import check_bits
-from optgptq_kernels.gptq_triton_kernels import dequant_kernel, fused_kernel, gemv_kernel
+from optgptq_kernels.gptq_triton_kernels import (dequant_kernel, fused_kernel, gemv_kernel,
+                                                 swapped_kernel)
 
 FUSED_MAX_M = 64
 
@@ -114,6 +115,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     gemv = m == 1 and aligned and bits != 3
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
+    kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
     # Tiling measured on an H200 (bench/kernels.py): GEMV and per-shift dots want wide tiles
     # split along K until the GPU holds ~4 (GEMV) or ~2 (dot) programs per SM.
     if x.device.type != "cuda":
@@ -129,7 +131,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
             split_k *= 2
         try:
             launch(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned,
-                   per_shift, gemv, block_m, block_n, block_k, split_k)
+                   kernel, block_m, block_n, block_k, split_k)
             return out
         except OutOfResources:  # a device with less shared memory (e.g. a DCU's 64 KiB LDS)
             if block_n <= 16:
@@ -139,17 +141,17 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
            g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None, out: torch.Tensor,
-           group_size: int, aligned: bool, per_shift: bool, gemv: bool, block_m: int,
-           block_n: int, block_k: int, split_k: int, num_warps: int = 4,
-           num_stages: int = 3) -> None:
-    """One launch of the GEMV or fused kernel with an explicit tiling (also used to tune it)."""
+           group_size: int, aligned: bool, kernel: str, block_m: int, block_n: int,
+           block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
+    """One launch of ``kernel`` (``gemv``, ``swapped``, ``fused_per_shift`` or ``fused``; all but
+    the last need aligned groups of 2/4/8 bits) with an explicit tiling (also used to tune it)."""
     m, k = x.shape
     n = out.shape[1]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     locks = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else out
     bias_arg = bias if bias is not None else x
-    if gemv:
+    if kernel == "gemv":
         gemv_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
                            group_size, qweight.stride(0), qzeros.stride(0), scales.stride(0),
                            BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
@@ -161,10 +163,19 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
         offset = 1024
     elif aligned and x.dtype == torch.bfloat16 and bits < 8:
         offset = 128
+    if kernel == "swapped":
+        swapped_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
+                             group_size, x.stride(0), qweight.stride(0), qzeros.stride(0),
+                             scales.stride(0), out.stride(0), BITS=bits, BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, OFFSET=offset,
+                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                             num_warps=num_warps, num_stages=num_stages)
+        return
     fused_kernel[grid](x, qweight, qzeros, scales, g_idx, bias_arg, out, ws, locks,
                         m, n, k, max(group_size, 1), x.stride(0), qweight.stride(0),
                         qzeros.stride(0), scales.stride(0), out.stride(0),
                         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset, PER_SHIFT=per_shift,
+                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset,
+                        PER_SHIFT=kernel == "fused_per_shift",
                         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                         num_warps=num_warps, num_stages=num_stages)

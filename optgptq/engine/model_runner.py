@@ -47,7 +47,7 @@ class ModelRunner:
         self.dtype = pick_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._max_model_len(self.hf_config)
         self.model = load_model(model_path, self.hf_config, self.dtype, self.device,
-                                self.max_model_len)
+                                self.max_model_len, dummy=config.load_format == "dummy")
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()

@@ -68,6 +68,21 @@ class GPTQLinear(nn.Module):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    def random_tensors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random codes and zeros, small positive scales, groups in order (no bias)."""
+        dev = generator.device
+
+        def words(shape):
+            return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=dev,
+                                 generator=generator)
+
+        groups = self.scales.shape[0]
+        size = math.ceil(self.in_features / groups)
+        return {"qweight": words(self.qweight.shape), "qzeros": words(self.qzeros.shape),
+                "scales": (torch.rand(self.scales.shape, device=dev, generator=generator)
+                           * 0.002 + 0.001).half(),
+                "g_idx": (torch.arange(self.in_features, device=dev) // size).int()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = ops.gptq_linear(x.reshape(-1, self.in_features), self.qweight, self.qzeros,
