@@ -126,7 +126,7 @@ def run_variant(folder: Path, args, vocab: int) -> dict:
     cleanup()
     block = 16
     need = args.long_requests * -(-(max(args.contexts) + args.long_output) // block)
-    llm = engine(folder, num_blocks=need, max_num_seqs=args.max_num_seqs,
+    llm = engine(folder, num_blocks=need, max_num_seqs=args.long_requests,
                  max_num_batched_tokens=args.max_batched_tokens, max_model_len=args.max_model_len)
     out["long"] = {"pool": pool_info(llm), "contexts": {}}
     for ctx in args.contexts:

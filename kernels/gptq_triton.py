@@ -2,7 +2,8 @@
 large ones. Same contract as :func:`optgptq_kernels.gptq.gptq_linear_ref`.
 
 One row (decode at batch 1) with aligned groups takes the GEMV kernel: no tensor cores, each
-shift of the packed words meets its strided inputs in float32 FMAs (kernel docstring).
+shift of the packed words meets its strided inputs in float32 FMAs, codes made floats by bit
+pattern (kernel docstrings).
 
 Fused path (``M <= FUSED_MAX_M``): program ``(m, n, k)`` computes a ``BLOCK_M x BLOCK_N``
 output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. With ``SPLIT_K >
@@ -14,9 +15,11 @@ slice's product:
   group, so ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))``. The dot runs on
   the raw codes made exact floats by bit pattern (``0x6400 | q`` is ``1024 + q`` in float16,
   ``0x4300 | q`` is ``128 + q`` in bfloat16), and scale and zero are applied once per slice.
-- ``PER_SHIFT`` on top of that for 2/4/8 bits: the slice's packed rows are loaded once and shift
-  ``j`` of every word (inputs ``k0 + PER * i + j``) meets the matching strided columns of ``x``
-  in its own ``tl.dot``, so codes are never reordered in registers.
+- per shift, for up to 16 rows of 2/4/8 bits (the ``swapped`` kernel): the slice's packed rows
+  are loaded once and shift ``j`` of every word (inputs ``k0 + PER * i + j``) meets the matching
+  strided columns of ``x`` in its own ``tl.dot``, so codes are never reordered in registers. It
+  computes ``out^T = W^T x^T``, so the codes are the dot's wide operand, taken from registers
+  (on an H200 this beat the untransposed per-shift dot by 10-30% at 4-16 rows).
 - otherwise (act-order, ragged groups) each row's scale and zero are gathered through ``g_idx``
   and the dequantized tile is rounded to the activation dtype before the dot.
 
@@ -82,17 +85,17 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     return w
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
+_LOCKS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     """Per-tile arrival counters for split-K, zero between calls (the last program resets its
-    own); grown on demand, allocated outside any graph capture by the first call of a shape."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < tiles:
-        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = locks
-    return locks
+    own). Grown on demand outside any graph capture (the first call of a shape comes first);
+    outgrown buffers stay allocated, since captured CUDA graphs may still point at them."""
+    buffers = _LOCKS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -116,18 +119,18 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
-    # Tiling measured on an H200 (bench/kernels.py): GEMV and per-shift dots want wide tiles
-    # split along K until the GPU holds ~4 (GEMV) or ~2 (dot) programs per SM.
+    # Tiling measured on an H200 (.devcache-style sweeps of `launch`): GEMV and per-shift dots
+    # want wide tiles split along K until the GPU holds ~8 (GEMV) or ~2 (dot) programs per SM.
     if x.device.type != "cuda":
         block_n = 32
     else:
         block_n = 256 if gemv or per_shift else (128 if m <= 16 else 64)
-    target = _num_programs(x.device) * (2 if gemv else 1)
+    target = _num_programs(x.device) * (4 if gemv else 1)
     while True:
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split_k = 1
         while (split_k < 16 and tiles * split_k * 2 <= target
-               and k // (block_k * split_k * 2) >= 2):
+               and k // (block_k * split_k * 2) >= 1):
             split_k *= 2
         try:
             launch(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned,
@@ -143,8 +146,8 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
            g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None, out: torch.Tensor,
            group_size: int, aligned: bool, kernel: str, block_m: int, block_n: int,
            block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
-    """One launch of ``kernel`` (``gemv``, ``swapped``, ``fused_per_shift`` or ``fused``; all but
-    the last need aligned groups of 2/4/8 bits) with an explicit tiling (also used to tune it)."""
+    """One launch of ``kernel`` (``gemv``, ``swapped`` or ``fused``; the first two need aligned
+    groups of 2/4/8 bits) with an explicit tiling (also used to tune it)."""
     m, k = x.shape
     n = out.shape[1]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
@@ -175,7 +178,5 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
                         m, n, k, max(group_size, 1), x.stride(0), qweight.stride(0),
                         qzeros.stride(0), scales.stride(0), out.stride(0),
                         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset,
-                        PER_SHIFT=kernel == "fused_per_shift",
-                        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                         num_warps=num_warps, num_stages=num_stages)

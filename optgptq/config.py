@@ -52,6 +52,8 @@ class EngineConfig:
     """Longest prompt plus output; default: the model's max_position_embeddings (2048 for ALiBi)."""
     enable_prefix_caching: bool = True
     """Reuse full cached blocks of earlier prompts with the same token prefix."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs of decode steps (on an accelerator they are captured at start)."""
     seed: int = 0
     """Seed of the engine's sampling generator (requests may carry their own)."""
 

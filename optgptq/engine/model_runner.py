@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from optgptq.config import EngineConfig
+from optgptq.engine.cuda_graphs import DecodeGraphs
 from optgptq.engine.sampler import Sampler
 from optgptq.engine.scheduler import ScheduledBatch
 from optgptq.models.layers import AttentionMetadata, PagedAttention
@@ -59,6 +60,10 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k, v
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs,
+                                       self.max_model_len, self.block_size)
 
     def _max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None)
@@ -128,16 +133,24 @@ class ModelRunner:
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
         dev = self.device
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-        )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
+        if (self.graphs is not None and max(batch.num_new_tokens) == 1
+                and self.graphs.fits(len(batch.seqs))):
+            hidden = self.graphs.run(torch.tensor(input_ids, dtype=torch.long),
+                                     torch.tensor(positions, dtype=torch.long),
+                                     torch.tensor(slots, dtype=torch.long),
+                                     torch.tensor(seq_lens, dtype=torch.int32),
+                                     torch.tensor(tables, dtype=torch.int32))
+        else:
+            meta = AttentionMetadata(
+                positions=torch.tensor(positions, dtype=torch.long, device=dev),
+                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+                max_query_len=max(batch.num_new_tokens),
+                max_seq_len=max(seq_lens),
+            )
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
         if not sampling:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])
