@@ -15,7 +15,8 @@ host issuing ~10 kernels per layer; the replay leaves the device the only limit.
   graph serves every length: the decode kernel's partitions past a sequence's end return at
   once.
 
-Prefill and mixed steps (and the CPU) run eagerly.
+Prefill and mixed steps run eagerly, and so does everything where the kernels are the PyTorch
+references (the CPU, ``OPTGPTQ_KERNELS=reference``), which synchronise with the host.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from optgptq.engine.sampler import Sampler
 from optgptq.engine.scheduler import ScheduledBatch
 from optgptq.models.layers import AttentionMetadata, PagedAttention
 from optgptq.models.loader import load_config, load_model
+from optgptq_kernels import ops
 
 _CPU_DEFAULT_KV_BYTES = 2 << 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,7 +62,9 @@ class ModelRunner:
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, config.seed)
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # Graphs need the Triton kernels: the PyTorch references synchronise with the host.
+        probe = self.kv_caches[0][0]
+        if probe.is_cuda and ops.use_triton(probe) and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs,
                                        self.max_model_len, self.block_size)
 
