@@ -82,7 +82,8 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def timed_run(llm: LLM, reqs: list[list[int]], output_len: int, repeats: int) -> dict:
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([reqs[0][:16]], SamplingParams(max_tokens=4, ignore_eos=True))  # compile
+    llm.generate([reqs[0][:16]], SamplingParams(max_tokens=4, temperature=0.0,
+                                                ignore_eos=True))  # compile
     runs = []
     for _ in range(repeats):
         torch.cuda.synchronize()
