@@ -140,7 +140,6 @@ class VLLMEngine:
             raise ValueError(f"vllm: unknown vLLM engine argument(s): {', '.join(unknown)}")
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        self.block_size = config.block_size
         self._translator = VLLMEventTranslator(config.block_size)
         self._events: deque[tuple[str, int]] = deque()
         self._stopped = threading.Event()
@@ -162,7 +161,6 @@ class VLLMEngine:
         self.num_blocks = int(cache.num_gpu_blocks)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.vocab_size = int(self.llm.model_config.get_vocab_size())
-        self.tokenizer = self.llm.get_tokenizer()
 
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: list[int], params: SamplingParams | None = None,
