@@ -49,7 +49,7 @@ proto:
 # The suite in the main environment, then the vLLM tier (tests/test_vllm.py) in .venv-vllm.
 test: install vllm
 	$(PYTHON) -m pytest -q -ra -m "not vllm"
-	$(VLLM_PYTHON) -m pytest -q -ra -m vllm
+	$(VLLM_PYTHON) -m pytest -q -ra -m vllm tests/test_vllm.py
 
 test-fast: install
 	$(PYTHON) -m pytest -q -ra -m "not slow and not vllm"
