@@ -19,7 +19,7 @@ from optgptq.compress.gptq import rtn
 from optgptq.compress.quantizer import QuantSpec
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
-from optgptq.models.dgq_linear import DGQConfig
+from optgptq.models.dgq_linear import DGQConfig, dgq_dense_weight
 from optgptq_kernels.dgq import dgq_linear_ref
 from tests.conftest import random_prompt
 
@@ -209,3 +209,22 @@ def test_cli_rejects_bad_dgq_settings(tiny_models, calib_text, tmp_path, extra, 
     assert _quantize(tiny_models["llama-mha"], tmp_path / "q", calib_text, *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_dummy_dgq_weights_generate_from_a_config_alone(tiny_models, tmp_path):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    cfg = json.loads((tiny_models["llama-gqa"] / "config.json").read_text())
+    cfg["quantization_config"] = DGQSpec(group_size=32).quantization_config()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(str(folder), device="cpu", load_format="dummy", skip_tokenizer_init=True,
+              num_blocks=32)
+    layers = [m for m in llm.engine.runner.model.modules() if type(m).__name__ == "DGQLinear"]
+    assert len(layers) == 14
+    tensors = {k: getattr(layers[0], k) for k in ("qweight", "qzeros", "qscales", "scales",
+                                                  "smooth")}
+    w = dgq_dense_weight(tensors, DGQConfig(32))           # checks that the INT8 weight fits
+    assert 0.01 < float(w.std()) < 0.04
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([[5, 9, 2, 7], [11, 3]], params)
+    assert [len(o.token_ids) for o in outs] == [6, 6]
