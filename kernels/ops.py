@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from optgptq_kernels.bcq import bcq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
 from optgptq_kernels.kv_write import write_kv_ref
 from optgptq_kernels.paged_attention import paged_attention_ref
@@ -96,3 +97,14 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
 
         return gptq_linear_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
     return gptq_linear_ref(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+
+def bcq_linear(x: torch.Tensor, planes: torch.Tensor, alphas: torch.Tensor,
+               offsets: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W + bias`` for a binary-coded ``W`` (layout in :mod:`optgptq_kernels.bcq`)."""
+    if use_triton(x):
+        from optgptq_kernels.bcq_triton import bcq_linear_triton
+
+        return bcq_linear_triton(x, planes, alphas, offsets, group_size, bias)
+    return bcq_linear_ref(x, planes, alphas, offsets, group_size, bias)

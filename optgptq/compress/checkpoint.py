@@ -12,7 +12,8 @@ The folder (the layout of :mod:`optgptq_kernels.gptq`, ``checkpoint_format: gptq
 - every other file of the source folder (tokenizer, generation config).
 
 It is written to a temporary sibling folder and renamed into place when complete, so an
-interrupted run never leaves a folder that looks like a model.
+interrupted run never leaves a folder that looks like a model. Other methods' checkpoints (GPTQT,
+:mod:`optgptq.compress.gptqt`) are written the same way by :func:`save_quantized`.
 """
 
 from __future__ import annotations
@@ -53,15 +54,14 @@ def gptq_tensors(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:
             "g_idx": result.g_idx.int().clone()}
 
 
-def _state_tensors(model: nn.Module, results: dict[str, QuantResult], bits: int,
+def _state_tensors(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]],
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
-        if module in results and leaf == "weight":
-            state.update({f"{module}.{k}": t for k, t in gptq_tensors(results[module],
-                                                                     bits).items()})
+        if module in quantized and leaf == "weight":
+            state.update({f"{module}.{k}": t for k, t in quantized[module].items()})
             continue
         if tensor.data_ptr() in seen:       # a tied copy (lm_head = embeddings)
             continue
@@ -74,6 +74,17 @@ def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec
               source: Path, out: Path, dtype: torch.dtype = torch.float16,
               overwrite: bool = False) -> Path:
     """Write the checkpoint folder ``out`` (see the module docstring) and return its path."""
+    tensors = {name: gptq_tensors(r, spec.bits) for name, r in results.items()}
+    return save_quantized(model, tensors, quantization_config(spec, method), source, out, dtype,
+                          overwrite)
+
+
+def save_quantized(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]],
+                   qconfig: dict, source: Path, out: Path, dtype: torch.dtype = torch.float16,
+                   overwrite: bool = False) -> Path:
+    """Write a checkpoint folder of any method: ``quantized`` maps each quantized linear to the
+    tensors that replace its weight (by leaf name), ``qconfig`` is config.json's
+    ``quantization_config``; the rest as for :func:`save_gptq`."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise ValueError(f"out {str(out)!r} already exists (pass overwrite to replace it)")
@@ -84,12 +95,12 @@ def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _MODEL_FILES:
                 shutil.copy2(f, tmp / f.name)
         config = json.loads((Path(source) / "config.json").read_text())
-        config["quantization_config"] = quantization_config(spec, method)
+        config["quantization_config"] = qconfig
         dtype_name = str(dtype).removeprefix("torch.")
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
             config[key] = dtype_name
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_state_tensors(model, results, spec.bits, dtype), str(tmp / "model.safetensors"),
+        save_file(_state_tensors(model, quantized, dtype), str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
     return out
 

@@ -1,5 +1,5 @@
 """The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
-GPTQ checkpoint), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
+GPTQ checkpoint, or GPTQT into a binary-coded one), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
 (perplexity, weight bytes, KV bytes per token)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     """The GPTQ options (shared with commands that quantize after another step)."""
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (gptqt: 2 or 3 planes)")
     g.add_argument("--group-size", type=int, default=128,
                    help="input columns per scale/zero; -1: one group per output row")
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing "
@@ -28,7 +28,12 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean(diag H)")
-    g.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    g.add_argument("--method", choices=("gptq", "rtn", "gptqt"), default="gptq")
+    g.add_argument("--intermediate-bits", type=int, default=None,
+                   help="gptqt: bits of the linear grid the binary coding is fitted on "
+                   "(default: bits + 2)")
+    g.add_argument("--explore", default=None, metavar="LO:HI:STEPS",
+                   help="gptqt: initial scale factors re-explored (default 0.7:1.1:9)")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default="float16",
                    help="dtype of the tensors left unquantized")
     c = p.add_argument_group("calibration")
@@ -48,18 +53,49 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
     from optgptq.compress.pipeline import arch_spec, quantize_model
     from optgptq.compress.quantizer import QuantSpec
 
-    spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
-                     static_groups=a.static_groups, damp=a.damp)
+    if a.method == "gptqt":
+        spec = gptqt_spec(a)
+    else:
+        if a.intermediate_bits is not None or a.explore is not None:
+            raise ValueError("--intermediate-bits and --explore apply to --method gptqt only")
+        spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
+                         static_groups=a.static_groups, damp=a.damp)
     arch_spec(model)
     calib = None
-    if a.method == "gptq":
+    if a.method != "rtn":
         tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
         calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
     qm = quantize_model(model, spec, a.method, calib)
-    path = save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
-                     overwrite)
+    if a.method == "gptqt":
+        from optgptq.compress.gptqt import save_gptqt
+
+        path = save_gptqt(qm.model, qm.results, spec, model, out, _DTYPES[a.dtype], overwrite)
+    else:
+        path = save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
+                         overwrite)
     return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
             "seconds": round(qm.seconds, 2), "modules": len(qm.results)}
+
+
+def gptqt_spec(a: argparse.Namespace):
+    """The GPTQT settings of the command line; ``ValueError`` for options it cannot honour."""
+    from optgptq.compress.gptqt import GPTQTSpec
+
+    if a.act_order or a.static_groups:
+        raise ValueError("--act-order and --static-groups are not supported with --method gptqt "
+                         "(its groups are consecutive input columns, fitted as GPTQ reaches them)")
+    explore = GPTQTSpec.explore
+    if a.explore is not None:
+        parts = a.explore.split(":")
+        try:
+            explore = (float(parts[0]), float(parts[1]), int(parts[2]))
+        except (ValueError, IndexError):
+            raise ValueError(f"--explore must be LO:HI:STEPS (e.g. 0.7:1.1:9), got "
+                             f"{a.explore!r}") from None
+        if len(parts) != 3:
+            raise ValueError(f"--explore must be LO:HI:STEPS, got {a.explore!r}")
+    return GPTQTSpec(bits=a.bits, intermediate_bits=a.intermediate_bits,
+                     group_size=a.group_size, explore=explore, damp=a.damp)
 
 
 def _quantize(a: argparse.Namespace) -> int:
@@ -99,7 +135,8 @@ def _eval(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
-    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint")
+    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint, GPTQT "
+                       "into a binary-coded one")
     q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")
     q.add_argument("--out", required=True, help="the checkpoint folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

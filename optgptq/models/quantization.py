@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from optgptq.models.bcq_linear import BCQLinear, GPTQTConfig, bcq_dense_weight
 from optgptq.models.quant_linear import GPTQConfig, GPTQLinear, gptq_dense_weight
 
 
@@ -36,6 +37,7 @@ class QuantMethod:
 
 QUANT_METHODS: dict[str, QuantMethod] = {
     "gptq": QuantMethod("qweight", GPTQConfig.from_hf, GPTQLinear, gptq_dense_weight),
+    "gptqt": QuantMethod("planes", GPTQTConfig.from_hf, BCQLinear, bcq_dense_weight),
 }
 
 
