@@ -79,12 +79,14 @@ def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
 
 def levels(alphas: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The float32 value of every code: ``[groups, N, 2**bits]`` from ``alphas [groups, bits, N]``
-    and ``offsets [groups, N]``."""
+    and ``offsets [groups, N]``, summed as the kernels do: the offset, then plane by plane."""
     bits = alphas.shape[1]
     codes = torch.arange(1 << bits, device=alphas.device)
-    signs = (((codes.view(-1, 1) >> torch.arange(bits, device=alphas.device)) & 1) * 2 - 1)
-    # [groups, N, bits] @ [bits, 2**bits]: the sum over planes in float32
-    return offsets.float().unsqueeze(-1) + alphas.float().transpose(1, 2) @ signs.t().float()
+    out = offsets.float().unsqueeze(-1).expand(*offsets.shape, 1 << bits)
+    for i in range(bits):
+        sign = (((codes >> i) & 1) * 2 - 1).float()
+        out = out + alphas[:, i].float().unsqueeze(-1) * sign
+    return out
 
 
 def dequantize_bcq_ref(planes: torch.Tensor, alphas: torch.Tensor, offsets: torch.Tensor,
