@@ -225,12 +225,24 @@ def markdown(doc: dict) -> str:
             ppl = f"{row['ppl']:.3f}" if "ppl" in row else ""
             note = {k: v for k, v in row.items() if k not in ("ppl", "num_kv_heads")}
             lines.append(f"| {name} | {ppl} | {row['num_kv_heads']} | {json.dumps(note)} |")
+    lines += _gptqt_section()
     lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
         lines.append(f"| {t['name'].replace('|', chr(92) + '|')} | {t['value']} | {t['target']} ({t['better']}) | "
                      f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def _gptqt_section() -> list[str]:
+    """The GPTQT section from ``gptqt-quality.json`` (``bench/gptqt_quality.py``), if present."""
+    f = RESULTS / "gptqt-quality.json"
+    if not f.is_file():
+        return []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gptqt_quality import section
+
+    return section(json.loads(f.read_text()))
 
 
 def main() -> None:

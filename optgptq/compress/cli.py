@@ -1,6 +1,6 @@
 """The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
-GPTQ checkpoint, or GPTQT into a binary-coded one), ``compress`` (Opt-GQA conversion, then GPTQ, in one command) and ``eval``
-(perplexity, weight bytes, KV bytes per token)."""
+GPTQ checkpoint, or GPTQT into a binary-coded one), ``compress`` (Opt-GQA conversion, then GPTQ,
+in one command) and ``eval`` (perplexity, weight bytes, KV bytes per token)."""
 
 from __future__ import annotations
 

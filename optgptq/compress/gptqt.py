@@ -28,6 +28,12 @@ are fitted (steps 1-3) when its first column is reached, from the columns as upd
 each column is then rounded to its row's nearest level and the rounding error is spread over
 the columns not yet quantized (lazy block updates, dampening ``damp``, ``block_size`` as in
 GPTQ). Columns go in their natural order (no act-order), so groups are ``k // group_size``.
+
+Parameters (``GPTQTSpec``): ``bits`` 3 or 2; ``intermediate_bits`` (default ``bits + 2``, at
+most 5: the candidate count grows as ``2**(n * bits)``); ``explore`` (default ``(0.7, 1.1, 9)``);
+``group_size`` (a multiple of 32 or -1, default 64); ``damp`` (0.01); ``block_size`` (128). Only
+the paper's abstract was at hand when this was written: the grid-aligned exhaustive search of
+step 2 and the Hessian-weighted criteria of steps 2-3 are this project's reading of it.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ class GPTQTSpec:
                              f"binary coding picks {1 << self.bits} of its levels), got "
                              f"{self.intermediate_bits}")
         lo, hi, steps = self.explore
-        if not (0 < lo <= hi and isinstance(steps, int) and steps >= 1 and (steps > 1 or lo == hi)):
+        if not (0 < lo <= hi and isinstance(steps, int) and steps >= 1
+                and (steps > 1 or lo == hi)):
             raise ValueError(f"explore must be (lo, hi, steps) with 0 < lo <= hi and steps >= 1 "
                              f"(steps = 1 only when lo = hi), got {self.explore}")
         if not 0 < self.damp < 1:
@@ -174,7 +181,8 @@ def check_packable(layers: nn.ModuleList, names: list[str], spec: GPTQTSpec) -> 
 class GPTQT(GPTQ):
     """The GPTQ Hessian accumulator whose ``quantize`` runs the GPTQT solver."""
 
-    def quantize(self, weight: torch.Tensor, spec: GPTQTSpec) -> BCQResult:  # type: ignore[override]
+    def quantize(self, weight: torch.Tensor,  # type: ignore[override]
+                 spec: GPTQTSpec) -> BCQResult:
         if self.H is None or self.nsamples == 0:
             raise ValueError("GPTQT.quantize: no calibration inputs were added")
         H, self.H = self.H, None
