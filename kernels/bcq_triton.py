@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from optgptq_kernels.bcq import check_layout, group_width
+from optgptq_kernels.bcq import check_layout, group_width, num_groups
 from optgptq_kernels.bcq_triton_kernels import (dequant_kernel, dot_gemm_kernel, lut_gemm_kernel,
                                                 lut_kernel)
 from optgptq_kernels.gptq_triton import _locks, _num_programs
@@ -75,6 +75,10 @@ def bcq_linear_triton(x: torch.Tensor, planes: torch.Tensor, alphas: torch.Tenso
     check_layout(bits, k, group_size)
     if planes.shape[1] * 32 != k:
         raise ValueError(f"x has {k} features, the planes hold {planes.shape[1] * 32}")
+    groups = num_groups(k, group_size)
+    if alphas.shape != (groups, bits, n) or offsets.shape != (groups, n):
+        raise ValueError(f"alphas {tuple(alphas.shape)} / offsets {tuple(offsets.shape)} do not "
+                         f"match {groups} groups of {bits} planes x {n} columns")
     if path is None:
         path = "lut" if m <= LUT_MAX_M else "dot" if m <= FUSED_MAX_M else "dense"
     if path not in PATHS:

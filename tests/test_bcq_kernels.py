@@ -112,6 +112,8 @@ def test_bad_input_is_rejected():
     x = torch.randn(2, 64).to(DEVICE)
     with pytest.raises(ValueError, match="x has 64 features, the planes hold"):
         bcq_linear_triton(x, *tensors, 32)
+    with pytest.raises(ValueError, match="do not match"):
+        bcq_linear_triton(torch.randn(2, tensors[0].shape[1] * 32).to(DEVICE), *tensors, 64)
     with pytest.raises(ValueError, match="path must be one of"):
         bcq_linear_triton(torch.randn(2, tensors[0].shape[1] * 32).to(DEVICE), *tensors, 32,
                           path="lookup")
