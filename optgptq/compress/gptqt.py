@@ -154,7 +154,7 @@ def fit_group(w: torch.Tensor, h: torch.Tensor,
         scale, start = 2 * half * m / maxq, centre - half * m
         q = torch.clamp(torch.round((w - start.unsqueeze(1)) / scale.unsqueeze(1)), 0, maxq)
         hist = torch.zeros(n_out, maxq + 1).scatter_add_(1, q.long(), weights)
-        choice = (hist @ dist.t()).argmin(1)
+        choice = torch.cat([(part @ dist.t()).argmin(1) for part in hist.split(128)])
         base, d = params[choice, 0], params[choice, 1:]                 # [N], [N, bits]
         a = (scale.unsqueeze(1) * d / 2).half().float()
         o = (start + scale * (base + d.sum(1) / 2)).half().float()
