@@ -226,6 +226,7 @@ def markdown(doc: dict) -> str:
             ppl = f"{row['ppl']:.3f}" if "ppl" in row else ""
             note = {k: v for k, v in row.items() if k not in ("ppl", "num_kv_heads")}
             lines.append(f"| {name} | {ppl} | {row['num_kv_heads']} | {json.dumps(note)} |")
+    lines += _gptqt_section()
     lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
     lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
@@ -240,6 +241,17 @@ def _other_sections(path: Path) -> str:
     old = path.read_text() if path.is_file() else ""
     pattern = r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->"
     return "".join("\n" + m.group(0) + "\n" for m in re.finditer(pattern, old, flags=re.S))
+
+
+def _gptqt_section() -> list[str]:
+    """The GPTQT section from ``gptqt-quality.json`` (``bench/gptqt_quality.py``), if present."""
+    f = RESULTS / "gptqt-quality.json"
+    if not f.is_file():
+        return []
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gptqt_quality import section
+
+    return section(json.loads(f.read_text()))
 
 
 def main() -> None:

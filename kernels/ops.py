@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from optgptq_kernels.bcq import bcq_linear_ref
 from optgptq_kernels.dgq import dgq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
 from optgptq_kernels.kv_write import write_kv_ref
@@ -109,3 +110,14 @@ def dgq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
 
         return dgq_linear_triton(x, qweight, qzeros, qscales, scales, smooth, group_size, bias)
     return dgq_linear_ref(x, qweight, qzeros, qscales, scales, smooth, group_size, bias)
+
+
+def bcq_linear(x: torch.Tensor, planes: torch.Tensor, alphas: torch.Tensor,
+               offsets: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W + bias`` for a binary-coded ``W`` (layout in :mod:`optgptq_kernels.bcq`)."""
+    if use_triton(x):
+        from optgptq_kernels.bcq_triton import bcq_linear_triton
+
+        return bcq_linear_triton(x, planes, alphas, offsets, group_size, bias)
+    return bcq_linear_ref(x, planes, alphas, offsets, group_size, bias)

@@ -13,7 +13,7 @@ The folder (the layout of :mod:`optgptq_kernels.gptq`, ``checkpoint_format: gptq
 
 It is written to a temporary sibling folder and renamed into place when complete, so an
 interrupted run never leaves a folder that looks like a model. :func:`save_quantized` writes
-the same kind of folder for any registered method (DGQ's tensors, say), and
+the same kind of folder for any registered method (GPTQT's binary codes, DGQ's tensors), and
 :func:`load_for_eval` reads any checkpoint back as a transformers model that computes what the
 engine serves.
 """
@@ -57,45 +57,13 @@ def gptq_tensors(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:
             "g_idx": result.g_idx.int().clone()}
 
 
-def _state_tensors(model: nn.Module, results: dict[str, QuantResult], bits: int,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        module, _, leaf = name.rpartition(".")
-        if module in results and leaf == "weight":
-            state.update({f"{module}.{k}": t for k, t in gptq_tensors(results[module],
-                                                                     bits).items()})
-            continue
-        if tensor.data_ptr() in seen:       # a tied copy (lm_head = embeddings)
-            continue
-        seen.add(tensor.data_ptr())
-        state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
-    return state
-
-
 def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec, method: str,
               source: Path, out: Path, dtype: torch.dtype = torch.float16,
               overwrite: bool = False) -> Path:
     """Write the checkpoint folder ``out`` (see the module docstring) and return its path."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ValueError(f"out {str(out)!r} already exists (pass overwrite to replace it)")
-    if out.resolve() == Path(source).resolve():
-        raise ValueError("out must differ from the source model folder")
-    with staged_folder(out, replace=True) as tmp:
-        for f in Path(source).iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in _MODEL_FILES:
-                shutil.copy2(f, tmp / f.name)
-        config = json.loads((Path(source) / "config.json").read_text())
-        config["quantization_config"] = quantization_config(spec, method)
-        dtype_name = str(dtype).removeprefix("torch.")
-        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
-            config[key] = dtype_name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_state_tensors(model, results, spec.bits, dtype), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-    return out
+    tensors = {name: gptq_tensors(r, spec.bits) for name, r in results.items()}
+    return save_quantized(model, tensors, quantization_config(spec, method), source, out, dtype,
+                          overwrite)
 
 
 @torch.no_grad()

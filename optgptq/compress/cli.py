@@ -1,6 +1,7 @@
 """The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
-GPTQ checkpoint, or DGQ A8W4 into a DGQ checkpoint), ``compress`` (Opt-GQA conversion, then
-GPTQ, in one command) and ``eval`` (perplexity, weight bytes, KV bytes per token)."""
+GPTQ checkpoint, GPTQT into a binary-coded one, or DGQ A8W4 into a DGQ checkpoint), ``compress``
+(Opt-GQA conversion, then GPTQ, in one command) and ``eval`` (perplexity, weight bytes, KV bytes
+per token)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     """The GPTQ options (shared with commands that quantize after another step)."""
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (gptqt: 2 or 3 planes)")
     g.add_argument("--group-size", type=int, default=128,
                    help="input columns per scale/zero; -1: one group per output row")
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing "
@@ -28,8 +29,14 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean(diag H)")
-    g.add_argument("--method", choices=("gptq", "rtn", "dgq"), default="gptq",
-                   help="dgq: A8W4 (4-bit weights, --bits 4 only; options below)")
+    g.add_argument("--method", choices=("gptq", "rtn", "gptqt", "dgq"), default="gptq",
+                   help="gptqt: binary coding (options below); dgq: A8W4 (4-bit weights, "
+                   "--bits 4 only; options below)")
+    g.add_argument("--intermediate-bits", type=int, default=None,
+                   help="gptqt: bits of the linear grid the binary coding is fitted on "
+                   "(default: bits + 2)")
+    g.add_argument("--explore", default=None, metavar="LO:HI:STEPS",
+                   help="gptqt: initial scale factors re-explored (default 0.7:1.1:9)")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default="float16",
                    help="dtype of the tensors left unquantized")
     d = p.add_argument_group("dgq (--method dgq)")
@@ -57,18 +64,28 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
     from optgptq.compress.pipeline import arch_spec, quantize_model
     from optgptq.compress.quantizer import QuantSpec
 
+    if a.method != "gptqt" and (a.intermediate_bits is not None or a.explore is not None):
+        raise ValueError("--intermediate-bits and --explore apply to --method gptqt only")
     if a.method == "dgq":
         return _quantize_dgq(model, out, a, overwrite)
-    spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
-                     static_groups=a.static_groups, damp=a.damp)
+    if a.method == "gptqt":
+        spec = gptqt_spec(a)
+    else:
+        spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
+                         static_groups=a.static_groups, damp=a.damp)
     arch_spec(model)
     calib = None
-    if a.method == "gptq":
+    if a.method != "rtn":
         tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
         calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
     qm = quantize_model(model, spec, a.method, calib)
-    path = save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
-                     overwrite)
+    if a.method == "gptqt":
+        from optgptq.compress.gptqt import save_gptqt
+
+        path = save_gptqt(qm.model, qm.results, spec, model, out, _DTYPES[a.dtype], overwrite)
+    else:
+        path = save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
+                         overwrite)
     return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
             "seconds": round(qm.seconds, 2), "modules": len(qm.results)}
 
@@ -99,6 +116,27 @@ def _quantize_dgq(model: Path, out: Path, a: argparse.Namespace, overwrite: bool
     return {"out": str(path), "method": "dgq", "bits": 4, "act_bits": 8,
             "group_size": a.group_size, "seconds": round(qm.seconds, 2),
             "modules": len(qm.results)}
+
+
+def gptqt_spec(a: argparse.Namespace):
+    """The GPTQT settings of the command line; ``ValueError`` for options it cannot honour."""
+    from optgptq.compress.gptqt import GPTQTSpec
+
+    if a.act_order or a.static_groups:
+        raise ValueError("--act-order and --static-groups are not supported with --method gptqt "
+                         "(its groups are consecutive input columns, fitted as GPTQ reaches them)")
+    explore = GPTQTSpec.explore
+    if a.explore is not None:
+        parts = a.explore.split(":")
+        try:
+            explore = (float(parts[0]), float(parts[1]), int(parts[2]))
+        except (ValueError, IndexError):
+            raise ValueError(f"--explore must be LO:HI:STEPS (e.g. 0.7:1.1:9), got "
+                             f"{a.explore!r}") from None
+        if len(parts) != 3:
+            raise ValueError(f"--explore must be LO:HI:STEPS, got {a.explore!r}")
+    return GPTQTSpec(bits=a.bits, intermediate_bits=a.intermediate_bits,
+                     group_size=a.group_size, explore=explore, damp=a.damp)
 
 
 def _quantize(a: argparse.Namespace) -> int:
@@ -138,8 +176,8 @@ def _eval(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
-    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint, or "
-                       "DGQ A8W4 into a DGQ checkpoint")
+    q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint, GPTQT "
+                       "into a binary-coded one, or DGQ A8W4 into a DGQ checkpoint")
     q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")
     q.add_argument("--out", required=True, help="the checkpoint folder to write")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")

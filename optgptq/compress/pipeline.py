@@ -17,6 +17,9 @@ GPTQ (``method="gptq"``):
 
 Round-to-nearest (``method="rtn"``) quantizes the same linears with the same groups and
 packing, needs no calibration data, and is the baseline GPTQ is measured against.
+
+GPTQT (``method="gptqt"``, :mod:`optgptq.compress.gptqt`) is the same true-sequential pass with
+the binary-coding solver and its settings (``GPTQTSpec``) in place of GPTQ's.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from optgptq.compress import gptqt
 from optgptq.compress.gptq import GPTQ, QuantResult, rtn
 from optgptq.compress.quantizer import QuantSpec
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "gptqt")
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,10 @@ def _first_layer_inputs(model: nn.Module, layer: nn.Module, ids: torch.Tensor):
 
 
 def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch.Tensor,
-                 spec: QuantSpec, results: dict[str, QuantResult]) -> None:
+                 spec: QuantSpec | gptqt.GPTQTSpec, results: dict[str, QuantResult]) -> None:
     """Quantize the linears ``names`` (all reading ``x``) as one stacked weight."""
     linears = [layer.get_submodule(n) for n in names]
-    solver = GPTQ(linears[0].in_features)
+    solver = (gptqt.GPTQT if isinstance(spec, gptqt.GPTQTSpec) else GPTQ)(linears[0].in_features)
     solver.add_batch(x)
     stacked = torch.cat([m.weight for m in linears])
     parts = solver.quantize(stacked, spec).split([m.out_features for m in linears])
@@ -130,20 +134,27 @@ def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch
 
 
 @torch.no_grad()
-def quantize_model(model_path: Path, spec: QuantSpec, method: str = "gptq",
+def quantize_model(model_path: Path, spec: QuantSpec | gptqt.GPTQTSpec, method: str = "gptq",
                    calibration: torch.Tensor | None = None,
                    progress: bool = True) -> QuantizedModel:
     """Quantize the model in ``model_path`` (see the module docstring); ``calibration`` is a
-    ``[num_samples, seq_len]`` token batch, required for GPTQ."""
+    ``[num_samples, seq_len]`` token batch, required for GPTQ and GPTQT; ``spec`` is a
+    ``GPTQTSpec`` for GPTQT, a ``QuantSpec`` otherwise."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if (method == "gptqt") != isinstance(spec, gptqt.GPTQTSpec):
+        kind = "GPTQTSpec" if method == "gptqt" else "QuantSpec"
+        raise ValueError(f"method {method!r} takes a {kind}, got {type(spec).__name__}")
     arch = arch_spec(model_path)
-    if method == "gptq" and calibration is None:
-        raise ValueError("method 'gptq' needs a calibration batch")
+    if method in ("gptq", "gptqt") and calibration is None:
+        raise ValueError(f"method {method!r} needs a calibration batch")
     start = time.perf_counter()
     model = load_float_model(model_path)
     layers = model.get_submodule(arch.layers)
-    check_packable(layers, arch, spec.bits)
+    if method == "gptqt":
+        gptqt.check_packable(layers, [n for names in arch.groups for n in names], spec)
+    else:
+        check_packable(layers, arch, spec.bits)
     results: dict[str, QuantResult] = {}
     layer_seconds: list[float] = []
     bar = tqdm(range(len(layers)), desc=f"{method} {spec.bits}-bit", unit="layer",

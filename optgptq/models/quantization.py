@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from optgptq.models.bcq_linear import BCQLinear, GPTQTConfig, bcq_dense_weight
 from optgptq.models.dgq_linear import DGQConfig, DGQLinear, dgq_dense_weight
 from optgptq.models.quant_linear import GPTQConfig, GPTQLinear, gptq_dense_weight
 
@@ -47,6 +48,7 @@ QUANT_METHODS: dict[str, QuantMethod] = {
                         GPTQLinear.random_tensors),
     "dgq": QuantMethod("qscales", DGQConfig.from_hf, DGQLinear, dgq_dense_weight,
                        DGQLinear.random_tensors, weight_only=False),
+    "gptqt": QuantMethod("planes", GPTQTConfig.from_hf, BCQLinear, bcq_dense_weight),
 }
 
 

@@ -1,0 +1,196 @@
+"""GPTQT vs GPTQ at 3 and 2 bits on SmolLM2-135M: perplexity, quantization time, size.
+
+The settings of ``bench/quality.py`` (calibrate on one text, perplexity on the first
+``--eval-tokens`` tokens of another, windows of ``--window`` every ``--stride``), on one
+calibration batch shared by every row:
+
+- fp16 (the reference);
+- GPTQ, act-order, group size 64, symmetric (the project's default, as in quality.md) and
+  asymmetric (a zero point per group, closer to GPTQT's offset), at 3 and 2 bits;
+- GPTQT (:mod:`optgptq.compress.gptqt`, default settings: intermediate bits = planes + 2,
+  re-explore 0.7..1.1 in 9 steps) with 3 and 2 planes at group size 64, and at group size 128
+  (about the bytes of GPTQ g64: GPTQT stores ``planes + 1`` float16 values per group and
+  column, GPTQ one scale and a packed zero).
+
+Every finished row is cached in ``--workdir`` (rows.json and the checkpoints), so a rerun only
+does what is missing. Writes ``bench/results/gptqt-quality.json`` and regenerates
+``bench/results/quality.md`` from quality.json, which then carries a GPTQT section::
+
+    python bench/gptqt_quality.py --calib ../shared/data/austen/prideprejudice.txt \\
+        --eval ../shared/data/austen/emma.txt --workdir /tmp/optgptq-gptqt-quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+import quality  # noqa: E402  (bench/quality.py: the fp16 copy, the markdown report)
+
+from optgptq.compress.calib import load_calibration, load_texts  # noqa: E402
+from optgptq.compress.checkpoint import save_gptq  # noqa: E402
+from optgptq.compress.eval import evaluate  # noqa: E402
+from optgptq.compress.gptqt import GPTQTSpec, save_gptqt  # noqa: E402
+from optgptq.compress.pipeline import quantize_model  # noqa: E402
+from optgptq.compress.quantizer import QuantSpec  # noqa: E402
+from optgptq.models.hub import resolve_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+ROWS = [  # name, method, bits, group size, symmetric (GPTQ only); computed in this order
+    ("gptq w3 g64 sym", "gptq", 3, 64, True), ("gptqt w3 g64", "gptqt", 3, 64, None),
+    ("gptq w2 g64 sym", "gptq", 2, 64, True), ("gptqt w2 g64", "gptqt", 2, 64, None),
+    ("gptq w3 g64 asym", "gptq", 3, 64, False), ("gptq w2 g64 asym", "gptq", 2, 64, False),
+    ("gptqt w2 g128", "gptqt", 2, 128, None), ("gptqt w3 g128", "gptqt", 3, 128, None),
+]
+ORDER = ["fp16", "gptq w3 g64 sym", "gptq w3 g64 asym", "gptqt w3 g64", "gptqt w3 g128",
+         "gptq w2 g64 sym", "gptq w2 g64 asym", "gptqt w2 g64", "gptqt w2 g128"]
+
+
+def _quantize(src: Path, out: Path, method: str, bits: int, group: int, sym: bool | None,
+              calib: torch.Tensor) -> tuple[float, dict]:
+    if method == "gptqt":
+        spec = GPTQTSpec(bits, group_size=group)
+        qm = quantize_model(src, spec, "gptqt", calib)
+        save_gptqt(qm.model, qm.results, spec, src, out, overwrite=True)
+        return qm.seconds, {"intermediate_bits": spec.intermediate_bits,
+                            "explore": list(spec.explore)}
+    spec = QuantSpec(bits, group, sym=sym, desc_act=True)
+    qm = quantize_model(src, spec, "gptq", calib)
+    save_gptq(qm.model, qm.results, spec, "gptq", src, out, overwrite=True)
+    return qm.seconds, {"sym": sym, "desc_act": True}
+
+
+def run(a: argparse.Namespace) -> dict:
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    src = resolve_model(a.model)
+    calib = load_calibration(AutoTokenizer.from_pretrained(str(src)), a.calib, a.num_samples,
+                             a.seq_len, a.seed)
+    text = "\n\n".join(load_texts(a.eval))
+    rows = quality._rows(work)
+
+    def row(name: str, make) -> None:
+        if name in rows or name in a.skip:
+            return
+        path, seconds, extra = make()
+        start = time.perf_counter()
+        result = evaluate(path, text, a.window, a.stride, a.eval_tokens).to_dict()
+        rows[name] = {**result, "quantize_s": seconds, "eval_s": time.perf_counter() - start,
+                      **extra}
+        print(f"{name}: {rows[name]}", flush=True)
+        quality._save_rows(work, rows)
+
+    row("fp16", lambda: (quality._fp16_copy(src, work / "fp16"), None, {}))
+    for name, method, bits, group, sym in ROWS:
+        out = work / name.replace(" ", "-")
+
+        def make(out=out, method=method, bits=bits, group=group, sym=sym):
+            seconds, extra = _quantize(src, out, method, bits, group, sym, calib)
+            return out, seconds, extra
+
+        row(name, make)
+    return rows
+
+
+def section(doc: dict) -> list[str]:
+    """quality.md's GPTQT section (``bench/quality.py`` includes it when the json exists)."""
+    r, rows = doc["results"], doc["results"]["rows"]
+    fp16 = rows["fp16"]["perplexity"]
+    lines = ["", "## GPTQT vs GPTQ at 3 and 2 bits (`bench/gptqt_quality.py`, "
+             "`gptqt-quality.json`)", "",
+             f"Same calibration batch for every row: `{r['calib']}`, {r['num_samples']} x "
+             f"{r['seq_len']} tokens (seed {r['seed']}); perplexity on the first "
+             f"{r['eval_tokens']} tokens of `{r['eval']}`, windows of {r['window']} every "
+             f"{r['stride']}. GPTQ: act-order, damp 0.01. GPTQT: planes = bits, intermediate "
+             "bits = bits + 2, re-explore 0.7..1.1 in 9 steps, damp 0.01, no act-order. "
+             f"Machine: {doc['machine']}. Command: `{doc['command']}`.", "",
+             "| model | perplexity | vs fp16 | quantize s | weights | quantized linears, "
+             "bits/weight |", "|---|---:|---:|---:|---:|---:|"]
+    for name in ORDER:
+        if name not in rows:
+            continue
+        row = rows[name]
+        secs = "" if row["quantize_s"] is None else f"{row['quantize_s']:.0f}"
+        lines.append(f"| {name} | {row['perplexity']:.3f} | {row['perplexity'] / fp16 - 1:+.1%} "
+                     f"| {secs} | {row['weight_bytes'] / 2**20:.1f} MiB | "
+                     f"{_bits_per_weight(name)} |")
+    lines += ["", "| target | value | goal | met |", "|---|---:|---:|---|"]
+    for t in doc["targets"]:
+        lines.append(f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
+                     f"{'yes' if t['met'] else 'NO'} |")
+    return lines
+
+
+def _bits_per_weight(name: str) -> str:
+    """Storage per weight of a quantized linear: codes plus the group's float16 parameters
+    (GPTQ: a scale and a ``bits``-bit zero; GPTQT: ``bits`` alphas and an offset)."""
+    spec = next((row for row in ROWS if row[0] == name), None)
+    if spec is None:
+        return "16"
+    _, method, bits, group, _ = spec
+    extra = (bits + 1) * 16 if method == "gptqt" else 16 + bits
+    return f"{bits + extra / group:.2f}"
+
+
+def targets(rows: dict) -> list[dict]:
+    out = []
+    for bits in (3, 2):
+        ours, base = rows.get(f"gptqt w{bits} g64"), rows.get(f"gptq w{bits} g64 sym")
+        if ours and base:
+            out.append({"name": f"GPTQT {bits}-bit g64 perplexity below GPTQ {bits}-bit g64 "
+                        f"(act-order, symmetric; same calibration)",
+                        "value": round(ours["perplexity"], 3),
+                        "target": round(base["perplexity"], 3), "better": "lower",
+                        "met": ours["perplexity"] < base["perplexity"]})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--calib", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--workdir", default="/tmp/optgptq-gptqt-quality")
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=512)
+    p.add_argument("--skip", action="append", default=[], help="a row not to compute (repeat)")
+    a = p.parse_args()
+    import transformers
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    rows = run(a)
+    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
+                      f"CPU float32",
+           "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__},
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": "python " + " ".join(sys.argv),
+           "results": {"model": a.model, "calib": a.calib, "eval": a.eval,
+                       "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed,
+                       "eval_tokens": a.eval_tokens, "window": a.window, "stride": a.stride,
+                       "rows": rows},
+           "targets": targets(rows)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gptqt-quality.json").write_text(json.dumps(doc, indent=2) + "\n")
+    quality_file = RESULTS / "quality.json"
+    if quality_file.is_file():
+        (RESULTS / "quality.md").write_text(quality.markdown(json.loads(quality_file.read_text())))
+    print(json.dumps(doc["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
