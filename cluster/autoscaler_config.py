@@ -17,6 +17,11 @@ from typing import Any, Mapping
 import yaml
 
 PROVIDER_MODULE = "cluster.slurm_provider.SlurmNodeProvider"
+NO_SETUP = {"initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+            "rsync_exclude": [], "rsync_filter": []}
+"""Cluster-launcher fields Ray's config loader expects; Slurm jobs need none of them."""
 
 
 def check(config: Any) -> dict:
@@ -56,19 +61,25 @@ def load(path: Path) -> dict:
         raise ValueError(f"autoscaler config: cannot read {path}: {exc}") from None
 
 
-def render(path: Path, head_address: str, env: Mapping[str, str]) -> Path:
-    """Write the copy for this batch job into $OPTGPTQ_JOB_DIR (default: the current folder)."""
+def render(path: Path, head_address: str, env: Mapping[str, str]) -> tuple[Path, dict]:
+    """Write the copy for this batch job into $OPTGPTQ_JOB_DIR (default: the current folder).
+
+    Besides the address and log folder, the provider learns the head's instance id and node
+    type: Ray's autoscaler scales only once it sees the head as one of the provider's nodes.
+    """
     config = load(path)
     job = env.get("SLURM_JOB_ID", str(os.getpid()))
     out_dir = Path(env.get("OPTGPTQ_JOB_DIR") or ".").resolve()
-    config["cluster_name"] = f"{config.get('cluster_name', 'optgptq')}-{job}"
+    config = {**NO_SETUP, **config,
+              "cluster_name": f"{config.get('cluster_name', 'optgptq')}-{job}"}
     config["provider"] = {**config["provider"], "head_address": head_address,
-                          "log_dir": str(out_dir)}
+                          "log_dir": str(out_dir), "head_id": f"{job}-head",
+                          "head_node_type": config["head_node_type"]}
     out = out_dir / "autoscaler.yaml"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     tmp.replace(out)
-    return out
+    return out, config
 
 
 def max_autoscaled_gpus(config: dict) -> int:

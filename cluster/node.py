@@ -44,6 +44,10 @@ from typing import Mapping, Sequence
 from cluster import detect
 
 
+RAY_WORKER_PORTS = (10002, 19999)
+"""Ray's own range for worker processes when OPTGPTQ_NODE_PORTS is 0."""
+
+
 class SetupError(Exception):
     """A configuration problem found before Ray starts; the message says what to change."""
 
@@ -105,6 +109,11 @@ def port_plan(env: Mapping[str, str]) -> PortPlan:
             raise SetupError(f"{name}={port} is not a port number")
     if not 0 <= plan.node <= 65535 - 999:
         raise SetupError(f"OPTGPTQ_NODE_PORTS={plan.node}: 0, or a base with base+999 <= 65535")
+    workers = (plan.node + 100, plan.node + 999) if plan.node else RAY_WORKER_PORTS
+    for name, port in plan.fixed(head=True).items():
+        if workers[0] <= port <= workers[1]:
+            raise SetupError(f"{name}={port} is inside the worker processes' ports "
+                             f"{workers[0]}-{workers[1]}")
     return plan
 
 
@@ -218,7 +227,8 @@ def prepare(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[list[str]
                          "OPTGPTQ_PYTHON at a Python that has it")
     plan = port_plan(env)
     head = args.role == "head"
-    if not head and not args.address:
+    address = None if head else args.address
+    if not head and not address:
         raise SetupError("worker: no head address (--address or OPTGPTQ_HEAD_ADDRESS)")
     busy = ports_in_use(plan.fixed(head))
     if busy:
@@ -226,9 +236,9 @@ def prepare(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[list[str]
         listed = ", ".join(f"{port} ({name})" for name, port in busy.items())
         raise SetupError(f"port(s) in use on {where}: {listed}; another Ray or service holds "
                          "them; pick free ones through those variables")
-    if not head:
-        wait_reachable(args.address, args.wait_s)
-    ip = node_ip(env, None if head else args.address.rpartition(":")[0])
+    if address:
+        wait_reachable(address, args.wait_s)
+    ip = node_ip(env, address.rpartition(":")[0] if address else None)
     facts = detect.probe(env)
     acc = detect.classify(facts)
     cpus, gpus, resources = node_shape(env, acc)
@@ -243,12 +253,15 @@ def prepare(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[list[str]
     if head and env.get("OPTGPTQ_AUTOSCALER"):
         from cluster.autoscaler_config import render
 
-        autoscaler = str(render(Path(env["OPTGPTQ_AUTOSCALER"]), f"{ip}:{plan.ray}", env))
+        path, config = render(Path(env["OPTGPTQ_AUTOSCALER"]), f"{ip}:{plan.ray}", env)
+        autoscaler = str(path)
         child["RAY_enable_autoscaler_v2"] = "1"
+        child["RAY_CLOUD_INSTANCE_ID"] = config["provider"]["head_id"]
+        child["RAY_NODE_TYPE_NAME"] = config["head_node_type"]
     if env.get("OPTGPTQ_NODE_TYPE"):  # started by the Slurm node provider
         child["RAY_NODE_TYPE_NAME"] = env["OPTGPTQ_NODE_TYPE"]
         child["RAY_CLOUD_INSTANCE_ID"] = env["SLURM_JOB_ID"]
-    argv = ray_start_argv(args.role, plan, ip, args.address, cpus, gpus, resources, temp_dir,
+    argv = ray_start_argv(args.role, plan, ip, address, cpus, gpus, resources, temp_dir,
                           autoscaler)
     print(f"optgptq node: {args.role} {env.get('SLURMD_NODENAME', socket.gethostname())} "
           f"({ip}): {acc.count} {acc.kind} accelerator(s) by {acc.source}, Ray gets "

@@ -15,9 +15,14 @@ they idle past ``idle_timeout_minutes``. Here:
   which the autoscaler takes as a node gone; it launches a replacement if demand remains.
 - ``terminate_nodes``: ``scancel`` the jobs.
 
+The head (started by the batch script, not by the provider) is listed too, as a running node of
+``head_node_type`` with the id ``head_id``, which the head reports as its instance id: Ray's
+autoscaler starts scaling only once it sees the head among the provider's nodes. It is never
+cancelled from here.
+
 Provider settings (``provider:`` in the YAML): ``disable_node_updaters: true`` (required: the
-job starts Ray itself; there is no SSH), ``head_address`` and ``log_dir`` (filled in by the head
-at start), ``worker_script`` (relative to the repository root) and ``sbatch_args`` (for every
+job starts Ray itself; there is no SSH), ``head_address``, ``head_id``, ``head_node_type`` and
+``log_dir`` (filled in by the head at start), ``worker_script`` (relative to the repository root) and ``sbatch_args`` (for every
 type, e.g. an account). Node types set ``node_config: {sbatch_args: [...]}``.
 
 Every method is thread-safe: state is Slurm's; the last ``squeue`` listing is cached under a
@@ -39,7 +44,8 @@ from typing import Any
 
 from ray.autoscaler.node_launch_exception import NodeLaunchException
 from ray.autoscaler.node_provider import NodeProvider
-from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
+from ray.autoscaler.tags import (NODE_KIND_HEAD, STATUS_UP_TO_DATE, TAG_RAY_NODE_KIND,
+                                 TAG_RAY_NODE_STATUS, TAG_RAY_USER_NODE_TYPE)
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +106,9 @@ class SlurmNodeProvider(NodeProvider):
             raise ValueError("provider.disable_node_updaters must be true: Slurm jobs start "
                              "Ray themselves (there is no SSH setup)")
         self.head_address = provider_config.get("head_address", "")
+        self.head = Job(provider_config.get("head_id", "head"), "RUNNING", socket.gethostname(),
+                        {TAG_RAY_NODE_KIND: NODE_KIND_HEAD, TAG_RAY_NODE_STATUS: STATUS_UP_TO_DATE,
+                         TAG_RAY_USER_NODE_TYPE: provider_config.get("head_node_type", "head")})
         self.log_dir = provider_config.get("log_dir", os.getcwd())
         script = Path(provider_config.get("worker_script", "cluster/slurm/worker.sbatch"))
         self.script = str(script if script.is_absolute() else REPO / script)
@@ -114,6 +123,7 @@ class SlurmNodeProvider(NodeProvider):
         out = _run(["squeue", "--noheader", f"--name={self.cluster_name}", f"--user={self.user}",
                     "--format=%i %T %N %k"])
         jobs = {j.job_id: j for j in parse_squeue(out) if j.state in ACTIVE}
+        jobs[self.head.job_id] = self.head
         with self._lock:
             self._jobs = jobs
         return jobs
@@ -189,12 +199,13 @@ class SlurmNodeProvider(NodeProvider):
         return created
 
     def terminate_nodes(self, node_ids: list[str]) -> dict[str, Any]:
-        if node_ids:
-            _run(["scancel", *node_ids])
+        jobs = [n for n in node_ids if n != self.head.job_id]  # the head is the batch job's
+        if jobs:
+            _run(["scancel", *jobs])
             with self._lock:
-                for node_id in node_ids:
+                for node_id in jobs:
                     self._jobs.pop(node_id, None)
-            logger.info("SlurmNodeProvider: cancelled jobs %s", ", ".join(node_ids))
+            logger.info("SlurmNodeProvider: cancelled jobs %s", ", ".join(jobs))
         return {node_id: {} for node_id in node_ids}
 
     def terminate_node(self, node_id: str) -> dict[str, Any]:
