@@ -40,6 +40,9 @@ def check(config: Any) -> dict:
     if not isinstance(types, dict) or head not in types:
         raise ValueError("autoscaler config: head_node_type must name one of "
                          "available_node_types")
+    if len(types) < 2:
+        raise ValueError("autoscaler config: available_node_types: no worker node types "
+                         "(the nodes Slurm can add)")
     for name, spec in types.items():
         if name == head:
             continue

@@ -198,7 +198,7 @@ def ray_start_argv(role: str, plan: PortPlan, ip: str, address: str | None, cpus
         argv.append(f"--resources={json.dumps(dict(resources))}")
     argv.append(f"--temp-dir={temp_dir}")
     if role == "head":
-        argv += ["--head", "--dashboard-host=0.0.0.0", *plan.head_flags()]
+        argv += ["--head", "--dashboard-host=127.0.0.1", *plan.head_flags()]
         if autoscaler:
             argv.append(f"--autoscaling-config={autoscaler}")
     else:
