@@ -2,7 +2,7 @@
 
 The batch script (cluster/slurm/optgptq.sbatch) runs ``head`` on the first node and ``worker`` on
 the others, one srun task per node; the Slurm node provider's jobs (cluster/slurm/worker.sbatch)
-run ``worker`` too. Each command checks before it starts anything: Ray is importable by this
+run ``worker`` too (``--check``: only the checks). Each command checks before it starts anything: Ray is importable by this
 Python, the node's fixed ports are free, the head is reachable (workers). Then it counts the
 node's accelerators (:mod:`cluster.detect`), adjusts the device masks for Ray, and replaces
 itself with ``ray start --block`` (the Slurm step lives as long as Ray does; when Slurm ends the
@@ -209,8 +209,11 @@ def ray_start_argv(role: str, plan: PortPlan, ip: str, address: str | None, cpus
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cluster.node", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="role", required=True)
-    sub.add_parser("head", help="start the Ray head on this node")
+    h = sub.add_parser("head", help="start the Ray head on this node")
     w = sub.add_parser("worker", help="start a Ray worker joining the head")
+    for role in (h, w):
+        role.add_argument("--check", action="store_true",
+                          help="only run the checks (Ray, ports, head reachable) and exit")
     w.add_argument("--address", default=os.environ.get("OPTGPTQ_HEAD_ADDRESS"),
                    help="the head's IP:PORT (default: $OPTGPTQ_HEAD_ADDRESS)")
     w.add_argument("--wait-s", type=float, default=300,
@@ -279,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SetupError as exc:
         print(f"optgptq node: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    os.execvpe(cmd[0], cmd, env)
+    if not args.check:
+        os.execvpe(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #   export SLURM_CONF=STATE_DIR/slurm.conf        # then sbatch / squeue / scancel talk to it
 #   cluster/slurm/localhost.sh stop STATE_DIR    # cancels every job, stops the daemons
 #
+# The daemons listen on LOCAL_SLURM_PORT (default 16817) and the three ports above it.
 # Installing needs root and apt-get (Debian's slurmctld, slurmd, slurm-client and munge); the
 # daemons run as root. Exit status 3 means Slurm cannot be had here (the reason is printed);
 # anything else non-zero is a real failure. `start` is idempotent: running daemons are kept.
@@ -23,6 +24,7 @@ state=$(cd "$state" && pwd)
 conf=$state/slurm.conf
 export SLURM_CONF=$conf
 NODES=(n1 n2)
+PORT=${LOCAL_SLURM_PORT:-16817}
 
 unavailable() { echo "localhost Slurm unavailable: $*" >&2; exit 3; }
 
@@ -42,7 +44,7 @@ install_slurm() {
     } || unavailable "apt-get install $pkgs failed (see $state/apt.log)"
 }
 
-alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 start_munge() {
     alive "$state/munged.pid" && return 0
@@ -64,8 +66,8 @@ write_conf() {
 # Written by cluster/slurm/localhost.sh: two nodes on 127.0.0.1 (one slurmd each).
 ClusterName=localhost
 SlurmctldHost=$host(127.0.0.1)
-SlurmctldPort=16817
-SlurmdPort=16818
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$state/munge/munge.sock
@@ -88,8 +90,8 @@ SlurmdSpoolDir=$state/spool/%n
 StateSaveLocation=$state/ctld
 SlurmctldLogFile=$state/log/slurmctld.log
 SlurmdLogFile=$state/log/slurmd-%n.log
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=16821 CPUs=2 RealMemory=8000 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=16822 CPUs=2 RealMemory=8000 State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=2 RealMemory=8000 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 3)) CPUs=2 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -119,7 +121,7 @@ start() {
 stop_pid() {
     local pidfile=$1 i
     alive "$pidfile" || return 0
-    kill "$(cat "$pidfile")"
+    kill "$(cat "$pidfile")" 2>/dev/null || return 0
     for i in $(seq 40); do
         alive "$pidfile" || return 0
         sleep 0.25
