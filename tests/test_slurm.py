@@ -225,7 +225,8 @@ def test_batch_script_serves_on_two_nodes(slurm, tmp_path, tiny_models):
                            {"num_replicas": 2, "num_cpus": 0.5})
     env = _job_env(slurm, tmp_path, OPTGPTQ_CONFIG=str(config))
     out = tmp_path / "job.out"
-    job = _sbatch(env, out, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1")
+    # 2 CPUs a node: the head alone still holds both replicas and the ingress
+    job = _sbatch(env, out, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2")
     try:
         _until(lambda: out.exists() and ("serving;" in out.read_text()
                                          or job not in _squeue(slurm)), 300, "serving", out)
@@ -243,11 +244,15 @@ def test_batch_script_serves_on_two_nodes(slurm, tmp_path, tiny_models):
         _until(lambda: "the Ray worker on n2 exited" in out.read_text(), 60,
                "the dead worker reported", out)
         assert _until(lambda: _answers(port), 120, "an answer after the worker died", out)
+
+        # SIGTERM to the batch script (as at the time limit): Serve drains, Ray stops
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=slurm, check=True)
+        _until(lambda: job not in _squeue(slurm), 90, "the job's end", out)
     finally:
         subprocess.run(["scancel", job], env=slurm)
-    _until(lambda: job not in _squeue(slurm), 60, "the job's end", out)
     text = out.read_text()
-    assert "optgptq: stopping" in text and "optgptq: stopped" in text
+    assert "optgptq: stopping" in text and "Serve shut down" in text
+    assert "optgptq: stopped" in text
     _until(lambda: not _ray_processes(env["OPTGPTQ_TEMP_DIR"]), 60, "Ray's processes gone", out)
 
 
