@@ -256,7 +256,10 @@ def prepare(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[list[str]
     if head and env.get("OPTGPTQ_AUTOSCALER"):
         from cluster.autoscaler_config import render
 
-        path, config = render(Path(env["OPTGPTQ_AUTOSCALER"]), f"{ip}:{plan.ray}", env)
+        try:
+            path, config = render(Path(env["OPTGPTQ_AUTOSCALER"]), f"{ip}:{plan.ray}", env)
+        except ValueError as exc:
+            raise SetupError(f"OPTGPTQ_AUTOSCALER={env['OPTGPTQ_AUTOSCALER']}: {exc}") from None
         autoscaler = str(path)
         child["RAY_enable_autoscaler_v2"] = "1"
         child["RAY_CLOUD_INSTANCE_ID"] = config["provider"]["head_id"]

@@ -149,6 +149,16 @@ def test_ray_start_argv():
     assert '--resources={"x": 1}' in worker and not any(a.startswith("--num-cpus") for a in worker)
 
 
+def _free_ports() -> dict[str, str]:
+    """The head's port variables, each a port free right now (defaults may be taken here)."""
+    ports = {}
+    for name in ("RAY", "DASHBOARD", "CLIENT", "HTTP", "GRPC"):
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            ports[f"OPTGPTQ_{name}_PORT"] = str(s.getsockname()[1])
+    return ports
+
+
 def _prepare(role: str, env: dict, **kw):
     args = Namespace(role=role, address=kw.get("address"), wait_s=kw.get("wait_s", 1))
     return node.prepare(args, env)
@@ -179,7 +189,16 @@ def test_prepare_refuses_a_port_in_use():
         port = taken.getsockname()[1]
         with pytest.raises(node.SetupError, match=rf"port\(s\) in use on .*: {port} "
                                                   r"\(OPTGPTQ_HTTP_PORT\)"):
-            _prepare("head", {"OPTGPTQ_HTTP_PORT": str(port)})
+            _prepare("head", {**_free_ports(), "OPTGPTQ_HTTP_PORT": str(port)})
+
+
+def test_prepare_names_a_bad_autoscaler_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster_name: x\nprovider: {type: aws}\n")
+    with pytest.raises(node.SetupError, match=rf"OPTGPTQ_AUTOSCALER={bad}: autoscaler config: "
+                                              "provider: want type: external"):
+        _prepare("head", {**_free_ports(), "OPTGPTQ_AUTOSCALER": str(bad),
+                          "OPTGPTQ_JOB_DIR": str(tmp_path)})
 
 
 def test_prepare_worker_without_head():

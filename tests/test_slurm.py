@@ -286,7 +286,9 @@ def test_node_autoscaling_through_slurm(slurm, tmp_path, tiny_models):
                   "ray.init(address=sys.argv[1], namespace='serve', logging_level='ERROR'); "
                   "serve.delete('optgptq')")
         head = out.read_text().split("head n1 at ")[1].split(",")[0]
-        subprocess.run([sys.executable, "-c", driver, head], env=env, check=True, timeout=120)
+        token = (tmp_path / "job" / "ray_token").read_text().strip()  # the job's own token
+        subprocess.run([sys.executable, "-c", driver, head], check=True, timeout=120,
+                       env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
         _until(lambda: workers[0] not in _squeue(slurm), 180, "the idle worker job cancelled",
                out)
     finally:
