@@ -3,7 +3,8 @@ two slurmd, nodes n1 and n2 on 127.0.0.1, installed with apt where missing).
 
 - the node provider's create / list / terminate through real sbatch / squeue / scancel, and a
   worker job that dies is no longer listed;
-- the batch script refuses bad configuration with a clear message (a port in use, no Ray);
+- the batch script refuses bad configuration with a clear message (a port in use, no Ray, the
+  latter inside salloc);
 - the batch script brings Ray up on two nodes, deploys a tiny model, the app answers HTTP, a
   worker that dies is reported, scancel stops everything;
 - node autoscaling end to end: a replica that does not fit on the head makes Ray's autoscaler
@@ -209,15 +210,16 @@ def test_batch_script_refuses_a_port_in_use(slurm, tmp_path):
     assert "the head's checks failed on n1" in text
 
 
-def test_batch_script_names_missing_ray(slurm, tmp_path):
+def test_batch_script_names_missing_ray_inside_salloc(slurm, tmp_path):
+    # inside salloc the script runs off the nodes: its head-side commands go through srun
     venv.create(tmp_path / "noray", with_pip=False)
     python = tmp_path / "noray" / "bin" / "python"
-    out = tmp_path / "job.out"
-    assert _sbatch_wait(_job_env(slurm, tmp_path, OPTGPTQ_PYTHON=str(python)), out,
-                        "--nodes=1", "--cpus-per-task=1") == 2
-    text = out.read_text()
-    assert f"Ray is not installed for {python}" in text
-    assert "the head's checks failed on n1" in text
+    done = subprocess.run(["salloc", "--nodes=1", "--cpus-per-task=1", "bash", str(SCRIPT)],
+                          env=_job_env(slurm, tmp_path, OPTGPTQ_PYTHON=str(python)), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"Ray is not installed for {python}" in done.stderr
+    assert "the head's checks failed on n1" in done.stderr
 
 
 def test_batch_script_serves_on_two_nodes(slurm, tmp_path, tiny_models):
