@@ -13,7 +13,8 @@ The config written (``--out``, default serve.yaml in $OPTGPTQ_JOB_DIR) is deploy
   YAML) an ``autoscaling_config`` from max(1, accelerators now) to accelerators now + the most
   that Slurm can add, so that replicas beyond the current nodes ask the autoscaler for nodes.
   The YAML's other autoscaling settings (targets, delays, policy) are kept. On a cluster with no
-  accelerators the YAML's replica settings stay as they are.
+  accelerators, or for an app whose ``engine.device`` is ``cpu``, the YAML's replica settings
+  stay as they are.
 - Serve's HTTP host and ports from ``--http-host`` / OPTGPTQ_HTTP_PORT / OPTGPTQ_GRPC_PORT.
 
 ``--stop`` shuts Serve down (replicas drain their requests); the batch script calls it when the
@@ -74,7 +75,9 @@ def render_serve_config(base: dict[str, Any], gpus_now: int, gpus_max: int, http
     for app in config["applications"]:
         if app.get("import_path") == BUILDER:
             args = app.setdefault("args", {})
-            args["replicas"] = plan_replicas(args.get("replicas") or {}, gpus_now, gpus_max)
+            on_cpu = (args.get("engine") or {}).get("device") == "cpu"
+            args["replicas"] = plan_replicas(args.get("replicas") or {},
+                                             0 if on_cpu else gpus_now, 0 if on_cpu else gpus_max)
     return config
 
 

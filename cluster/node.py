@@ -2,11 +2,12 @@
 
 The batch script (cluster/slurm/optgptq.sbatch) runs ``head`` on the first node and ``worker`` on
 the others, one srun task per node; the Slurm node provider's jobs (cluster/slurm/worker.sbatch)
-run ``worker`` too (``--check``: only the checks). Each command checks before it starts anything: Ray is importable by this
-Python, the node's fixed ports are free, the head is reachable (workers). Then it counts the
-node's accelerators (:mod:`cluster.detect`), adjusts the device masks for Ray, and replaces
-itself with ``ray start --block`` (the Slurm step lives as long as Ray does; when Slurm ends the
-step, Ray's reaper stops Ray's processes). ``ip`` prints the address Ray will use on this node.
+run ``worker`` too. Each command checks before it starts anything (``--check``: only that): Ray
+is importable by this Python, the node's fixed ports are free, the head is reachable (workers),
+the autoscaler YAML is sound (head). Then it counts the node's accelerators
+(:mod:`cluster.detect`), adjusts the device masks for Ray, and replaces itself with ``ray start
+--block`` (the Slurm step lives as long as Ray does; when Slurm ends the step, Ray's reaper
+stops Ray's processes). ``ip`` prints the address Ray will use on this node.
 
 Port plan (:class:`PortPlan`; every number is an ``OPTGPTQ_*`` variable of the same name):
 the head's GCS ``RAY_PORT`` 6379, dashboard ``DASHBOARD_PORT`` 8265, Ray client

@@ -22,8 +22,9 @@ cancelled from here.
 
 Provider settings (``provider:`` in the YAML): ``disable_node_updaters: true`` (required: the
 job starts Ray itself; there is no SSH), ``head_address``, ``head_id``, ``head_node_type`` and
-``log_dir`` (filled in by the head at start), ``worker_script`` (relative to the repository root) and ``sbatch_args`` (for every
-type, e.g. an account). Node types set ``node_config: {sbatch_args: [...]}``.
+``log_dir`` (filled in by the head at start), ``worker_script`` (relative to the repository
+root) and ``sbatch_args`` (for every type, e.g. an account). Node types set
+``node_config: {sbatch_args: [...]}``.
 
 Every method is thread-safe: state is Slurm's; the last ``squeue`` listing is cached under a
 lock to answer per-node questions between listings.

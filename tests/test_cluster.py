@@ -332,6 +332,9 @@ def test_render_serve_config_validates_against_the_app():
     config = parse_config(out["applications"][0]["args"])
     assert config.replicas.num_replicas == 4 and config.replicas.num_gpus == 1
     assert base["applications"][0]["args"]["replicas"] == replicas  # input left unchanged
+    base["applications"][0]["args"]["engine"]["device"] = "cpu"  # an app pinned to the CPU
+    pinned = deploy.render_serve_config(base, 4, 4, "0.0.0.0", 8100, 9100)
+    assert pinned["applications"][0]["args"]["replicas"] == replicas
     with pytest.raises(ValueError, match="applications"):
         deploy.render_serve_config({}, 1, 1, "h", 1, 2)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,19 +41,26 @@ SCRIPT = ROOT / "cluster" / "slurm" / "optgptq.sbatch"
 @pytest.fixture(scope="module")
 def slurm():
     state = Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))
-    done = subprocess.run(["bash", str(ROOT / "cluster/slurm/localhost.sh"), "start", str(state)],
-                          capture_output=True, text=True, timeout=900)
-    if done.returncode == 3:
-        pytest.skip(done.stderr.strip())
-    assert done.returncode == 0, done.stderr
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_")) and k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    env["SLURM_CONF"] = str(state / "slurm.conf")
+    script = str(ROOT / "cluster/slurm/localhost.sh")
     try:
+        done = subprocess.run(["bash", script, "start", str(state)], capture_output=True,
+                              text=True, timeout=900)
+        if done.returncode == 3:
+            pytest.skip(done.stderr.strip())
+        assert done.returncode == 0, done.stderr
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))
+               and k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        env["SLURM_CONF"] = str(state / "slurm.conf")
+        daemons = [int(f.read_text()) for f in state.glob("*.pid")]
         yield env
     finally:
-        subprocess.run(["bash", str(ROOT / "cluster/slurm/localhost.sh"), "stop", str(state)],
-                       timeout=120)
+        subprocess.run(["bash", script, "stop", str(state)], timeout=180)
+    for pid in daemons:  # whatever `stop` could not reach (e.g. its pid files went missing)
+        try:
+            if str(state) in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _free_port() -> int:
@@ -85,7 +93,7 @@ def _job_env(slurm, tmp_path: Path, **extra) -> dict[str, str]:
     return {**slurm, **ports, "OPTGPTQ_PYTHON": sys.executable, "OPTGPTQ_REPO": str(ROOT),
             "OPTGPTQ_JOB_DIR": str(tmp_path / "job"), "OPTGPTQ_HTTP_HOST": "127.0.0.1",
             "OPTGPTQ_TEMP_DIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-            "OPTGPTQ_WAIT_S": "240", **extra}
+            "OPTGPTQ_WAIT_S": "240", "OPTGPTQ_NUM_GPUS": "0", **extra}  # CPU replicas everywhere
 
 
 def _sbatch(env, out: Path, *args: str) -> str:

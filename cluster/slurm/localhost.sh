@@ -34,8 +34,9 @@ install_slurm() {
         command -v "$tool" >/dev/null || missing=1
     done
     [[ $missing == 0 ]] && return 0
-    [[ $(id -u) == 0 ]] || unavailable "slurmctld/slurmd/munge are not installed and this is not root"
-    command -v apt-get >/dev/null || unavailable "slurmctld/slurmd/munge are not installed and there is no apt-get"
+    local why="slurmctld/slurmd/munge are not installed and"
+    [[ $(id -u) == 0 ]] || unavailable "$why this is not root"
+    command -v apt-get >/dev/null || unavailable "$why there is no apt-get"
     local pkgs="slurmctld slurmd slurm-client munge"
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q --no-install-recommends $pkgs >"$state/apt.log" 2>&1 || {
@@ -90,8 +91,9 @@ SlurmdSpoolDir=$state/spool/%n
 StateSaveLocation=$state/ctld
 SlurmctldLogFile=$state/log/slurmctld.log
 SlurmdLogFile=$state/log/slurmd-%n.log
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2)) CPUs=2 RealMemory=8000 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 3)) CPUs=2 RealMemory=8000 State=UNKNOWN
+NodeName=DEFAULT CPUs=2 RealMemory=8000 State=UNKNOWN
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 2))
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((PORT + 3))
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -133,9 +135,9 @@ stop() {
     if alive "$state/slurmctld.pid"; then
         scancel --full --quiet --user "$(id -un)" || true
         local i
-        for i in $(seq 60); do
+        for i in $(seq 90); do  # KillWait (30 s) and then some
             [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
-            sleep 0.5
+            sleep 1
         done
     fi
     local node
