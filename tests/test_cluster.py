@@ -339,6 +339,39 @@ def test_render_serve_config_validates_against_the_app():
         deploy.render_serve_config({}, 1, 1, "h", 1, 2)
 
 
+class _FakeRay:
+    def __init__(self, addresses):
+        self.addresses = addresses
+
+    def nodes(self):
+        return [{"Alive": True, "NodeManagerAddress": a} for a in self.addresses] + \
+            [{"Alive": False, "NodeManagerAddress": "10.0.0.9"}]
+
+
+def test_waiting_for_nodes_that_never_join_names_those_seen():
+    assert len(deploy.wait_for_nodes(_FakeRay(["10.0.0.1", "10.0.0.2"]), 2, 0)) == 2
+    with pytest.raises(deploy.DeployError, match=r"1 of 2 Ray nodes joined within 0 s "
+                                                 r"\(seen: 10.0.0.1\)"):
+        deploy.wait_for_nodes(_FakeRay(["10.0.0.1"]), 2, 0)
+
+
+class _FakeServe:
+    def __init__(self, status, message=""):
+        app = Namespace(status=status, message=message)
+        self.result = Namespace(applications={"optgptq": app})
+
+    def status(self):
+        return self.result
+
+
+def test_waiting_for_the_app_reports_a_failed_deploy():
+    deploy.wait_running(_FakeServe("ApplicationStatus.RUNNING"), "optgptq", 0)
+    with pytest.raises(deploy.DeployError, match="failed to deploy: model: no such folder"):
+        deploy.wait_running(_FakeServe("DEPLOY_FAILED", "model: no such folder"), "optgptq", 0)
+    with pytest.raises(deploy.DeployError, match="not running after 0 s"):
+        deploy.wait_running(_FakeServe("DEPLOYING"), "optgptq", 0)
+
+
 # the batch script
 
 
