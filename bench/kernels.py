@@ -192,11 +192,12 @@ def main() -> None:
     name = torch.cuda.get_device_name().lower()
     gpu = "h200" if "h200" in name else "h100" if "h100" in name else name.replace(" ", "-")
     path = Path(args.out) / f"kernels-{gpu}.json"
-    history = []
+    history, old = [], {}
     if path.is_file():
         old = json.loads(path.read_text())
         history = old.get("history", []) + [{"date": old["date"], "commit": old.get("commit"),
                                              "targets": old["targets"]}]
+    own = {t["name"] for t in targets}
     commit = os.environ.get("OPTGPTQ_COMMIT")
     if commit is None:
         try:
@@ -216,6 +217,9 @@ def main() -> None:
         "targets": targets,
         "history": history,
     }
+    # Sections other benchmarks merged into this file (their own keys and targets) stay.
+    result.update({k: v for k, v in old.items() if k not in result})
+    result["targets"] += [t for t in old.get("targets", []) if t["name"] not in own]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,6 +5,9 @@ error names the offending field (``engine.block_size``, ``router.policy``, ...).
 binds three deployments: the engine replicas (:mod:`deployments.replica`, routed by
 :mod:`deployments.router`), the router actor holding the prefix index
 (:mod:`deployments.prefix_index`) and the HTTP + gRPC ingress (:mod:`deployments.ingress`).
+``backend`` picks the engine inside each replica: ``native`` (this project's) or ``vllm``
+(vLLM's async engine, :mod:`optgptq.serving.vllm_engine`); router, endpoints and metrics are the
+same for both, and so are the ``engine:`` settings (``vllm:`` adds vLLM-only arguments).
 Replicas take ``replicas.num_gpus`` GPUs each where that is set (cluster/deploy.py sets 1 on
 accelerator clusters, also when the GPUs are still to come from node autoscaling); unset, one GPU
 where the cluster has GPUs at build time, else a fraction of a CPU (``replicas.num_cpus``), so
@@ -25,6 +28,7 @@ from deployments.prefix_index import PrefixIndexService
 from deployments.replica import EngineReplica
 from optgptq.config import EngineConfig
 from optgptq.models.hub import resolve_model
+from optgptq.serving.vllm_engine import INSTALL_HINT, check_extra_args, vllm_available
 
 
 class _Strict(BaseModel):
@@ -86,8 +90,12 @@ class AppConfig(_Strict):
     """``smollm2``, or a local HF folder (also a quantized checkpoint folder)."""
     served_model_name: str | None = None
     """The name clients pass as ``model``; default: the ``model`` value."""
+    backend: Literal["native", "vllm"] = "native"
+    """The engine in each replica: this project's, or vLLM's (needs vLLM installed)."""
     engine: dict[str, Any] = Field(default_factory=dict)
     """EngineConfig fields except ``model`` (block_size, kv_cache_bytes, max_num_seqs, ...)."""
+    vllm: dict[str, Any] = Field(default_factory=dict)
+    """Further vLLM engine arguments (e.g. ``enforce_eager: true``); only with backend vllm."""
     replicas: ReplicasConfig = Field(default_factory=lambda: ReplicasConfig(num_replicas=2))
     router: RouterConfig = Field(default_factory=RouterConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
@@ -99,6 +107,16 @@ class AppConfig(_Strict):
             raise ValueError("set the model at the top level (model:), not under engine")
         EngineConfig.from_dict({"device": "cpu", **value})  # field errors name the field
         return value
+
+    @model_validator(mode="after")
+    def _backend(self):
+        if self.backend == "vllm":
+            if not vllm_available():
+                raise ValueError(INSTALL_HINT)
+            check_extra_args(self.vllm)
+        elif self.vllm:
+            raise ValueError("vllm: arguments for vLLM are only used with backend: vllm")
+        return self
 
 
 def parse_config(args: dict[str, Any]) -> AppConfig:
@@ -143,7 +161,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                                       "index_timeout_s": rc.index_timeout_s},
             "request_routing_stats_period_s": rc.stats_period_s},
         **scaling,
-    ).bind(engine, index, max_waiting=r.max_waiting)
+    ).bind(engine, index, max_waiting=r.max_waiting, backend=config.backend,
+           vllm_args=config.vllm)
     ing = config.ingress
     return serve.deployment(Ingress).options(
         name="Ingress",

@@ -1,6 +1,11 @@
-"""Engine replica: one AsyncLLMEngine (one accelerator or a CPU share, one paged KV pool).
+"""Engine replica: one engine (one accelerator or a CPU share, one paged KV pool).
 
-The engine steps in its own background thread; :meth:`EngineReplica.generate` streams one
+The engine is this project's :class:`~optgptq.engine.async_engine.AsyncLLMEngine` (``backend:
+native``, stepping in a background thread) or vLLM's async engine
+(:class:`~optgptq.serving.vllm_engine.VLLMEngine`, ``backend: vllm``, its engine core in a child
+process); both offer the same calls, so everything below holds for either. With vLLM, cache
+events are vLLM's KV cache events mapped onto the router's block hashes, and the stats come from
+vLLM's scheduler. :meth:`EngineReplica.generate` streams one
 request's text deltas as :class:`~optgptq.serving.protocol.EngineChunk`. A request that stops
 being consumed (client gone, caller cancelled) is aborted by the engine and its blocks freed.
 Admission is bounded: beyond ``max_waiting`` requests queued in the engine the replica answers
@@ -23,6 +28,7 @@ from ray import serve
 
 from optgptq.config import EngineConfig
 from optgptq.engine.async_engine import AsyncLLMEngine
+from optgptq.serving.vllm_engine import VLLMEngine
 from optgptq.serving.protocol import APIError, EngineChunk, EngineRequest
 
 log = logging.getLogger("ray.serve")
@@ -32,9 +38,16 @@ HEARTBEAT_S = 2.0
 
 class EngineReplica:
     def __init__(self, engine: dict, index, max_waiting: int = 64,
-                 publish_period_s: float = 0.1) -> None:
+                 publish_period_s: float = 0.1, backend: str = "native",
+                 vllm_args: dict | None = None) -> None:
         self.config = EngineConfig.from_dict(engine)
-        self.engine = AsyncLLMEngine(self.config, record_cache_events=True)
+        self.backend = backend
+        if backend == "vllm":
+            self.engine = VLLMEngine(self.config, vllm_args, record_cache_events=True)
+        elif backend == "native":
+            self.engine = AsyncLLMEngine(self.config, record_cache_events=True)
+        else:
+            raise ValueError(f"backend must be native or vllm, got {backend!r}")
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.max_waiting = max_waiting
         self._index = index
@@ -65,10 +78,8 @@ class EngineReplica:
 
     def model_info(self) -> dict:
         """What the ingress validates requests against."""
-        runner = self.engine.engine
-        return {"max_model_len": runner.max_model_len, "block_size": self.config.block_size,
-                "num_blocks": runner.pool.num_blocks,
-                "vocab_size": runner.runner.hf_config.vocab_size}
+        return {**self.engine.model_info(), "block_size": self.config.block_size,
+                "backend": self.backend}
 
     def stats(self) -> dict:
         """Engine load, pool occupancy and throughput of this replica."""
@@ -77,7 +88,8 @@ class EngineReplica:
         while self._produced and self._produced[0][0] < now - RATE_WINDOW_S:
             self._produced.popleft()
         pool = s.pool
-        return {"replica": self.replica, "waiting": s.waiting, "running": s.running,
+        return {"replica": self.replica, "backend": self.backend,
+                "waiting": s.waiting, "running": s.running,
                 "free_blocks": pool.free_blocks, "cached_blocks": pool.cached_blocks,
                 "used_blocks": pool.used_blocks, "num_blocks": pool.num_blocks,
                 "prefix_hit_tokens": pool.prefix_hit_tokens,

@@ -2,7 +2,8 @@
 large ones. Same contract as :func:`optgptq_kernels.gptq.gptq_linear_ref`.
 
 One row (decode at batch 1) with aligned groups takes the GEMV kernel: no tensor cores, each
-shift of the packed words meets its strided inputs in float32 FMAs (kernel docstring).
+shift of the packed words meets its strided inputs in float32 FMAs, codes made floats by bit
+pattern (kernel docstrings).
 
 Fused path (``M <= FUSED_MAX_M``): program ``(m, n, k)`` computes a ``BLOCK_M x BLOCK_N``
 output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. With ``SPLIT_K >
@@ -14,9 +15,11 @@ slice's product:
   group, so ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))``. The dot runs on
   the raw codes made exact floats by bit pattern (``0x6400 | q`` is ``1024 + q`` in float16,
   ``0x4300 | q`` is ``128 + q`` in bfloat16), and scale and zero are applied once per slice.
-- ``PER_SHIFT`` on top of that for 2/4/8 bits: the slice's packed rows are loaded once and shift
-  ``j`` of every word (inputs ``k0 + PER * i + j``) meets the matching strided columns of ``x``
-  in its own ``tl.dot``, so codes are never reordered in registers.
+- per shift, for up to 16 rows of 2/4/8 bits (the ``swapped`` kernel): the slice's packed rows
+  are loaded once and shift ``j`` of every word (inputs ``k0 + PER * i + j``) meets the matching
+  strided columns of ``x`` in its own ``tl.dot``, so codes are never reordered in registers. It
+  computes ``out^T = W^T x^T``, so the codes are the dot's wide operand, taken from registers
+  (on an H200 this beat the untransposed per-shift dot by 10-30% at 4-16 rows).
 - otherwise (act-order, ragged groups) each row's scale and zero are gathered through ``g_idx``
   and the dequantized tile is rounded to the activation dtype before the dot.
 
@@ -32,7 +35,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from optgptq_kernels.gptq import check_bits
-from optgptq_kernels.gptq_triton_kernels import dequant_kernel, fused_kernel, gemv_kernel
+from optgptq_kernels.gptq_triton_kernels import (dequant_kernel, fused_kernel, gemv_kernel,
+                                                 swapped_kernel)
 
 FUSED_MAX_M = 64
 
@@ -81,17 +85,17 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     return w
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
+_LOCKS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     """Per-tile arrival counters for split-K, zero between calls (the last program resets its
-    own); grown on demand, allocated outside any graph capture by the first call of a shape."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < tiles:
-        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = locks
-    return locks
+    own). Grown on demand outside any graph capture (the first call of a shape comes first);
+    outgrown buffers stay allocated, since captured CUDA graphs may still point at them."""
+    buffers = _LOCKS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -114,22 +118,23 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     gemv = m == 1 and aligned and bits != 3
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
-    # Tiling measured on an H200 (bench/kernels.py): GEMV and per-shift dots want wide tiles
-    # split along K until the GPU holds ~4 (GEMV) or ~2 (dot) programs per SM.
+    kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
+    # Tiling measured on an H200 (.devcache-style sweeps of `launch`): GEMV and per-shift dots
+    # want wide tiles split along K until the GPU holds ~8 (GEMV) or ~2 (dot) programs per SM.
     if x.device.type != "cuda":
         block_n = 32
     else:
         block_n = 256 if gemv or per_shift else (128 if m <= 16 else 64)
-    target = _num_programs(x.device) * (2 if gemv else 1)
+    target = _num_programs(x.device) * (4 if gemv else 1)
     while True:
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split_k = 1
         while (split_k < 16 and tiles * split_k * 2 <= target
-               and k // (block_k * split_k * 2) >= 2):
+               and k // (block_k * split_k * 2) >= 1):
             split_k *= 2
         try:
             launch(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned,
-                   per_shift, gemv, block_m, block_n, block_k, split_k)
+                   kernel, block_m, block_n, block_k, split_k)
             return out
         except OutOfResources:  # a device with less shared memory (e.g. a DCU's 64 KiB LDS)
             if block_n <= 16:
@@ -139,17 +144,17 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
 
 def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
            g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None, out: torch.Tensor,
-           group_size: int, aligned: bool, per_shift: bool, gemv: bool, block_m: int,
-           block_n: int, block_k: int, split_k: int, num_warps: int = 4,
-           num_stages: int = 3) -> None:
-    """One launch of the GEMV or fused kernel with an explicit tiling (also used to tune it)."""
+           group_size: int, aligned: bool, kernel: str, block_m: int, block_n: int,
+           block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
+    """One launch of ``kernel`` (``gemv``, ``swapped`` or ``fused``; the first two need aligned
+    groups of 2/4/8 bits) with an explicit tiling (also used to tune it)."""
     m, k = x.shape
     n = out.shape[1]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     locks = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else out
     bias_arg = bias if bias is not None else x
-    if gemv:
+    if kernel == "gemv":
         gemv_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
                            group_size, qweight.stride(0), qzeros.stride(0), scales.stride(0),
                            BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
@@ -161,10 +166,17 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
         offset = 1024
     elif aligned and x.dtype == torch.bfloat16 and bits < 8:
         offset = 128
+    if kernel == "swapped":
+        swapped_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
+                             group_size, x.stride(0), qweight.stride(0), qzeros.stride(0),
+                             scales.stride(0), out.stride(0), BITS=bits, BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, OFFSET=offset,
+                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                             num_warps=num_warps, num_stages=num_stages)
+        return
     fused_kernel[grid](x, qweight, qzeros, scales, g_idx, bias_arg, out, ws, locks,
                         m, n, k, max(group_size, 1), x.stride(0), qweight.stride(0),
                         qzeros.stride(0), scales.stride(0), out.stride(0),
                         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset, PER_SHIFT=per_shift,
-                        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                        SPLIT_K=split_k, GROUP_ALIGNED=aligned, OFFSET=offset, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                         num_warps=num_warps, num_stages=num_stages)

@@ -60,45 +60,30 @@ def _exact_float(q, dtype: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask, k0, K, stride_qw,
-               BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, OFFSET: tl.constexpr, PER_SHIFT: tl.constexpr,
-               IEEE: tl.constexpr):
-    """``x[:, slice] @ (OFFSET + q[slice, :])`` and the row sums of ``x[:, slice]``.
+def _code_float(q):
+    """Codes ``0 <= q < 2**23`` as exact float32 without an int-to-float conversion (a
+    quarter-rate instruction on NVIDIA GPUs): ``2**23 + q`` by bit pattern, minus ``2**23``."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
-    ``PER_SHIFT`` (2/4/8 bits): the slice's packed rows are loaded once; shift ``j`` of every
-    word holds the codes of inputs ``k0 + PER * i + j``, which meet the matching strided columns
-    of ``x`` in one ``tl.dot`` per shift, so codes never need reordering in registers.
-    Otherwise each code is read from its own word(s)."""
-    part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    x_sum = tl.zeros([BLOCK_M], tl.float32)
-    if PER_SHIFT:
-        per: tl.constexpr = 32 // BITS
-        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
-        for j in tl.static_range(per):
-            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                        mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            w = _exact_float((words >> (j * BITS)) & ((1 << BITS) - 1), x.dtype, OFFSET)
-            if IEEE:
-                part += tl.dot(x, w, input_precision="ieee")
-            else:
-                part += tl.dot(x, w)
-            x_sum += tl.sum(x.to(tl.float32), 1)
+
+@triton.jit
+def _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask, k0, K, stride_qw,
+               BITS: tl.constexpr, BLOCK_K: tl.constexpr, OFFSET: tl.constexpr,
+               IEEE: tl.constexpr):
+    """``x[:, slice] @ (OFFSET + q[slice, :])`` and the row sums of ``x[:, slice]``, each code
+    read from its own word(s)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], stride_qw,
+                k_mask[:, None] & n_mask[None, :], BITS)
+    w = _exact_float(q, x.dtype, OFFSET)
+    if IEEE:
+        part = tl.dot(x, w, input_precision="ieee")
     else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], stride_qw,
-                    k_mask[:, None] & n_mask[None, :], BITS)
-        w = _exact_float(q, x.dtype, OFFSET)
-        if IEEE:
-            part = tl.dot(x, w, input_precision="ieee")
-        else:
-            part = tl.dot(x, w)
-        x_sum = tl.sum(x.to(tl.float32), 1)
-    return part, x_sum
+        part = tl.dot(x, w)
+    return part, tl.sum(x.to(tl.float32), 1)
 
 
 @triton.jit
@@ -151,12 +136,11 @@ def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_p
         for j in tl.static_range(per):
             kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
             x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            part += x[:, None] * q
+            part += x[:, None] * _code_float((words >> (j * BITS)) & ((1 << BITS) - 1))
             x_sum += x
         g = k0 // group_size
         s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = (_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1).to(tl.float32)
+        z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1)
         acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
     total = tl.sum(acc, 0)[None, :]
     offs_m = tl.arange(0, 1)
@@ -170,8 +154,7 @@ def fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr
                   stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-                  OFFSET: tl.constexpr, PER_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,8 +164,7 @@ def fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr
         if GROUP_ALIGNED:
             # The slice lies in one group: x.((q - z) s) = s (x.(OFFSET + q) - (OFFSET + z) sum x)
             part, x_sum = _slice_dot(x_ptr, qw_ptr, offs_m, m_mask, stride_xm, offs_n, n_mask,
-                                     k0, K, stride_qw, BITS, BLOCK_M, BLOCK_N, BLOCK_K, OFFSET,
-                                     PER_SHIFT, IEEE)
+                                     k0, K, stride_qw, BITS, BLOCK_K, OFFSET, IEEE)
             g = k0 // group_size
             s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             z = _unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1 + OFFSET
@@ -202,6 +184,46 @@ def fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr
                 acc += tl.dot(x, w)
     _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om, ws_ptr,
                lock_ptr, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def swapped_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+                   M, N, K, group_size, stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
+                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, OFFSET: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """Aligned groups, 2/4/8 bits, per shift, computed transposed: ``out^T = W^T x^T``. The
+    codes fill the MMA's wide A operand (``BLOCK_N`` output features) straight from registers
+    and the few activation rows are its narrow B operand, so the dequantized tile never makes a
+    trip through shared memory."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    per: tl.constexpr = 32 // BITS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        rows = k0 // per + tl.arange(0, BLOCK_K // per)
+        words = tl.load(qw_ptr + rows[None, :] * stride_qw + offs_n[:, None],
+                        mask=(rows * per < K)[None, :] & n_mask[:, None], other=0)
+        part = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        x_sum = tl.zeros([BLOCK_M], tl.float32)
+        for j in tl.static_range(per):
+            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                         mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+            w = _exact_float((words >> (j * BITS)) & ((1 << BITS) - 1), xt.dtype, OFFSET)
+            if IEEE:
+                part += tl.dot(w, xt, input_precision="ieee")
+            else:
+                part += tl.dot(w, xt)
+            x_sum += tl.sum(xt.to(tl.float32), 0)
+        g = k0 // group_size
+        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1 + OFFSET)
+        acc += s[:, None] * (part - z[:, None] * x_sum[None, :])
+    _write_out(tl.trans(acc), offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr,
+               stride_om, ws_ptr, lock_ptr, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit

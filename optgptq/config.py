@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass
@@ -27,6 +28,11 @@ class EngineConfig:
     dtype: str = "auto"
     """Weights and KV dtype; ``auto`` is float32 on CPU, the checkpoint's 16-bit type (else
     bfloat16) on an accelerator."""
+    load_format: str = "safetensors"
+    """``safetensors`` (the folder's weights) or ``dummy``: random weights of the folder's
+    config (and quantization layout), for speed and memory measurements without a download."""
+    skip_tokenizer_init: bool = False
+    """Run without a tokenizer: prompts are token ids, outputs carry ids and no text."""
     quantization: str | None = None
     """The checkpoint's method, checked when the model loads: ``none`` (float), ``gptq``,
     ``gptqt`` or ``dgq``; unset accepts whatever the checkpoint is."""
@@ -46,6 +52,8 @@ class EngineConfig:
     """Longest prompt plus output; default: the model's max_position_embeddings (2048 for ALiBi)."""
     enable_prefix_caching: bool = True
     """Reuse full cached blocks of earlier prompts with the same token prefix."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs of decode steps (on an accelerator they are captured at start)."""
     seed: int = 0
     """Seed of the engine's sampling generator (requests may carry their own)."""
 
@@ -68,6 +76,9 @@ class EngineConfig:
             if self.quantization not in ("none", *QUANT_METHODS):
                 raise ValueError(f"quantization must be none or one of "
                                  f"{', '.join(QUANT_METHODS)}, got {self.quantization!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, "
+                             f"got {self.load_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

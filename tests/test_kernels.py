@@ -44,12 +44,17 @@ def test_write_kv_matches_reference(dtype):
     hkv, blocks, bs, d, t = 3, 20, 16, 40, 37
     k = _rand(g, dtype, t, hkv, d)
     v = _rand(g, dtype, t, hkv, d)
-    slots = torch.randperm(blocks * bs, generator=g)[:t].to(DEVICE)
+    slots = torch.randperm(blocks * bs, generator=g)[:t]
+    slots[::5] = -1                                    # padding tokens: skipped
+    slots = slots.to(DEVICE)
     caches = [_rand(g, dtype, hkv, blocks, bs, d) for _ in range(2)]
+    before = [c.clone() for c in caches]
     expect = [c.clone() for c in caches]
     write_kv_triton(k, v, caches[0], caches[1], slots)
     write_kv_ref(k, v, expect[0], expect[1], slots)
     assert torch.equal(caches[0], expect[0]) and torch.equal(caches[1], expect[1])
+    written = (caches[0] != before[0]).any(-1).any(0).flatten().nonzero().flatten()
+    assert sorted(written.tolist()) == sorted(s for s in slots.tolist() if s >= 0)
 
 
 def _rand(g: torch.Generator, dtype: torch.dtype, *shape: int) -> torch.Tensor:

@@ -76,6 +76,12 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def model_info(self) -> dict:
+        """What requests are validated against: context length, pool size, vocabulary."""
+        e = self.engine
+        return {"max_model_len": e.max_model_len, "num_blocks": e.pool.num_blocks,
+                "vocab_size": e.runner.hf_config.vocab_size}
+
     def drain_cache_events(self) -> list[tuple[str, int]]:
         """Block-pool ``("add" | "evict", hash)`` events since the last call, in order (needs
         ``record_cache_events``); safe to call from any thread."""

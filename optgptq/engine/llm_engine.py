@@ -50,7 +50,7 @@ class EngineStats:
 
 
 class _Request:
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer) -> None:
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> None:
         self.seq = seq
         self.detok = detok
         self.reported_tokens = 0
@@ -61,7 +61,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, record_cache_events: bool = False) -> None:
         self.config = config
         path = resolve_model(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.tokenizer = (None if config.skip_tokenizer_init else
+                          AutoTokenizer.from_pretrained(str(path), local_files_only=True))
         self.runner = ModelRunner(config, path)
         self.max_model_len = self.runner.max_model_len
         self.pool = BlockPool(self.runner.num_blocks, config.block_size,
@@ -80,7 +81,7 @@ class LLMEngine:
             eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
         except OSError:
             eos = getattr(self.runner.hf_config, "eos_token_id", None)
-        for value in (eos, self.tokenizer.eos_token_id):
+        for value in (eos, self.tokenizer and self.tokenizer.eos_token_id):
             if isinstance(value, int):
                 ids.add(value)
             elif value:
@@ -95,6 +96,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): "
+                             "prompts must be token ids and stop strings are not available")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
@@ -120,8 +124,9 @@ class LLMEngine:
         seq = Sequence(request_id, ids, params, next(self._arrivals), max_tokens, text)
         if params.seed is not None:
             seq.generator = self.runner.make_generator(params.seed)
-        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids,
-                                                                         params.stop))
+        detok = (IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+                 if self.tokenizer is not None else None)
+        self._requests[request_id] = _Request(seq, detok)
         self.scheduler.add(seq)
         return request_id
 
@@ -162,7 +167,7 @@ class LLMEngine:
 
     def _check_stop(self, req: _Request, token: int) -> str | None:
         seq, params = req.seq, req.seq.params
-        stop_str = req.detok.add(token)
+        stop_str = req.detok.add(token) if req.detok is not None else None
         if stop_str is not None:
             req.stop_reason = stop_str
             return "stop"
@@ -182,12 +187,12 @@ class LLMEngine:
         out_ids = seq.output_token_ids
         delta_ids = out_ids[req.reported_tokens:]
         req.reported_tokens = len(out_ids)
-        delta_text = req.detok.delta(finished)
+        delta_text = req.detok.delta(finished) if req.detok is not None else ""
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
             prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            text=req.detok.text[:req.detok.emitted],
+            text=req.detok.text[:req.detok.emitted] if req.detok is not None else "",
             token_ids=list(out_ids),
             delta_text=delta_text,
             delta_token_ids=delta_ids,

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from optgptq.config import EngineConfig
+from optgptq.engine.cuda_graphs import DecodeGraphs
 from optgptq.engine.sampler import Sampler
 from optgptq.engine.scheduler import ScheduledBatch
 from optgptq.models.layers import AttentionMetadata, PagedAttention
 from optgptq.models.loader import load_config, load_model
+from optgptq_kernels import ops
 
 _CPU_DEFAULT_KV_BYTES = 2 << 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,7 +49,7 @@ class ModelRunner:
         self.dtype = pick_dtype(config.dtype, self.device, self.hf_config)
         self.max_model_len = self._max_model_len(self.hf_config)
         self.model = load_model(model_path, self.hf_config, self.dtype, self.device,
-                                self.max_model_len)
+                                self.max_model_len, dummy=config.load_format == "dummy")
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
@@ -59,6 +61,12 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k, v
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs = None
+        # Graphs need the Triton kernels: the PyTorch references synchronise with the host.
+        probe = self.kv_caches[0][0]
+        if probe.is_cuda and ops.use_triton(probe) and not config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs,
+                                       self.max_model_len, self.block_size)
 
     def _max_model_len(self, hf_config) -> int:
         limit = getattr(hf_config, "max_position_embeddings", None)
@@ -128,16 +136,24 @@ class ModelRunner:
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
         dev = self.device
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-        )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
+        if (self.graphs is not None and max(batch.num_new_tokens) == 1
+                and self.graphs.fits(len(batch.seqs))):
+            hidden = self.graphs.run(torch.tensor(input_ids, dtype=torch.long),
+                                     torch.tensor(positions, dtype=torch.long),
+                                     torch.tensor(slots, dtype=torch.long),
+                                     torch.tensor(seq_lens, dtype=torch.int32),
+                                     torch.tensor(tables, dtype=torch.int32))
+        else:
+            meta = AttentionMetadata(
+                positions=torch.tensor(positions, dtype=torch.long, device=dev),
+                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+                max_query_len=max(batch.num_new_tokens),
+                max_seq_len=max(seq_lens),
+            )
+            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
         if not sampling:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])

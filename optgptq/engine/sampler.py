@@ -24,10 +24,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
         """logits [num_seqs, vocab] float32 -> (token ids, chosen-token logprobs or None)."""
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if greedy:
+        if not sampled:                                   # the common all-greedy batch
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        if greedy and sampled:
             idx = torch.tensor(greedy, device=logits.device)
             tokens[idx] = logits[idx].argmax(dim=-1)
         if sampled:

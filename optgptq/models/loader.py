@@ -16,7 +16,8 @@ from transformers import AutoConfig
 
 from optgptq.models.bloom import BloomForCausalLM
 from optgptq.models.llama import LlamaForCausalLM
-from optgptq.models.quantization import method_of, quantized_module_names, swap_in_quantized
+from optgptq.models.quantization import (method_of, quantized_module_names, random_quantized,
+                                         swap_in_quantized)
 
 # architecture name -> (model class, the base-model prefix its checkpoints may omit)
 ARCHITECTURES: dict[str, tuple[type, str]] = {
@@ -66,16 +67,18 @@ def _tensor_names(files: list[Path]) -> list[str]:
 
 
 def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> torch.nn.Module:
+               max_positions: int, dummy: bool = False) -> torch.nn.Module:
     """Build the model for ``path`` (``config`` from :func:`load_config`) and load its weights.
 
     Parameters are created on the meta device and replaced by the checkpoint's tensors, so
     peak memory is one copy of the weights; a quantized checkpoint's linears become its
     method's layers (:mod:`optgptq.models.quantization`); computed buffers (RoPE tables,
     ALiBi slopes) are built on the CPU by the modules themselves and moved with the model.
+    ``dummy`` fills the weights with random values instead (no weight files needed); a
+    quantized config then quantizes every linear but the output head, in its method's layout.
     """
     cls, prefix = ARCHITECTURES[config.architectures[0]]
-    files = _weight_files(path)
+    files = [] if dummy else _weight_files(path)
     quantized: set[str] = set()
     with torch.device("meta"):
         model = cls(config, max_positions)
@@ -83,10 +86,32 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
         if qc:
             qc = qc if isinstance(qc, dict) else qc.to_dict()
             modules = dict(model.named_modules())
-            quantized = {n if n in modules else prefix + n
-                         for n in quantized_module_names(qc, _tensor_names(files))}
+            if dummy:
+                quantized = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)
+                             and n.rpartition(".")[2] != "lm_head"}
+            else:
+                quantized = {n if n in modules else prefix + n
+                             for n in quantized_module_names(qc, _tensor_names(files))}
             swap_in_quantized(model, quantized, qc)
     expected = model.state_dict(keep_vars=True)
+    if dummy:
+        state = _random_state(model, expected, quantized, dtype, device)
+    else:
+        state = _read_state(path, files, expected, prefix, quantized, dtype, device)
+    # Tied parameters appear under several names; one stored copy fills them all.
+    for name, param in expected.items():
+        if name not in state:
+            twin = next((n for n, p in expected.items() if p is param and n in state), None)
+            if twin is None:
+                raise ValueError(f"model {str(path)!r}: missing tensor {name!r}")
+            state[name] = state[twin]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _read_state(path: Path, files: list[Path], expected: dict, prefix: str, quantized: set[str],
+                dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -103,13 +128,29 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
                 module, _, leaf = name.rpartition(".")
                 keep = not tensor.is_floating_point() or (module in quantized and leaf != "bias")
                 state[name] = tensor.to(device=device, dtype=None if keep else dtype)
-    # Tied parameters appear under several names; one stored copy fills them all.
+    return state
+
+
+@torch.no_grad()
+def _random_state(model: torch.nn.Module, expected: dict, quantized: set[str],
+                  dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random weights for ``load_format: dummy``: N(0, 0.02) matrices, unit norm weights, zero
+    biases; quantized layers fill their own tensors (their method's ``randomize``)."""
+    gen = torch.Generator(device).manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for name, param in expected.items():
-        if name not in state:
-            twin = next((n for n, p in expected.items() if p is param and n in state), None)
-            if twin is None:
-                raise ValueError(f"model {str(path)!r}: missing tensor {name!r}")
-            state[name] = state[twin]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.requires_grad_(False)
-    return model.to(device).eval()
+        module, _, leaf = name.rpartition(".")
+        if id(param) in seen or module in quantized:
+            continue
+        seen.add(id(param))
+        t = torch.empty(param.shape, dtype=dtype, device=device)
+        if param.dim() >= 2:
+            state[name] = t.normal_(0.0, 0.02, generator=gen)
+        else:
+            state[name] = t.fill_(0.0 if leaf == "bias" else 1.0)
+    modules = dict(model.named_modules())
+    for name in sorted(quantized):
+        for leaf, t in random_quantized(modules[name], gen, dtype, device).items():
+            state[f"{name}.{leaf}"] = t
+    return state

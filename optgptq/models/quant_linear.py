@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from optgptq_kernels import ops
-from optgptq_kernels.gptq import SUPPORTED_BITS, dequantize_ref
+from optgptq_kernels.gptq import SUPPORTED_BITS, dequantize_ref, pack_cols
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -67,6 +67,26 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def random_tensors(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random codes around the middle zero point (a symmetric grid), scales that give the
+        weights a standard deviation near 0.02 (activations stay finite through deep random
+        models), groups in order (no bias)."""
+        dev = generator.device
+
+        def words(shape):
+            return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=dev,
+                                 generator=generator)
+
+        groups = self.scales.shape[0]
+        size = math.ceil(self.in_features / groups)
+        middle = torch.full((groups, self.out_features), 2 ** (self.bits - 1) - 1)
+        code_std = ((4 ** self.bits - 1) / 12) ** 0.5       # uniform codes about the middle
+        scales = torch.rand(self.scales.shape, device=dev, generator=generator) + 0.5
+        return {"qweight": words(self.qweight.shape),
+                "qzeros": pack_cols(middle, self.bits).to(dev),
+                "scales": (scales * 0.02 / code_std).half(),
+                "g_idx": (torch.arange(self.in_features, device=dev) // size).int()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

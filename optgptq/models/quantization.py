@@ -26,16 +26,20 @@ class QuantMethod:
     """One checkpoint format: ``parse`` reads ``quantization_config`` (raising ``ValueError`` on
     bad settings), ``layer(in_features, out_features, config, bias)`` builds the module that
     replaces ``nn.Linear``, ``dense_weight(tensors, config)`` rebuilds the float32 ``[out, in]``
-    weight from a linear's checkpoint tensors (keyed by leaf name)."""
+    weight from a linear's checkpoint tensors (keyed by leaf name); ``randomize(layer,
+    generator)``, where given, returns random tensors of the layer's layout (keyed by leaf name;
+    engine setting ``load_format: dummy``)."""
 
     marker: str
     parse: Callable[[dict], Any]
     layer: Callable[[int, int, Any, bool], nn.Module]
     dense_weight: Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+    randomize: Callable[[nn.Module, torch.Generator], dict[str, torch.Tensor]] | None = None
 
 
 QUANT_METHODS: dict[str, QuantMethod] = {
-    "gptq": QuantMethod("qweight", GPTQConfig.from_hf, GPTQLinear, gptq_dense_weight),
+    "gptq": QuantMethod("qweight", GPTQConfig.from_hf, GPTQLinear, gptq_dense_weight,
+                        GPTQLinear.random_tensors),
 }
 
 
@@ -70,3 +74,16 @@ def swap_in_quantized(model: nn.Module, names: set[str], qc: dict) -> None:
         quant = method.layer(linear.in_features, linear.out_features, config,
                              linear.bias is not None)
         setattr(modules[parent_name] if parent_name else model, child, quant)
+
+
+def random_quantized(layer: nn.Module, generator: torch.Generator, dtype: torch.dtype,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Random tensors for a quantized layer (``load_format: dummy``), bias in ``dtype``."""
+    method = next((name for name, m in QUANT_METHODS.items() if isinstance(layer, m.layer)), None)
+    assert method is not None, f"{type(layer).__name__} is no registered quantized layer"
+    if QUANT_METHODS[method].randomize is None:
+        raise ValueError(f"load_format: dummy is not available for {method} checkpoints")
+    tensors = QUANT_METHODS[method].randomize(layer, generator)
+    if getattr(layer, "bias", None) is not None:
+        tensors["bias"] = torch.zeros(layer.bias.shape, dtype=dtype, device=device)
+    return tensors
