@@ -8,8 +8,10 @@ binds three deployments: the engine replicas (:mod:`deployments.replica`, routed
 ``backend`` picks the engine inside each replica: ``native`` (this project's) or ``vllm``
 (vLLM's async engine, :mod:`optgptq.serving.vllm_engine`); router, endpoints and metrics are the
 same for both, and so are the ``engine:`` settings (``vllm:`` adds vLLM-only arguments).
-Replicas take one GPU each where the cluster has GPUs, else a fraction of a CPU
-(``replicas.num_cpus``), so two replicas fit on a 2-core machine.
+Replicas take ``replicas.num_gpus`` GPUs each where that is set (cluster/deploy.py sets 1 on
+accelerator clusters, also when the GPUs are still to come from node autoscaling); unset, one GPU
+where the cluster has GPUs at build time, else a fraction of a CPU (``replicas.num_cpus``), so
+two replicas fit on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class ReplicasConfig(_Strict):
     num_replicas: int | None = Field(None, ge=1)
     autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    """GPUs per replica; unset: 1 where the cluster has GPUs when the app is built, else 0."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests one replica accepts at once (its engine batches them)."""
     max_queued_requests: int = Field(64, ge=1)
@@ -135,9 +139,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     config = parse_config(args)
     engine = {"model": config.model, **config.engine}
     r = config.replicas
-    gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 \
-        and engine.get("device", "auto") != "cpu"
-    actor = {"num_gpus": 1} if gpus else {"num_cpus": r.num_cpus}
+    gpus = r.num_gpus
+    if gpus is None:
+        gpus = int(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+                   and engine.get("device", "auto") != "cpu")
+    actor = {"num_gpus": gpus} if gpus else {"num_cpus": r.num_cpus}
     scaling = ({"num_replicas": r.num_replicas} if r.num_replicas is not None
                else {"autoscaling_config": r.autoscaling_config})
     rc = config.router
