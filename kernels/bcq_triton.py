@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from optgptq_kernels.bcq import check_layout, group_width, num_groups
 from optgptq_kernels.bcq_triton_kernels import (dequant_kernel, dot_gemm_kernel, lut_gemm_kernel,
@@ -102,6 +103,27 @@ def bcq_linear_triton(x: torch.Tensor, planes: torch.Tensor, alphas: torch.Tenso
     else:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         block_n = block_n or (128 if on_gpu and m <= 16 else 64 if on_gpu else 32)
+    num_stages = 3
+    while True:
+        try:
+            _launch(path, x, lut if path == "lut" else None, planes, alphas, offsets, bias,
+                    bias_arg, out, m, n, k, bits, group, block_m, block_n, block_k, num_stages)
+            break
+        except OutOfResources:   # shared memory: shallower pipeline, then narrower tiles
+            if num_stages > 1:
+                num_stages -= 1
+            elif block_n > 16:
+                block_n //= 2
+            else:
+                raise
+    return out
+
+
+def _launch(path: str, x: torch.Tensor, lut: torch.Tensor | None, planes: torch.Tensor,
+            alphas: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
+            bias_arg: torch.Tensor, out: torch.Tensor, m: int, n: int, k: int, bits: int,
+            group: int, block_m: int, block_n: int, block_k: int, num_stages: int) -> None:
+    """One launch of the LUT or bit-plane kernel with an explicit tiling."""
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = _split_k(tiles, _num_programs(x.device) * (2 if path == "lut" else 1), k, block_k)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
@@ -111,11 +133,11 @@ def bcq_linear_triton(x: torch.Tensor, planes: torch.Tensor, alphas: torch.Tenso
         lut_gemm_kernel[grid](lut, planes, alphas, offsets, bias_arg, out, ws, locks, m, n, k,
                               group, planes.stride(0), alphas.stride(0), out.stride(0),
                               BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                              SPLIT_K=split_k, HAS_BIAS=bias is not None)
+                              SPLIT_K=split_k, HAS_BIAS=bias is not None,
+                              num_stages=num_stages)
     else:
         dot_gemm_kernel[grid](x, planes, alphas, offsets, bias_arg, out, ws, locks, m, n, k,
                               group, x.stride(0), planes.stride(0), alphas.stride(0),
                               out.stride(0), BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n,
                               BLOCK_K=block_k, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-                              IEEE=x.dtype == torch.float32)
-    return out
+                              IEEE=x.dtype == torch.float32, num_stages=num_stages)
