@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,21 @@ BEGIN, END = "<!-- dgq-quality:begin -->", "<!-- dgq-quality:end -->"
 FP16, GPTQ = "fp16", "gptq w4a16 g64"
 DGQ, DGQ_A16, DGQ_NOCLIP = ("dgq a8w4 g64", "dgq a8w4 g64 weights, float activations",
                             "dgq a8w4 g64, no percentile clipping")
+
+
+NOTES = [
+    "Times are wall clock on a 2-core machine heavily shared with other jobs (load average "
+    "5-17 during these runs), so they are several times what a quiet machine gives; the GPTQ "
+    "row took 90 s on a quiet machine in quality.md's run and 249 s here.",
+    "DGQ's time includes its grid searches (20 + 80 candidate scales per row, each scored by "
+    "the output error over the whole calibration batch through the input Hessian) and running "
+    "every quantized linear's A8W4 output (integer matmul on the CPU) to propagate the "
+    "activations the served model computes; its A8W4 evaluation is slower than a dense one "
+    "for the same reason.",
+    "The row without percentile clipping is an ablation that is run unless skipped; where it "
+    "is missing, it was skipped for time (tests/test_dgq.py checks the clipping's effect on "
+    "planted outlier channels).",
+]
 
 
 def _dgq(src: Path, out: Path, spec: DGQSpec, calib: torch.Tensor) -> float:
@@ -132,6 +148,7 @@ def markdown(doc: dict) -> str:
         secs = "" if row["quantize_s"] is None else f"{row['quantize_s']:.0f}"
         lines.append(f"| {name} | {row['perplexity']:.3f} | {row['perplexity'] / fp16 - 1:+.1%} "
                      f"| {secs} | {row['weight_bytes'] / 2**20:.1f} MiB |")
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
     lines += ["", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
         lines.append(f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
@@ -170,12 +187,13 @@ def main() -> None:
            "versions": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv),
+           "command": "python " + shlex.join(sys.argv),
            "results": {"model": a.model, "calib": a.calib, "eval": a.eval,
                        "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed,
                        "eval_tokens": a.eval_tokens, "window": a.window, "stride": a.stride,
                        "rows": rows},
-           "targets": targets(rows)}
+           "targets": targets(rows), "notes": NOTES,
+           "skipped": a.skip}
     RESULTS.mkdir(parents=True, exist_ok=True)
     for path, text in ((RESULTS / "dgq-quality.json", json.dumps(doc, indent=2) + "\n"),
                        (RESULTS / "quality.md", merge_section(

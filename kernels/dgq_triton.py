@@ -198,17 +198,17 @@ def _tiles(m: int, device: torch.device) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
+_LOCKS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     """Per-tile arrival counters for split-K, zero between calls (the last program of a tile
-    resets its own); grown on demand."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < tiles:
-        locks = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = locks
-    return locks
+    resets its own). Grown on demand outside any graph capture (the first call of a shape comes
+    first); outgrown buffers stay allocated, since captured CUDA graphs may still point at them."""
+    buffers = _LOCKS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        buffers.append(torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> int:

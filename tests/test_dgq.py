@@ -184,9 +184,10 @@ def test_engine_serves_a_dgq_checkpoint_like_transformers_with_its_layers(
     expect = [_greedy(reference, p, 8) for p in prompts]
     served = LLM(str(out), device="cpu", quantization="dgq").generate(prompts, params)
     assert [o.token_ids for o in served] == expect
-    monkeypatch.setenv("OPTGPTQ_KERNELS", "triton")  # the Triton kernels (interpreter on CPU)
-    served = LLM(str(out), device="cpu", quantization="dgq").generate(prompts, params)
-    assert [o.token_ids for o in served] == expect
+    if name == "llama-gqa":   # the Triton kernels (interpreter on CPU); slow there, so once
+        monkeypatch.setenv("OPTGPTQ_KERNELS", "triton")
+        served = LLM(str(out), device="cpu", quantization="dgq").generate(prompts, params)
+        assert [o.token_ids for o in served] == expect
 
     # Against the dense twin (the same 4-bit weights, float activations): only the INT8
     # activations differ, within 5% of the logits' norm on these random models.
