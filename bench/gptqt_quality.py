@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,20 @@ ROWS = [  # name, method, bits, group size, symmetric (GPTQ only); computed in t
     ("gptq w2 g64 sym", "gptq", 2, 64, True), ("gptqt w2 g64", "gptqt", 2, 64, None),
     ("gptq w3 g64 asym", "gptq", 3, 64, False), ("gptq w2 g64 asym", "gptq", 2, 64, False),
     ("gptqt w2 g128", "gptqt", 2, 128, None), ("gptqt w3 g128", "gptqt", 3, 128, None),
+]
+NOTES = [
+    "Run on a 2-core machine shared with other jobs at load average 6-15: times are several "
+    "times those of a quiet machine (GPTQ w3 g64 sym took 300 s in quality.md, 1077 s here). "
+    "The rows were computed by two processes at once (one for the 3-bit rows, one for the "
+    "2-bit rows, in two workdirs, merged); rows not listed (GPTQ w3 asym, GPTQT g128) were "
+    "skipped for time.",
+    "bits/weight counts a quantized linear's codes and group parameters (GPTQ: a float16 scale "
+    "and a packed zero per group; GPTQT: bits + 1 float16 values per group). At about equal "
+    "bytes, quality.md's GPTQ w4 g64 (4.30 bits/weight, 109.2 MiB) has perplexity 35.551 "
+    "against GPTQT w3 g64's 36.762 (4.00 bits/weight, 104.7 MiB).",
+    "GPTQT's time is dominated by its exhaustive binary-coding search (7225 candidates per "
+    "group and scale factor for 3 planes on the 5-bit grid, 308 for 2 planes on the 4-bit "
+    "grid).",
 ]
 ORDER = ["fp16", "gptq w3 g64 sym", "gptq w3 g64 asym", "gptqt w3 g64", "gptqt w3 g128",
          "gptq w2 g64 sym", "gptq w2 g64 asym", "gptqt w2 g64", "gptqt w2 g128"]
@@ -124,6 +139,7 @@ def section(doc: dict) -> list[str]:
         lines.append(f"| {name} | {row['perplexity']:.3f} | {row['perplexity'] / fp16 - 1:+.1%} "
                      f"| {secs} | {row['weight_bytes'] / 2**20:.1f} MiB | "
                      f"{_bits_per_weight(name)} |")
+    lines += [""] + [f"- {n}" for n in NOTES]
     lines += ["", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
         lines.append(f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
@@ -178,7 +194,7 @@ def main() -> None:
            "versions": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__},
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv),
+           "command": "python " + shlex.join(sys.argv),
            "results": {"model": a.model, "calib": a.calib, "eval": a.eval,
                        "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed,
                        "eval_tokens": a.eval_tokens, "window": a.window, "stride": a.stride,
