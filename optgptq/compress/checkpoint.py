@@ -96,6 +96,11 @@ def load_dequantized(path: Path) -> nn.Module:
                 state[f"{module}.weight"] = method.dense_weight(tensors, settings)
         else:
             state[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return _fill(model, state, path)
+
+
+def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Load ``state`` into ``model``, tie its weights, and name what is missing or unexpected."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"model {str(path)!r}: unexpected tensors {unexpected[:5]}")
@@ -161,14 +166,7 @@ def load_with_layers(path: Path) -> nn.Module:
     state = {name: t.float() if t.is_floating_point() and (name.rpartition(".")[0] not in
                                                             quantized or name.endswith(".bias"))
              else t for name, t in raw.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"model {str(path)!r}: unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
-    untied = [m for m in missing if "lm_head" not in m]
-    if untied:
-        raise ValueError(f"model {str(path)!r}: missing tensors {untied[:5]}")
-    return model
+    return _fill(model, state, path)
 
 
 def load_for_eval(path: Path) -> nn.Module:
