@@ -11,7 +11,8 @@ For Llama-3-8B's linear shapes (K x N in 4096x4096, 4096x14336, 14336x4096), M i
 - ``fp16_us``: ``x @ w`` with a dense float16 weight.
 
 Each output is first checked against the PyTorch reference. Times are medians of
-``triton.testing.do_bench_cudagraph`` (CUDA-graph replays). The section is merged into
+``triton.testing.do_bench_cudagraph`` (CUDA-graph replays; a measurement that fails is NaN, its
+traceback printed). The section is merged into
 ``bench/results/kernels-<gpu>.json`` under the key ``gptqt_kernels`` and its targets are added to
 the file's ``targets`` (read, modify, write to a temporary file, rename; the rest of the file is
 kept; run it after ``bench/kernels.py``, which rewrites that file)::
@@ -32,6 +33,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -50,7 +52,16 @@ def _timer(gpu: bool):
     if gpu:
         from triton.testing import do_bench_cudagraph
 
-        return lambda fn: do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e-3
+        def gpu(fn) -> float:
+            fn()                       # first call outside any capture (caches, lock buffers)
+            torch.cuda.synchronize()
+            try:
+                return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
+            except Exception:          # report the failure in the row, measure the rest
+                traceback.print_exc()
+                torch.cuda.synchronize()
+                return float("nan")
+        return gpu
 
     def cpu(fn) -> float:
         fn()

@@ -90,7 +90,10 @@ def quantize_activations_ref(x: torch.Tensor, smooth: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token INT8 ``x8 [M, K]`` and float32 scales ``s_tok [M]`` of ``x / smooth``."""
     xs = x.float() / smooth.float()
-    s_tok = xs.abs().amax(dim=1).clamp(min=MIN_AMAX) / INT8_MAX
+    amax = xs.abs().amax(dim=1).clamp(min=MIN_AMAX)
+    # divided by a tensor: CUDA turns division by a Python scalar into a multiplication by its
+    # rounded reciprocal, which is not the correctly rounded quotient the kernel computes
+    s_tok = amax / torch.full_like(amax, INT8_MAX)
     x8 = round_half_away(xs / s_tok[:, None]).clamp(-INT8_MAX, INT8_MAX)
     return x8.to(torch.int8), s_tok
 
