@@ -55,6 +55,10 @@ def _timer(gpu: bool):
         def gpu(fn) -> float:
             fn()                       # first call outside any capture (caches, lock buffers)
             torch.cuda.synchronize()
+            # Each capture unrolls ~100 ms of calls whose allocations come from the graph's own
+            # pool; released pools stay reserved, and a capture that must free cached memory
+            # to grow fails (cudaFree is not allowed while capturing), so release them first.
+            torch.cuda.empty_cache()
             try:
                 return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
             except Exception:          # report the failure in the row, measure the rest
