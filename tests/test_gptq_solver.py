@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optgptq.compress.gptq import GPTQ, rtn, solve
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quantizer import MSE_NORM, QuantSpec, find_params, quantize_column
 
 
 def _layer(seed: int, n: int = 48, k: int = 96, tokens: int = 1024):
@@ -32,12 +32,13 @@ def _dequant(r) -> torch.Tensor:
 CASES = [QuantSpec(2, 32, sym=False), QuantSpec(3, 40, sym=True, desc_act=True),
          QuantSpec(4, -1, sym=False, desc_act=True), QuantSpec(4, 64, sym=True),
          QuantSpec(8, 50, sym=False, desc_act=True, static_groups=True),
-         QuantSpec(3, 32, sym=False, static_groups=True)]
+         QuantSpec(3, 32, sym=False, static_groups=True),
+         QuantSpec(4, 32, sym=False, desc_act=True, mse=True)]
 
 
 @pytest.mark.parametrize("spec", CASES, ids=lambda s: f"b{s.bits}g{s.group_size}"
                          f"{'s' if s.sym else 'a'}{'A' if s.desc_act else ''}"
-                         f"{'S' if s.static_groups else ''}")
+                         f"{'S' if s.static_groups else ''}{'M' if s.mse else ''}")
 def test_gptq_beats_rtn_and_its_codes_are_consistent(spec):
     w, x = _layer(spec.bits * 100 + spec.group_size)
     solver = GPTQ(w.shape[1])
@@ -125,3 +126,21 @@ def test_bad_settings_are_named(field, kwargs):
 def test_quantize_without_inputs_is_an_error():
     with pytest.raises(ValueError, match="no calibration inputs"):
         GPTQ(8).quantize(torch.randn(4, 8), QuantSpec())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipping_search_never_rounds_worse_and_clips_tails(sym):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(200, 64, generator=g) * torch.rand(200, 1, generator=g)
+    errs, scales = [], []
+    for mse in (False, True):
+        spec = QuantSpec(4, 64, sym=sym, mse=mse)
+        scale, zero = find_params(w, spec)
+        q, deq = quantize_column(w, scale[:, None], zero[:, None], spec.maxq)
+        assert torch.equal(scale, scale.half().float()) and int(q.min()) >= 0
+        errs.append((deq - w).abs().pow(MSE_NORM).sum(1))
+        scales.append(scale)
+    assert bool((errs[1] <= errs[0] * (1 + 1e-6)).all())     # the full range is a candidate
+    clipped = scales[1] < scales[0]
+    assert 0.2 < float(clipped.float().mean()) < 1           # Gaussian tails: often worth it
+    assert bool((errs[1][clipped] < errs[0][clipped]).all())

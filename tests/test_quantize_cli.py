@@ -36,7 +36,7 @@ def _quantize(model, out, calib, *extra) -> int:
 
 
 @pytest.mark.parametrize("name,extra", [
-    ("llama-gqa", ["--bits", "4", "--group-size", "48", "--act-order", "--asym"]),
+    ("llama-gqa", ["--bits", "4", "--group-size", "48", "--act-order", "--asym", "--mse"]),
     ("bloom", ["--bits", "8", "--group-size", "-1", "--method", "rtn"]),
     ("llama-mha", ["--bits", "2", "--group-size", "32", "--static-groups", "--act-order"]),
 ])
@@ -51,6 +51,7 @@ def test_engine_serves_the_checkpoint_like_its_dense_twin(tiny_models, calib_tex
     assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
     assert qc["bits"] == int(extra[1]) and qc["group_size"] == int(extra[3])
     assert qc["desc_act"] == ("--act-order" in extra) and qc["sym"] == ("--asym" not in extra)
+    assert qc["meta"]["mse"] == (2.4 if "--mse" in extra else 0.0)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left
     twin = tmp_path / "dense"
     load_dequantized(out).save_pretrained(str(twin))
@@ -94,6 +95,7 @@ def test_bad_input_exits_2_with_a_clear_message(tiny_models, calib_text, tmp_pat
         ([], gpt2, calib_text, "GPT2LMHeadModel is not supported"),
         (["--bits", "3"], tiny_models["llama-gqa"], calib_text, "k_proj.*multiples of 32"),
         (["--group-size", "0"], llama, calib_text, "group_size"),
+        (["--method", "gptqt", "--bits", "3", "--mse"], llama, calib_text, "--mse are not"),
     ]
     for extra, model, calib, message in cases:
         assert _quantize(model, tmp_path / "q", calib, *extra) == 2, message

@@ -8,7 +8,8 @@ The folder (the layout of :mod:`optgptq_kernels.gptq`, ``checkpoint_format: gptq
   (float tensors in ``dtype``, default float16), tied copies stored once;
 - ``config.json``: the source config with ``quantization_config`` = ``{quant_method: gptq, bits,
   group_size, desc_act, sym, checkpoint_format: gptq, static_groups, damp_percent,
-  true_sequential, lm_head: false}``;
+  true_sequential, lm_head: false, meta: {quantizer, mse}}`` (``mse``: the clipping search's
+  norm, 0 when off; gptqmodel keeps it in ``meta`` too);
 - every other file of the source folder (tokenizer, generation config).
 
 It is written to a temporary sibling folder and renamed into place when complete, so an
@@ -31,7 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from optgptq.compress.gptq import QuantResult
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quantizer import MSE_NORM, QuantSpec
 from optgptq.folders import staged_folder
 from optgptq.models.quantization import (QUANT_METHODS, method_of, quantized_module_names,
                                          swap_in_quantized)
@@ -46,7 +47,7 @@ def quantization_config(spec: QuantSpec, method: str) -> dict:
             "desc_act": spec.desc_act and method == "gptq", "sym": spec.sym, "checkpoint_format": "gptq",
             "static_groups": spec.static_groups, "damp_percent": spec.damp,
             "true_sequential": True, "lm_head": False,
-            "meta": {"quantizer": [f"optgptq:{method}"]}}
+            "meta": {"quantizer": [f"optgptq:{method}"], "mse": MSE_NORM if spec.mse else 0.0}}
 
 
 def gptq_tensors(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:

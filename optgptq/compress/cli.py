@@ -25,6 +25,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing "
                    "Hessian diagonal (desc_act)")
     g.add_argument("--static-groups", action="store_true")
+    g.add_argument("--mse", action="store_true", help="gptq/rtn: per row, search the range "
+                   "clipping that minimises the rounding error (GPTQ's mse option)")
     sym = g.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
@@ -72,7 +74,7 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
         spec = gptqt_spec(a)
     else:
         spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
-                         static_groups=a.static_groups, damp=a.damp)
+                         static_groups=a.static_groups, damp=a.damp, mse=a.mse)
     arch_spec(model)
     calib = None
     if a.method != "rtn":
@@ -101,7 +103,8 @@ def _quantize_dgq(model: Path, out: Path, a: argparse.Namespace, overwrite: bool
 
     if a.bits != 4:
         raise ValueError(f"--bits {a.bits}: dgq quantizes weights to 4 bits only")
-    for flag, used in (("--act-order", a.act_order), ("--static-groups", a.static_groups)):
+    for flag, used in (("--act-order", a.act_order), ("--static-groups", a.static_groups),
+                       ("--mse", a.mse)):
         if used:
             raise ValueError(f"{flag} is a GPTQ option; it does not apply to --method dgq")
     spec = DGQSpec(a.group_size, a.clip_percentile, a.fine_grid, a.fine_min_ratio,
@@ -122,9 +125,10 @@ def gptqt_spec(a: argparse.Namespace):
     """The GPTQT settings of the command line; ``ValueError`` for options it cannot honour."""
     from optgptq.compress.gptqt import GPTQTSpec
 
-    if a.act_order or a.static_groups:
-        raise ValueError("--act-order and --static-groups are not supported with --method gptqt "
-                         "(its groups are consecutive input columns, fitted as GPTQ reaches them)")
+    if a.act_order or a.static_groups or a.mse:
+        raise ValueError("--act-order, --static-groups and --mse are not supported with --method "
+                         "gptqt (its groups are consecutive input columns, fitted as GPTQ reaches "
+                         "them, by its own scale search)")
     explore = GPTQTSpec.explore
     if a.explore is not None:
         parts = a.explore.split(":")

@@ -11,6 +11,12 @@ for ``s * (q - z)``:
 
 A row of zeros gets the range ``[-1, 1]``. Scales are rounded to float16 (the checkpoint's
 dtype) before the codes are chosen, so ``s * (q - z)`` here is exactly what a loader computes.
+
+Clipping search (``mse=True``, the original GPTQ code's ``mse`` option): the range is shrunk by
+each factor ``p = 1 - i / MSE_GRID`` for ``i < MSE_MAX_SHRINK * MSE_GRID`` (``[p lo, p hi]``),
+and each row keeps the factor whose round-to-nearest values ``s (q - z)`` have the smallest
+``sum |s (q - z) - w| ** MSE_NORM``; ``p = 1`` is a candidate, so that error never grows. Clipping
+a few outliers buys a finer step for the rest of the group.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from optgptq_kernels.gptq import SUPPORTED_BITS
 
 _MIN_SCALE = 1e-5   # well inside float16's normal range
+MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class QuantSpec:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    mse: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -67,6 +75,18 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         lo = -hi
     empty = (lo == 0) & (hi == 0)
     lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
+    if not spec.mse:
+        return _scale_zero(lo, hi, spec)
+    shrink = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=w.device) / MSE_GRID
+    scale, zero = _scale_zero(shrink[:, None] * lo, shrink[:, None] * hi, spec)  # [P, N]
+    _, deq = quantize_column(w, scale[..., None], zero[..., None], spec.maxq)     # [P, N, C]
+    best = (deq - w).abs_().pow_(MSE_NORM).sum(dim=2).argmin(dim=0)              # [N]
+    rows = torch.arange(w.shape[0], device=w.device)
+    return scale[best, rows], zero[best, rows]
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((hi - lo) / spec.maxq).clamp(min=_MIN_SCALE).half().float()
     if spec.sym:
         zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
