@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--asym", action="store_true")
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--mse", action="store_true", help="its clipping search (norm 2.4, as ours)")
     p.add_argument("--batch-size", type=int, default=16)
     a = p.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -37,7 +38,8 @@ def main() -> None:
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()}
                    for row in ids]
     config = QuantizeConfig(bits=a.bits, group_size=a.group_size, desc_act=a.act_order,
-                            act_group_aware=False, sym=not a.asym, damp_percent=a.damp)
+                            act_group_aware=False, sym=not a.asym, damp_percent=a.damp,
+                            mse=2.4 if a.mse else 0.0)
     start = time.perf_counter()
     model = GPTQModel.load(a.model, config, device="cpu", dtype=torch.float32)
     model.quantize(calibration, batch_size=a.batch_size)

@@ -4,7 +4,8 @@ On one model (default SmolLM2-135M), calibrating on one text and evaluating perp
 first ``--eval-tokens`` tokens of another (windows of ``--window`` tokens every ``--stride``):
 
 - fp32 (the source) and fp16 (its weights rounded to float16, computed in float32);
-- round-to-nearest vs GPTQ (act-order, symmetric) at 4 and 3 bits, group size 64;
+- round-to-nearest vs GPTQ (act-order; symmetric unless ``--asym``; ``--mse``: the clipping
+  search) at 4 and 3 bits, group size 64;
 - gptqmodel's GPTQ on the same calibration batch and settings (``bench/gptqmodel_quantize.py``,
   run in a subprocess; skipped with a note if gptqmodel is not installed), as it saves it
   (unquantized tensors in float32) and with those tensors rounded to float16 like ours;
@@ -12,7 +13,9 @@ first ``--eval-tokens`` tokens of another (windows of ``--window`` tokens every 
 - the GQA rows of ``bench/results/gqa-quality.json`` (``bench/gqa_quality.py``), if present.
 
 Every finished row is cached in ``--workdir`` (rows.json and the checkpoints), so a rerun only
-does what is missing. Writes ``bench/results/quality.json`` and ``quality.md``::
+does what is missing. Writes ``bench/results/<--name>.json`` and ``.md`` (default ``quality``;
+another name writes a report of its own, without the sections other scripts keep in
+quality.md)::
 
     python bench/quality.py --calib ../shared/data/austen/prideprejudice.txt \\
         --eval ../shared/data/austen/emma.txt --workdir /tmp/optgptq-quality
@@ -87,14 +90,15 @@ def _quantize(src: Path, out: Path, spec: QuantSpec, method: str, calib) -> floa
     return qm.seconds
 
 
-def _gptqmodel(src: Path, out: Path, calib_file: Path, workdir: Path) -> float:
+def _gptqmodel(src: Path, out: Path, calib_file: Path, workdir: Path,
+               a: argparse.Namespace) -> float:
     """Seconds gptqmodel took (a finished run recorded in gptqmodel.json is reused)."""
     record = workdir / "gptqmodel.json"
     if out.is_dir() and record.is_file():
         return json.loads(record.read_text())["seconds"]
     cmd = [sys.executable, str(Path(__file__).parent / "gptqmodel_quantize.py"), "--model",
            str(src), "--calib-ids", str(calib_file), "--out", str(out), "--bits", "4",
-           "--group-size", "64", "--act-order"]
+           "--group-size", "64", "--act-order"] + ["--asym"] * a.asym + ["--mse"] * a.mse
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
     with open(workdir / "gptqmodel.log", "w") as log:     # gptqmodel writes logs/ into its cwd
         done = subprocess.run(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=log,
@@ -139,14 +143,15 @@ def run(a: argparse.Namespace) -> dict:
     row("fp16", lambda: (_fp16_copy(src, work / "fp16"), None, {}))
 
     def quantized(bits: int, method: str) -> None:
-        spec, out = QuantSpec(bits, 64, sym=True, desc_act=True), work / f"{method}-w{bits}g64"
+        spec = QuantSpec(bits, 64, sym=not a.asym, desc_act=True, mse=a.mse)
+        out = work / f"{method}-w{bits}g64"
         row(f"{method} w{bits} g64", lambda: (out, _quantize(src, out, spec, method, calib), {}))
 
     quantized(4, "gptq")
     if GPTQMODEL_FP16 not in rows:
         if importlib.util.find_spec("gptqmodel"):       # run in a subprocess, never imported
             out = work / "gptqmodel-w4g64"
-            row(GPTQMODEL, lambda: (out, _gptqmodel(src, out, calib_file, work), {}))
+            row(GPTQMODEL, lambda: (out, _gptqmodel(src, out, calib_file, work, a), {}))
             row(GPTQMODEL_FP16, lambda: (_fp16_rest(out, work / "gptqmodel-w4g64-fp16rest"),
                                          rows[GPTQMODEL]["quantize_s"], {}))
         else:
@@ -165,7 +170,8 @@ def run(a: argparse.Namespace) -> dict:
                                       progress=False)
             convert_s = time.perf_counter() - start
             out = work / "gqa1-gptq-w4g64"
-            seconds = _quantize(work / "gqa1", out, QuantSpec(4, 64, True, True), "gptq", calib)
+            spec = QuantSpec(4, 64, sym=not a.asym, desc_act=True, mse=a.mse)
+            seconds = _quantize(work / "gqa1", out, spec, "gptq", calib)
             return out, seconds, {"convert_s": convert_s, "gqa_calib_loss": conv.calib_loss}
 
         row(gqa_name, make_gqa)
@@ -204,8 +210,10 @@ def markdown(doc: dict) -> str:
         "# Compression quality: SmolLM2-135M", "",
         f"Calibration: `{r['calib']}`, {r['num_samples']} x {r['seq_len']} tokens (seed "
         f"{r['seed']}). Evaluation: perplexity on the first {r['eval_tokens']} tokens of "
-        f"`{r['eval']}`, windows of {r['window']} every {r['stride']} tokens. GPTQ: act-order, "
-        "symmetric, damp 0.01, true-sequential; RTN: same groups, no error feedback. Weight bytes "
+        f"`{r['eval']}`, windows of {r['window']} every {r['stride']} tokens. GPTQ (ours and "
+        f"gptqmodel's): act-order, {'asymmetric' if r.get('asym') else 'symmetric'}, "
+        f"{'clipping search (mse 2.4), ' if r.get('mse') else ''}damp 0.01, true-sequential; "
+        "RTN: same groups and range search, no error feedback. Weight bytes "
         "are the checkpoint's tensors (unquantized tensors in float16 except the fp32 row). "
         f"Machine: {doc['machine']}. Command: `{doc['command']}`.", "",
         "| model | perplexity | vs fp16 | quantize s | weights | KV bytes/token |",
@@ -226,8 +234,9 @@ def markdown(doc: dict) -> str:
             ppl = f"{row['ppl']:.3f}" if "ppl" in row else ""
             note = {k: v for k, v in row.items() if k not in ("ppl", "num_kv_heads")}
             lines.append(f"| {name} | {ppl} | {row['num_kv_heads']} | {json.dumps(note)} |")
-    lines += _gptqt_section()
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES]
+    if doc.get("name", "quality") == "quality":
+        lines += _gptqt_section()
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in NOTES + doc["results"].get("notes", [])]
     lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
     for t in doc["targets"]:
         lines.append(f"| {t['name'].replace('|', chr(92) + '|')} | {t['value']} | {t['target']} ({t['better']}) | "
@@ -267,6 +276,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--skip", action="append", default=[], help="a row not to compute (repeat)")
+    p.add_argument("--asym", action="store_true", help="asymmetric GPTQ/RTN (default symmetric)")
+    p.add_argument("--mse", action="store_true", help="GPTQ/RTN with the clipping search")
+    p.add_argument("--name", default="quality", help="results file name (bench/results/NAME.json)")
+    p.add_argument("--note", action="append", default=[], help="a note for the report (repeat)")
     a = p.parse_args()
     import transformers
 
@@ -276,21 +289,27 @@ def main() -> None:
     gqa_doc = json.loads(gqa_file.read_text()) if gqa_file.is_file() else None
     results = {"model": a.model, "calib": a.calib, "eval": a.eval, "num_samples": a.num_samples,
                "seq_len": a.seq_len, "seed": a.seed, "eval_tokens": a.eval_tokens,
-               "window": a.window, "stride": a.stride, "rows": rows,
+               "window": a.window, "stride": a.stride, "asym": a.asym, "mse": a.mse,
+               "notes": a.note, "rows": rows,
                "gqa_quality_rows": (gqa_doc or {}).get("results", {}).get("rows")}
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__}
     if importlib.util.find_spec("gptqmodel"):
         versions["gptqmodel"] = importlib.metadata.version("gptqmodel")
-    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
+    doc = {"name": a.name, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
                       f"CPU float32",
            "versions": versions,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python " + " ".join(sys.argv), "results": results,
            "targets": targets(rows, gqa_doc)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "quality.md").write_text(markdown(doc) + _other_sections(RESULTS / "quality.md"))
+    json_path, md_path = RESULTS / f"{a.name}.json", RESULTS / f"{a.name}.md"
+    for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"),
+                       (md_path, markdown(doc) + (_other_sections(md_path)
+                                                  if a.name == "quality" else ""))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.rename(path)
     print(json.dumps(doc["targets"], indent=2))
 
 
