@@ -53,10 +53,9 @@ NOTES = [
     "gptqmodel 7.6.0 runs in float32 (its default bfloat16 is about 60x slower on this CPU), "
     "calibration batch size 16, act_group_aware off (plain GPTQ with act-order, as ours), on the "
     "same token batch.",
-    "Times are wall clock on a 2-core machine shared with other jobs. The GPTQ 4-bit and "
-    "gptqmodel rows were timed back to back on a quiet machine (load average 1-2); the others "
-    "under load from other jobs (load average 5-9; the same two took 272 s and 592 s then). "
-    "Ours include loading the model; gptqmodel's include its loading and packing, not saving.",
+    "Times are wall clock on a 2-core machine shared with other jobs (the load during a run is "
+    "in the notes below). Ours include loading the model; gptqmodel's include its loading and "
+    "packing, not saving.",
     "Our GPTQ makes one forward pass per decoder layer (each group of linears is quantized in a "
     "pre-hook on the input the already-quantized model gives it); gptqmodel runs one pass per "
     "group of linears plus a replay, five per layer.",
@@ -285,8 +284,9 @@ def main() -> None:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows = run(a)
-    gqa_file = RESULTS / "gqa-quality.json"
-    gqa_doc = json.loads(gqa_file.read_text()) if gqa_file.is_file() else None
+    gqa_file = RESULTS / "gqa-quality.json"   # its rows and targets belong to quality.md
+    gqa_doc = (json.loads(gqa_file.read_text()) if gqa_file.is_file() and a.name == "quality"
+               else None)
     results = {"model": a.model, "calib": a.calib, "eval": a.eval, "num_samples": a.num_samples,
                "seq_len": a.seq_len, "seed": a.seed, "eval_tokens": a.eval_tokens,
                "window": a.window, "stride": a.stride, "asym": a.asym, "mse": a.mse,
