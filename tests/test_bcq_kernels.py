@@ -1,5 +1,6 @@
 """The binary-coded Triton kernels (LUT-GEMM, bit-plane dot, dequantize) against their PyTorch
-reference and a float64 oracle, and the engine serving a GPTQT checkpoint through them.
+reference and a float64 oracle (the engine serving a GPTQT checkpoint through them is in
+test_kernels.py, beside the other kernels' engine test).
 
 Without an accelerator the kernels run in Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), in float32 and float16 on small odd shapes; with one, on the device at 16x
@@ -11,12 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optgptq.engine.llm import LLM
-from optgptq.engine.sampling_params import SamplingParams
 from optgptq_kernels import ops
 from optgptq_kernels.bcq import bcq_linear_ref, dequantize_bcq_ref, num_groups, pack_planes
-from tests.conftest import random_prompt
-from tests.test_bcq import write_gptqt
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
@@ -118,23 +115,3 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="path must be one of"):
         bcq_linear_triton(torch.randn(2, tensors[0].shape[1] * 32).to(DEVICE), *tensors, 32,
                           path="lookup")
-
-
-def test_engine_through_triton_equals_reference(tiny_models, tmp_path, monkeypatch):
-    """Prefill, prefix hits and decodes through the BCQ kernels (and the other Triton kernels)
-    give the reference path's tokens (float32; in the interpreter on CPU)."""
-    path = write_gptqt(tiny_models["llama-mha"], tmp_path / "q", 3, 64)
-    g = torch.Generator().manual_seed(9)
-    shared = random_prompt(g, 40)
-    prompts = [shared + random_prompt(g, n) for n in (3, 21)] + [random_prompt(g, 9)]
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    tokens = {}
-    for mode in ("reference", "triton"):
-        monkeypatch.setenv("OPTGPTQ_KERNELS", mode)
-        llm = LLM(str(path), device=DEVICE, dtype="float32", num_blocks=32, block_size=8,
-                  max_num_batched_tokens=32)
-        llm.generate(prompts[:1], params)
-        outs = llm.generate(prompts, params)
-        assert llm.engine.stats().pool.prefix_hit_tokens > 0
-        tokens[mode] = [o.token_ids for o in outs]
-    assert tokens["triton"] == tokens["reference"]

@@ -18,6 +18,7 @@ from optgptq.models.layers import alibi_slopes
 from optgptq_kernels.gptq import dequantize_ref, gptq_linear_ref, pack_cols, pack_rows
 from optgptq_kernels.kv_write import write_kv_ref
 from tests.conftest import random_prompt
+from tests.test_bcq import write_gptqt
 from tests.test_gptq_format import write_gptq_twins
 from tests.test_paged_attention import dense_attention
 
@@ -204,12 +205,16 @@ def test_gptq_linear_split_k_on_long_inputs(monkeypatch):
     assert calls and rel_err(out, ref) < TOLERANCE[DTYPES[0]]
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "bloom", "gptq"])
+@pytest.mark.parametrize("name", ["llama-gqa", "bloom", "gptq", "gptqt"])
 def test_engine_through_triton_equals_reference(tiny_models, tmp_path, monkeypatch, name):
-    """Chunked prefill, prefix hits and decodes through every Triton kernel give the reference
-    path's tokens (float32; in the interpreter on CPU)."""
-    path = (write_gptq_twins(tiny_models["llama-mha"], tmp_path)[0] if name == "gptq"
-            else tiny_models[name])
+    """Chunked prefill, prefix hits and decodes through every Triton kernel (the GPTQ and BCQ
+    linears included) give the reference path's tokens (float32; in the interpreter on CPU)."""
+    if name == "gptq":
+        path = write_gptq_twins(tiny_models["llama-mha"], tmp_path)[0]
+    elif name == "gptqt":
+        path = write_gptqt(tiny_models["llama-mha"], tmp_path / "q", 3, 64)
+    else:
+        path = tiny_models[name]
     g = torch.Generator().manual_seed(9)
     shared = random_prompt(g, 40)
     prompts = [shared + random_prompt(g, n) for n in (3, 21)] + [random_prompt(g, 9)]

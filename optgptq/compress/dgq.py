@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from optgptq.compress.gptq import one_thread
 from optgptq_kernels.dgq import group_width, num_groups, pack_codes
 
 _MIN_SCALE = 2.0 ** -14    # float16's smallest normal number
@@ -204,12 +205,8 @@ class DGQ:
         down several-fold on a busy CPU (as for GPTQ's solver)."""
         if self.nsamples == 0:
             raise ValueError("DGQ.quantize: no calibration inputs were added")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             return self._quantize(weight, spec)
-        finally:
-            torch.set_num_threads(threads)
 
     def _quantize(self, weight: torch.Tensor, spec: DGQSpec) -> DGQResult:
         t = smoothing(self.absmax, spec.clip_percentile)

@@ -34,6 +34,8 @@ as one stacked weight. Round-to-nearest is the same loop with ``H = I`` (no erro
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,10 +129,17 @@ def solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult
     Runs on one thread: the loop is thousands of small ops, which thread hand-offs slow down
     several-fold on a busy CPU.
     """
+    with one_thread():
+        return _solve(weight, H, spec)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch's intra-op pool at one thread for the block (the solvers' loops of small ops)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _solve(weight, H, spec)
+        yield
     finally:
         torch.set_num_threads(threads)
 

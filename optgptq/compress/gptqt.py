@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from optgptq.compress.checkpoint import save_quantized
-from optgptq.compress.gptq import GPTQ, _inverse_cholesky
+from optgptq.compress.gptq import GPTQ, _inverse_cholesky, one_thread
 from optgptq_kernels.bcq import check_layout, group_width, levels, num_groups, pack_planes
 
 MAX_INTERMEDIATE_BITS = 5   # 3 planes on a 6-bit grid would be 116281 candidates per group
@@ -192,12 +192,8 @@ class GPTQT(GPTQ):
 def solve(weight: torch.Tensor, H: torch.Tensor, spec: GPTQTSpec) -> BCQResult:
     """The GPTQ loop with the binary-coding quantizer (module docstring) on ``weight [N, K]``
     with Hessian ``H [K, K]``; one thread, as :func:`optgptq.compress.gptq.solve`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _solve(weight, H, spec)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _solve(weight: torch.Tensor, H: torch.Tensor, spec: GPTQTSpec) -> BCQResult:
