@@ -4,8 +4,9 @@ the same bits as :func:`optgptq_kernels.dgq.dgq_linear_ref` (layout in :mod:`opt
 Two kernels per call:
 
 1. ``act_quant_kernel``, one program per row: ``xs = x / t``, the row's absolute maximum, then
-   ``x8`` and ``s_tok`` (two passes over the row in ``BLOCK`` chunks; divisions correctly
-   rounded, ``tl.math.div_rn``, so the result equals the reference bit for bit).
+   ``x8`` and ``s_tok`` (a row of up to 16384 inputs is read once and held in registers, a
+   longer one is read twice in ``BLOCK`` chunks; divisions correctly rounded,
+   ``tl.math.div_rn``, so the result equals the reference bit for bit).
 2. the product, by one of two paths:
 
    - fused (``M <= INT_MM_MIN_M``, or where ``torch._int_mm`` does not apply): program ``(m,
@@ -19,7 +20,9 @@ Two kernels per call:
      by ``tl.dot`` on int8 into int32 accumulators. The epilogue applies ``s_tok``, ``s_c`` and
      the bias.
    - ``torch._int_mm`` (CUDA, ``M > INT_MM_MIN_M``): ``dequant_kernel`` writes the INT8 weight
-     once per call, cuBLASLt multiplies, and the same epilogue runs in PyTorch.
+     once per call, K-major (cuBLASLt's int8 GEMM is fast only when both operands are; a
+     row-major ``[K, N]`` weight ran 7-10x slower on an H200), cuBLASLt multiplies, and
+     ``rescale_kernel`` runs the same epilogue.
 
 Integer products are exact in any order, and the epilogue is the reference's float32 sequence,
 so both paths match the reference up to the rounding of the final bias add (a fused multiply-add
@@ -32,34 +35,52 @@ import torch
 import triton
 import triton.language as tl
 
-from optgptq_kernels.dgq import MIN_AMAX, check_shapes, group_width, rescale
+from optgptq_kernels.dgq import MIN_AMAX, check_shapes, group_width
 
 INT_MM_MIN_M = 256   # fused kernel up to this many rows, torch._int_mm above (where it applies)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
 @triton.jit
+def _quantize_row(xs, s):
+    v = tl.math.div_rn(xs, s)
+    r = tl.floor(tl.abs(v) + 0.5)
+    q = tl.minimum(tl.where(v < 0, -r, r), 127.0)
+    return tl.maximum(q, -127.0).to(tl.int8)
+
+
+@triton.jit
 def act_quant_kernel(x_ptr, t_ptr, x8_ptr, s_ptr, K, stride_x, stride_x8,
                      BLOCK: tl.constexpr):
+    """One row per program. A row that fits in ``BLOCK`` is read once and kept in registers;
+    a longer one is read twice (its absolute maximum, then its codes)."""
     row = tl.program_id(0)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    if BLOCK >= K:
+        offs = tl.arange(0, BLOCK)
         mask = offs < K
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(tl.math.div_rn(x, t)))
-    s = tl.math.div_rn(tl.maximum(tl.max(amax, 0), _MIN_AMAX), 127.0)
-    tl.store(s_ptr + row, s)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        mask = offs < K
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        v = tl.math.div_rn(tl.math.div_rn(x, t), s)
-        r = tl.floor(tl.abs(v) + 0.5)
-        q = tl.minimum(tl.where(v < 0, -r, r), 127.0)
-        tl.store(x8_ptr + row * stride_x8 + offs, tl.maximum(q, -127.0).to(tl.int8), mask=mask)
+        xs = tl.math.div_rn(x, t)
+        s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), 0), _MIN_AMAX), 127.0)
+        tl.store(s_ptr + row, s)
+        tl.store(x8_ptr + row * stride_x8 + offs, _quantize_row(xs, s), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(tl.math.div_rn(x, t)))
+        s = tl.math.div_rn(tl.maximum(tl.max(amax, 0), _MIN_AMAX), 127.0)
+        tl.store(s_ptr + row, s)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+            tl.store(x8_ptr + row * stride_x8 + offs, _quantize_row(tl.math.div_rn(x, t), s),
+                     mask=mask)
 
 
 @triton.jit
@@ -141,7 +162,7 @@ def gemm_kernel(x8_ptr, s_ptr, qw_ptr, qz_ptr, qs_ptr, sc_ptr, bias_ptr, out_ptr
 
 @triton.jit
 def dequant_kernel(qw_ptr, qz_ptr, qs_ptr, w_ptr, N, K, group_size, stride_qw, stride_g,
-                   stride_w, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_wk, stride_wn, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    GROUP_ALIGNED: tl.constexpr):
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,19 +170,21 @@ def dequant_kernel(qw_ptr, qz_ptr, qs_ptr, w_ptr, N, K, group_size, stride_qw, s
     w = _int8_tile(qw_ptr, qz_ptr, qs_ptr, k0, K, offs_n, n_mask, group_size, stride_qw,
                    stride_g, BLOCK_K, BLOCK_N, GROUP_ALIGNED)
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(w_ptr + offs_k[:, None] * stride_w + offs_n[None, :], w,
+    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, w,
              mask=(offs_k < K)[:, None] & n_mask[None, :])
 
 
-def quantize_activations_triton(x: torch.Tensor, smooth: torch.Tensor
+def quantize_activations_triton(x: torch.Tensor, smooth: torch.Tensor, max_block: int = 16384
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x8 [M, K]`` int8 and ``s_tok [M]`` float32, as :func:`quantize_activations_ref`."""
+    """``x8 [M, K]`` int8 and ``s_tok [M]`` float32, as :func:`quantize_activations_ref`; rows
+    up to ``max_block`` inputs are read once."""
     m, k = x.shape
     x8 = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s_tok = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
-        block = min(triton.next_power_of_2(k), 2048)
-        act_quant_kernel[(m,)](x, smooth, x8, s_tok, k, x.stride(0), x8.stride(0), BLOCK=block)
+        block = min(triton.next_power_of_2(k), max_block)
+        act_quant_kernel[(m,)](x, smooth, x8, s_tok, k, x.stride(0), x8.stride(0), BLOCK=block,
+                               num_warps=max(4, min(16, block // 1024)))
     return x8, s_tok
 
 
@@ -176,15 +199,17 @@ def _block_k(k: int, group_size: int) -> tuple[int, bool]:
 
 def dequantize_int8_triton(qweight: torch.Tensor, qzeros: torch.Tensor, qscales: torch.Tensor,
                            group_size: int) -> torch.Tensor:
-    """The INT8 weight ``[K, N]`` (as :func:`int8_weight_ref`, without its range check)."""
+    """The INT8 weight ``[K, N]`` (as :func:`int8_weight_ref`, without its range check), stored
+    column-major (the transpose of a contiguous ``[N, K]``): the layout of ``torch._int_mm``'s
+    fast path (cuBLASLt's int8 GEMM wants both operands K-major)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     block_k, aligned = _block_k(k, group_size)
-    w = torch.empty((k, n), dtype=torch.int8, device=qweight.device)
+    w = torch.empty((n, k), dtype=torch.int8, device=qweight.device)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, 64))
     dequant_kernel[grid](qweight, qzeros, qscales, w, n, k, group_width(k, group_size),
-                         qweight.stride(0), qzeros.stride(0), w.stride(0), BLOCK_K=block_k,
+                         qweight.stride(0), qzeros.stride(0), 1, w.stride(0), BLOCK_K=block_k,
                          BLOCK_N=64, GROUP_ALIGNED=aligned)
-    return w
+    return w.t()
 
 
 def _tiles(m: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -195,7 +220,7 @@ def _tiles(m: int, device: torch.device) -> tuple[int, int, int, int]:
         return 16, 64, 4, 4
     if m <= 64:
         return 64, 64, 4, 4
-    return 128, 128, 8, 3
+    return 128, 128, 4, 4
 
 
 _LOCKS: dict[torch.device, list[torch.Tensor]] = {}
@@ -252,10 +277,30 @@ def int_mm_applies(m: int, k: int, n: int, device: torch.device) -> bool:
     return device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0
 
 
+@triton.jit
+def rescale_kernel(acc_ptr, s_ptr, sc_ptr, bias_ptr, out_ptr, M, N, stride_am, stride_om,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.load(acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :],
+                  mask=m_mask[:, None] & n_mask[None, :], other=0)
+    _epilogue(acc, offs_m, offs_n, m_mask, n_mask, s_ptr, sc_ptr, bias_ptr, out_ptr, stride_om,
+              HAS_BIAS)
+
+
 def int_mm_path(x8: torch.Tensor, s_tok: torch.Tensor, w8: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``torch._int_mm`` on a dequantized INT8 weight, then the reference epilogue."""
-    return rescale(torch._int_mm(x8, w8), s_tok, scales, bias, dtype)
+    """``torch._int_mm`` on a dequantized INT8 weight, then the epilogue in one kernel (the
+    reference's float32 sequence, without its four passes over the int32 product)."""
+    acc = torch._int_mm(x8, w8)
+    m, n = acc.shape
+    out = torch.empty((m, n), dtype=dtype, device=acc.device)
+    grid = (triton.cdiv(m, 32), triton.cdiv(n, 128))
+    rescale_kernel[grid](acc, s_tok, scales, bias if bias is not None else scales, out, m, n,
+                         acc.stride(0), out.stride(0), BLOCK_M=32, BLOCK_N=128,
+                         HAS_BIAS=bias is not None)
+    return out
 
 
 def dgq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,

@@ -25,6 +25,7 @@ from optgptq_kernels.dgq import dgq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
 from optgptq_kernels.kv_write import write_kv_ref
 from optgptq_kernels.paged_attention import paged_attention_ref
+from optgptq_kernels.pointwise import add_rms_norm_ref, rotary_ref, silu_and_mul_ref
 
 _MODES = ("auto", "reference", "triton")
 
@@ -51,6 +52,36 @@ def use_triton(t: torch.Tensor) -> bool:
                              "(pip install 'optgptq[kernels]')")
         return True
     return t.is_cuda and _triton_available()
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` (see :mod:`optgptq_kernels.pointwise`)."""
+    if use_triton(x) and x.dim() == 2 and x.stride(1) == 1:
+        from optgptq_kernels.pointwise_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, weight, eps, residual)
+    return add_rms_norm_ref(x, weight, eps, residual)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor, num_heads: int, num_kv_heads: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q [T, H*D] and k [T, Hkv*D] (see :mod:`optgptq_kernels.pointwise`)."""
+    if use_triton(q):
+        from optgptq_kernels.pointwise_triton import rotary_triton
+
+        return rotary_triton(positions, q, k, cos, sin, num_heads, num_kv_heads)
+    return rotary_ref(positions, q, k, cos, sin, num_heads, num_kv_heads)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (see :mod:`optgptq_kernels.pointwise`)."""
+    if use_triton(gate) and gate.is_contiguous() and up.is_contiguous():
+        from optgptq_kernels.pointwise_triton import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate, up)
+    return silu_and_mul_ref(gate, up)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -17,6 +17,7 @@ from optgptq.engine.sampling_params import SamplingParams
 from optgptq.models.layers import alibi_slopes
 from optgptq_kernels.gptq import dequantize_ref, gptq_linear_ref, pack_cols, pack_rows
 from optgptq_kernels.kv_write import write_kv_ref
+from optgptq_kernels.pointwise import add_rms_norm_ref, rotary_ref, silu_and_mul_ref
 from tests.conftest import random_prompt
 from tests.test_bcq import write_gptqt
 from tests.test_gptq_format import write_gptq_twins
@@ -27,6 +28,8 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 from optgptq_kernels import paged_attention_triton as pat  # noqa: E402
 from optgptq_kernels.gptq_triton import dequantize_triton, gptq_linear_triton  # noqa: E402
 from optgptq_kernels.kv_write_triton import write_kv_triton  # noqa: E402
+from optgptq_kernels.pointwise_triton import (add_rms_norm_triton, rotary_triton,  # noqa: E402
+                                              silu_and_mul_triton)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -37,6 +40,55 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
+
+
+def _assert_close(out: torch.Tensor, expect: torch.Tensor, exact_on_cpu: bool = False) -> None:
+    """Within a few units in the last place of the dtype (sums in another order, another rsqrt
+    or exp, fused multiply-adds); equal on the CPU where no reduction or transcendental is
+    involved (the interpreter rounds as the reference does)."""
+    assert out.dtype == expect.dtype and out.shape == expect.shape
+    if exact_on_cpu and not GPU:
+        assert torch.equal(out, expect)
+    else:
+        ulp = torch.finfo(out.dtype).eps
+        torch.testing.assert_close(out, expect, rtol=4 * ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [200, 4096])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference(dtype, n, with_residual):
+    g = torch.Generator().manual_seed(n)
+    x, residual = _rand(g, dtype, 37, n), _rand(g, dtype, 37, n) * 3
+    weight = 1 + _rand(g, dtype, n) * 0.1
+    out, total = add_rms_norm_triton(x, weight, 1e-5, residual if with_residual else None)
+    expect, expect_total = add_rms_norm_ref(x, weight, 1e-5, residual if with_residual else None)
+    assert torch.equal(total, expect_total)      # the residual sum rounds once, like torch
+    _assert_close(out, expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 80), (4, 4, 64)])
+def test_rotary_matches_reference(dtype, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(heads)
+    t, max_pos = 23, 500
+    freqs = torch.rand(max_pos, head_dim // 2, generator=g) * torch.arange(max_pos)[:, None]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    positions = torch.randint(0, max_pos, (t,), generator=g).to(DEVICE)
+    q = _rand(g, dtype, t, heads * head_dim)
+    k = _rand(g, dtype, t, kv_heads * head_dim)
+    got = rotary_triton(positions, q, k, cos, sin, heads, kv_heads)
+    expect = rotary_ref(positions, q, k, cos, sin, heads, kv_heads)
+    _assert_close(got[0], expect[0], exact_on_cpu=True)
+    _assert_close(got[1], expect[1], exact_on_cpu=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    gate, up = _rand(g, dtype, 7, 3000) * 4, _rand(g, dtype, 7, 3000)
+    _assert_close(silu_and_mul_triton(gate, up), silu_and_mul_ref(gate, up))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

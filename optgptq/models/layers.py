@@ -60,18 +60,19 @@ class PagedAttention(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as Llama defines it."""
+    """Root-mean-square norm computed in float32, as Llama defines it; given the residual
+    stream, it first adds the layer's output to it (one kernel on an accelerator) and returns
+    the new stream too."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``; ``(norm(x), x)`` without a residual."""
+        return ops.add_rms_norm(x, self.weight, self.eps, residual)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -108,19 +109,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q [T, H*D] and k [T, Hkv*D] by their tokens' positions."""
-        t = q.shape[0]
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        q = q.view(t, num_heads, -1)
-        k = k.view(t, num_kv_heads, -1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q.reshape(t, -1), k.reshape(t, -1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return ops.rotary(positions, q, k, self.cos, self.sin, num_heads, num_kv_heads)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
