@@ -254,6 +254,7 @@ def main() -> None:
                 res["variants"][key] = run_variant(write_config(Path(tmp), arch, kv, quant),
                                                    args, vocab)
                 res["variants"][key]["seconds"] = time.perf_counter() - t
+                res["variants"][key]["commit"] = res["commit"]
                 print(f"{key}: {summary_line(res['variants'][key])} "
                       f"[{time.perf_counter() - t:.0f}s]", flush=True)
                 save(out, res)
