@@ -4,7 +4,8 @@ For Llama-3-8B's linear shapes (K x N in 4096x4096, 4096x14336, 14336x4096), M i
 64, 256}, 3 and 2 bits, one group size for both formats (``--group-size``, default 128):
 
 - ``bcq_us``: :func:`optgptq_kernels.bcq_triton.bcq_linear_triton` as the engine calls it
-  (LUT-GEMM for M <= 4, bit-plane dot for M <= 64, dequantize + matmul above);
+  (LUT-GEMM for M <= ``LUT_MAX_M[bits]``, bit-plane dot for M <= ``FUSED_MAX_M``,
+  dequantize + matmul above);
 - ``bcq_lut_us`` / ``bcq_dot_us`` for M <= 16: both small-batch kernels forced, to tune the
   switch point (``LUT_MAX_M``);
 - ``gptq_us``: :func:`optgptq_kernels.gptq_triton.gptq_linear_triton` at the same bits;
@@ -40,7 +41,7 @@ import torch
 import triton
 
 from optgptq_kernels.bcq import bcq_linear_ref
-from optgptq_kernels.bcq_triton import LUT_MAX_M, bcq_linear_triton
+from optgptq_kernels.bcq_triton import FUSED_MAX_M, LUT_MAX_M, bcq_linear_triton
 from optgptq_kernels.gptq_triton import gptq_linear_triton
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -190,7 +191,7 @@ def main() -> None:
                      "triton": triton.__version__, "cuda": torch.version.cuda},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv), "commit": commit,
-        "group_size": args.group_size, "lut_max_m": LUT_MAX_M,
+        "group_size": args.group_size, "lut_max_m": LUT_MAX_M, "fused_max_m": FUSED_MAX_M,
         "dtype": "float16" if gpu else "float32 (interpreter)",
         "timing": "median of do_bench_cudagraph" if gpu else "one perf_counter call (script check)",
         "results": rows, "targets": targets(rows)}

@@ -7,7 +7,7 @@ With ``x`` summed over a group's inputs (``sum x``) and ``bits_i`` the 0/1 matri
 (:mod:`optgptq_kernels.bcq`). Every slice of ``BLOCK_K`` inputs (32, 64 or 128: the largest
 dividing the group size) lies inside one group, so alphas and offsets are read once per slice.
 
-- ``lut`` (``M <= LUT_MAX_M``; decode): a small kernel first tabulates, for each run of 8
+- ``lut`` (``M <= LUT_MAX_M[bits]``; decode): a small kernel first tabulates, for each run of 8
   inputs of a row, the sums of all 256 subsets (``[M, K / 8, 256]`` float32, 1 KiB per 8 inputs;
   read from L1/L2 by every column tile). Then each byte of a plane word is one table lookup
   that stands for 8 multiply-adds, so a weight costs ``bits / 8`` lookups per row instead of an
@@ -33,8 +33,11 @@ from optgptq_kernels.bcq_triton_kernels import (dequant_kernel, dot_gemm_kernel,
                                                 lut_kernel)
 from optgptq_kernels.gptq_triton import _locks, _num_programs
 
-LUT_MAX_M = 4
-FUSED_MAX_M = 64
+# Switch points measured on an H200 (bench/gptqt_kernels.py, Llama-3-8B shapes): the table
+# pays off up to 4 rows of 2-bit codes but only for one row of 3-bit codes (at 4 rows the
+# bit-plane dot was 1.4-1.5x faster); past 16 rows dequantize-then-matmul beat the dot.
+LUT_MAX_M = {2: 4, 3: 1}
+FUSED_MAX_M = 16
 PATHS = ("lut", "dot", "dense")
 
 
@@ -81,7 +84,7 @@ def bcq_linear_triton(x: torch.Tensor, planes: torch.Tensor, alphas: torch.Tenso
         raise ValueError(f"alphas {tuple(alphas.shape)} / offsets {tuple(offsets.shape)} do not "
                          f"match {groups} groups of {bits} planes x {n} columns")
     if path is None:
-        path = "lut" if m <= LUT_MAX_M else "dot" if m <= FUSED_MAX_M else "dense"
+        path = "lut" if m <= LUT_MAX_M[bits] else "dot" if m <= FUSED_MAX_M else "dense"
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
