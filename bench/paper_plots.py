@@ -69,6 +69,8 @@ def table(res: dict) -> str:
     lines += ["", "| target | value | target | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |"
               for t in res.get("targets", [])]
+    if res.get("notes"):
+        lines += [""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"
 
 
