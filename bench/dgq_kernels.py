@@ -29,11 +29,7 @@ check the script, with wall-clock times that mean nothing, into ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +40,9 @@ import triton
 from optgptq_kernels import dgq_triton as dt
 from optgptq_kernels.dgq import dgq_linear_ref, pack_codes
 from optgptq_kernels.gptq_triton import gptq_linear_triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402
 
 GROUP = 128
 PAPER_SPEEDUP, PAPER_MEMORY = 3.24, 1.12
@@ -141,48 +140,19 @@ def shape_row(k: int, n: int, m: int, g: torch.Generator, device: str, dtype) ->
     return row
 
 
-def _target(name: str, value: float, target: float, better: str = "higher") -> dict:
-    met = value >= target if better == "higher" else value <= target
-    return {"name": name, "value": round(value, 4), "target": target, "better": better,
-            "met": met}
-
-
 def targets(rows: list[dict]) -> list[dict]:
     top = max(r["M"] for r in rows)
     big = [r for r in rows if r["M"] == top]
     memory = min(r["weight_bytes"]["gptq"] / r["weight_bytes"]["dgq"] for r in rows)
     return [
-        _target(f"[dgq] DGQ A8W4 vs W4A16 GPTQ kernel, M={top} (min over shapes; paper: 3.24x "
-                "over A16W4)", min(r["dgq_speedup_vs_gptq"] for r in big), PAPER_SPEEDUP),
-        _target(f"[dgq] DGQ A8W4 vs fp16 matmul, M={top} (min over shapes; INT8 tensor cores)",
-                min(r["dgq_speedup_vs_fp16"] for r in big), 1.0),
-        _target("[dgq] weight memory, W4A16 GPTQ / DGQ A8W4 (paper: 1.12x less memory end to "
-                "end, here weights only)", memory, PAPER_MEMORY),
+        report.target(f"[dgq] DGQ A8W4 vs W4A16 GPTQ kernel, M={top} (min over shapes; paper: "
+                      "3.24x over A16W4)", min(r["dgq_speedup_vs_gptq"] for r in big),
+                      PAPER_SPEEDUP),
+        report.target(f"[dgq] DGQ A8W4 vs fp16 matmul, M={top} (min over shapes; INT8 tensor "
+                      "cores)", min(r["dgq_speedup_vs_fp16"] for r in big), 1.0),
+        report.target("[dgq] weight memory, W4A16 GPTQ / DGQ A8W4 (paper: 1.12x less memory end "
+                      "to end, here weights only)", memory, PAPER_MEMORY),
     ]
-
-
-def _commit() -> str | None:
-    commit = os.environ.get("OPTGPTQ_COMMIT")
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip() or None
-        except OSError:
-            commit = None
-    return commit
-
-
-def merge(path: Path, section: dict) -> None:
-    """Write ``section`` under ``"dgq"`` of the JSON file ``path`` and its targets into the
-    file's ``targets`` (replacing earlier ones of the same name), keeping everything else."""
-    doc = json.loads(path.read_text()) if path.is_file() else {}
-    doc["dgq"] = section
-    mine = {t["name"] for t in section["targets"]}
-    doc["targets"] = [t for t in doc.get("targets", []) if t["name"] not in mine] + \
-        section["targets"]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.rename(path)
 
 
 def main() -> None:
@@ -201,8 +171,7 @@ def main() -> None:
             sys.exit("bench/dgq_kernels.py needs a GPU (torch.cuda); --tiny checks it on a CPU")
         device, dtype = "cuda", torch.float16
         shapes, ms = [(4096, 4096), (4096, 14336), (14336, 4096)], [1, 16, 256, 2048]
-        name = torch.cuda.get_device_name().lower()
-        gpu = "h200" if "h200" in name else "h100" if "h100" in name else name.replace(" ", "-")
+        gpu = report.gpu_short_name()
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"{'K':>6} {'N':>6} {'M':>5} {'fp16':>8} {'gptq':>8} {'dgq':>8} {'fused':>8} "
@@ -217,23 +186,13 @@ def main() -> None:
                   f"{r.get('dgq_int_mm_predequant_us', float('nan')):>8.1f} "
                   f"{r['dgq_speedup_vs_gptq']:>7.2f} {r['dgq_speedup_vs_fp16']:>7.2f}  "
                   f"{r['fastest_dgq_path']}", flush=True)
-    section = {
-        "machine": {"gpu": torch.cuda.get_device_name() if device == "cuda" else "none (CPU, "
-                    "Triton interpreter)", "platform": platform.platform(),
-                    "cores": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": triton.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "commit": _commit(),
-        "results": {"group_size": GROUP, "int_mm_min_m": dt.INT_MM_MIN_M, "dgq_gemm": rows},
-        "targets": targets(rows),
-    }
+    section = {**report.gpu_header(),
+               "results": {"group_size": GROUP, "int_mm_min_m": dt.INT_MM_MIN_M,
+                           "dgq_gemm": rows},
+               "targets": targets(rows)}
     path = Path(args.out) / f"kernels-{gpu}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    merge(path, section)
-    for t in section["targets"]:
-        print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (target {t['target']})")
+    report.merge_section(path, "dgq", section)
+    report.print_targets(section["targets"])
     print(f"wrote the 'dgq' section of {path}")
 
 

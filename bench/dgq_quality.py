@@ -23,12 +23,8 @@ Rows are cached in ``--workdir`` (rows.json and the checkpoints). Writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +38,9 @@ from optgptq.compress.dgq_pipeline import quantize_model_dgq
 from optgptq.compress.eval import evaluate, perplexity
 from optgptq.compress.quantizer import QuantSpec
 from optgptq.models.hub import resolve_model
-from quality import _fp16_copy, _quantize, _rows, _save_rows  # bench/quality.py
+import quality  # noqa: E402  (bench/quality.py)
+import report  # noqa: E402
+from quality import _fp16_copy, _quantize, _rows, _save_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BEGIN, END = "<!-- dgq-quality:begin -->", "<!-- dgq-quality:end -->"
@@ -165,43 +163,15 @@ def merge_section(md: str, section: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--eval", required=True)
-    p.add_argument("--workdir", default="/tmp/optgptq-dgq-quality")
-    p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--skip", action="append", default=[], help="a row not to compute (repeat)")
-    a = p.parse_args()
-    import transformers
-
+    a = quality.parser(__doc__.splitlines()[0], "/tmp/optgptq-dgq-quality").parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows = run(a)
-    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-                      f"CPU float32",
-           "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__},
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + shlex.join(sys.argv),
-           "results": {"model": a.model, "calib": a.calib, "eval": a.eval,
-                       "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed,
-                       "eval_tokens": a.eval_tokens, "window": a.window, "stride": a.stride,
-                       "rows": rows},
-           "targets": targets(rows), "notes": NOTES,
-           "skipped": a.skip}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for path, text in ((RESULTS / "dgq-quality.json", json.dumps(doc, indent=2) + "\n"),
-                       (RESULTS / "quality.md", merge_section(
-                           (RESULTS / "quality.md").read_text()
-                           if (RESULTS / "quality.md").is_file() else "", markdown(doc)))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.rename(path)
+    head = quality.header(a)
+    doc = {**head, "results": {**head.pop("settings"), "rows": rows},
+           "targets": targets(rows), "notes": NOTES, "skipped": a.skip}
+    md = RESULTS / "quality.md"
+    report.write_atomic(RESULTS / "dgq-quality.json", json.dumps(doc, indent=2) + "\n")
+    report.write_atomic(md, merge_section(md.read_text() if md.is_file() else "", markdown(doc)))
     print(json.dumps(doc["targets"], indent=2))
 
 

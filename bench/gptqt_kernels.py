@@ -27,22 +27,20 @@ with ``TRITON_INTERPRET=1``), to check the script itself.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
-import triton
 
 from optgptq_kernels.bcq import bcq_linear_ref
 from optgptq_kernels.bcq_triton import FUSED_MAX_M, LUT_MAX_M, bcq_linear_triton
 from optgptq_kernels.gptq_triton import gptq_linear_triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 ROWS = (1, 4, 16, 64, 256)
@@ -113,39 +111,18 @@ def measure(k: int, n: int, m: int, bits: int, group: int, device: str, bench,
     return row
 
 
-def _target(name: str, value: float, target: float, better: str = "higher") -> dict:
-    met = value >= target if better == "higher" else value <= target
-    return {"name": name, "value": round(value, 4), "target": target, "better": better, "met": met}
-
-
 def targets(rows: list[dict]) -> list[dict]:
     def m1(bits: int, key: str) -> float:
         return min(r[key] for r in rows if r["M"] == 1 and r["bits"] == bits)
 
     return [
-        _target("GPTQT 3-bit kernel vs GPTQ 3-bit kernel, M=1 (min over Llama-3-8B shapes; the "
-                "paper's 1.24x on OPT-30B)", m1(3, "speedup_vs_gptq"), 1.24),
-        _target("GPTQT 2-bit kernel vs GPTQ 2-bit kernel, M=1 (min over Llama-3-8B shapes)",
-                m1(2, "speedup_vs_gptq"), 1.0),
-        _target("GPTQT 3-bit kernel vs torch fp16 matmul, M=1 (min over Llama-3-8B shapes)",
-                m1(3, "speedup_vs_fp16"), 1.0),
+        report.target("GPTQT 3-bit kernel vs GPTQ 3-bit kernel, M=1 (min over Llama-3-8B "
+                      "shapes; the paper's 1.24x on OPT-30B)", m1(3, "speedup_vs_gptq"), 1.24),
+        report.target("GPTQT 2-bit kernel vs GPTQ 2-bit kernel, M=1 (min over Llama-3-8B "
+                      "shapes)", m1(2, "speedup_vs_gptq"), 1.0),
+        report.target("GPTQT 3-bit kernel vs torch fp16 matmul, M=1 (min over Llama-3-8B "
+                      "shapes)", m1(3, "speedup_vs_fp16"), 1.0),
     ]
-
-
-def merge(path: Path, section: dict) -> None:
-    """Put ``section`` under ``gptqt_kernels`` and its targets into ``targets`` of the JSON file
-    ``path``, keeping everything else; written to a temporary file and renamed."""
-    doc = json.loads(path.read_text()) if path.is_file() else {
-        "machine": section["machine"], "versions": section["versions"], "date": section["date"],
-        "command": section["command"], "results": {}, "targets": []}
-    names = {t["name"] for t in section["targets"]}
-    doc["targets"] = [t for t in doc.get("targets", []) if t["name"] not in names]
-    doc["targets"] += section["targets"]
-    doc["gptqt_kernels"] = section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.rename(path)
 
 
 def main() -> None:
@@ -175,30 +152,15 @@ def main() -> None:
                       f"{r.get('bcq_dot_us', float('nan')):>8.1f} {r['gptq_us']:>8.1f} "
                       f"{r['fp16_us']:>8.1f} {r['speedup_vs_gptq']:>7.2f} "
                       f"{r['speedup_vs_fp16']:>7.2f}", flush=True)
-    name = torch.cuda.get_device_name() if gpu else f"cpu-{platform.machine()}"
-    short = next((s for s in ("h200", "h100") if s in name.lower()),
-                 name.lower().replace(" ", "-"))
-    commit = os.environ.get("OPTGPTQ_COMMIT")
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip() or None
-        except OSError:
-            commit = None
+    short = report.gpu_short_name() if gpu else f"cpu-{platform.machine()}"
     section = {
-        "machine": {"gpu": name, "platform": platform.platform(), "cores": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": triton.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv), "commit": commit,
-        "group_size": args.group_size, "lut_max_m": LUT_MAX_M, "fused_max_m": FUSED_MAX_M,
-        "dtype": "float16" if gpu else "float32 (interpreter)",
+        **report.gpu_header(), "group_size": args.group_size, "lut_max_m": LUT_MAX_M,
+        "fused_max_m": FUSED_MAX_M, "dtype": "float16" if gpu else "float32 (interpreter)",
         "timing": "median of do_bench_cudagraph" if gpu else "one perf_counter call (script check)",
         "results": rows, "targets": targets(rows)}
     path = Path(args.out) / f"kernels-{short}.json"
-    merge(path, section)
-    for t in section["targets"]:
-        print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (target {t['target']})")
+    report.merge_section(path, "gptqt_kernels", section)
+    report.print_targets(section["targets"])
     print(f"wrote {path}")
 
 

@@ -23,11 +23,8 @@ does what is missing. Writes ``bench/results/gptqt-quality.json`` and regenerate
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,6 +34,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 import quality  # noqa: E402  (bench/quality.py: the fp16 copy, the markdown report)
+import report  # noqa: E402
 
 from optgptq.compress.calib import load_calibration, load_texts  # noqa: E402
 from optgptq.compress.checkpoint import save_gptq  # noqa: E402
@@ -172,39 +170,13 @@ def targets(rows: dict) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--eval", required=True)
-    p.add_argument("--workdir", default="/tmp/optgptq-gptqt-quality")
-    p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=8192)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--skip", action="append", default=[], help="a row not to compute (repeat)")
-    a = p.parse_args()
-    import transformers
-
+    a = quality.parser(__doc__.splitlines()[0], "/tmp/optgptq-gptqt-quality").parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows = run(a)
-    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-                      f"CPU float32",
-           "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__},
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + shlex.join(sys.argv),
-           "results": {"model": a.model, "calib": a.calib, "eval": a.eval,
-                       "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed,
-                       "eval_tokens": a.eval_tokens, "window": a.window, "stride": a.stride,
-                       "rows": rows},
-           "targets": targets(rows)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gptqt-quality.json").write_text(json.dumps(doc, indent=2) + "\n")
-    quality_file = RESULTS / "quality.json"
-    if quality_file.is_file():
-        (RESULTS / "quality.md").write_text(quality.markdown(json.loads(quality_file.read_text())))
+    head = quality.header(a)
+    doc = {**head, "results": {**head.pop("settings"), "rows": rows}, "targets": targets(rows)}
+    report.write_atomic(RESULTS / "gptqt-quality.json", json.dumps(doc, indent=2) + "\n")
+    quality.rewrite_markdown()
     print(json.dumps(doc["targets"], indent=2))
 
 

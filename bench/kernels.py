@@ -23,11 +23,7 @@ the previous file's headline numbers are kept under ``history``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +33,9 @@ from triton.testing import do_bench_cudagraph
 
 from optgptq_kernels.gptq_triton import gptq_linear_triton
 from optgptq_kernels.paged_attention_triton import paged_attention_triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DTYPE = torch.float16
@@ -135,11 +134,6 @@ def gptq_gemm(k: int, n: int, m: int, g: torch.Generator) -> dict:
             "speedup_vs_fp16": t_f / t_q}
 
 
-def _target(name: str, value: float, target: float, better: str) -> dict:
-    met = value >= target if better == "higher" else value <= target
-    return {"name": name, "value": round(value, 4), "target": target, "better": better, "met": met}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -180,52 +174,30 @@ def main() -> None:
 
     big = [r for r in attn if r["batch"] * r["context"] >= 256 * 1024]
     targets = [
-        _target("decode attention, min fraction of copy bandwidth (batch x context >= 256k)",
+        report.target("decode attention, min fraction of copy bandwidth (batch x context >= 256k)",
                 min((r["fraction_of_copy_bw"] for r in big), default=0.0), 0.85, "higher"),
-        _target("decode attention, min speedup vs SDPA over padded cache (mixed lengths)",
+        report.target("decode attention, min speedup vs SDPA over padded cache (mixed lengths)",
                 min(r["speedup_vs_sdpa"] for r in attn), 1.0, "higher"),
-        _target("GPTQ 4-bit GEMM, min speedup vs fp16 for M <= 16",
+        report.target("GPTQ 4-bit GEMM, min speedup vs fp16 for M <= 16",
                 min(r["speedup_vs_fp16"] for r in gemm if r["M"] <= 16), 3.0, "higher"),
-        _target("GPTQ 4-bit GEMM, min speedup vs fp16 at M = 256",
+        report.target("GPTQ 4-bit GEMM, min speedup vs fp16 at M = 256",
                 min(r["speedup_vs_fp16"] for r in gemm if r["M"] == 256), 0.9, "higher"),
     ]
-    name = torch.cuda.get_device_name().lower()
-    gpu = "h200" if "h200" in name else "h100" if "h100" in name else name.replace(" ", "-")
-    path = Path(args.out) / f"kernels-{gpu}.json"
+    path = Path(args.out) / f"kernels-{report.gpu_short_name()}.json"
     history, old = [], {}
     if path.is_file():
         old = json.loads(path.read_text())
         history = old.get("history", []) + [{"date": old["date"], "commit": old.get("commit"),
                                              "targets": old["targets"]}]
     own = {t["name"] for t in targets}
-    commit = os.environ.get("OPTGPTQ_COMMIT")
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip() or None
-        except OSError:
-            commit = None
-    result = {
-        "machine": {"gpu": torch.cuda.get_device_name(), "platform": platform.platform(),
-                    "cores": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": triton.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "commit": commit,
-        "results": {"ceilings": ceil, "decode_attention": attn, "gptq_gemm": gemm},
-        "targets": targets,
-        "history": history,
-    }
+    result = {**report.gpu_header(),
+              "results": {"ceilings": ceil, "decode_attention": attn, "gptq_gemm": gemm},
+              "targets": targets, "history": history}
     # Sections other benchmarks merged into this file (their own keys and targets) stay.
     result.update({k: v for k, v in old.items() if k not in result})
     result["targets"] += [t for t in old.get("targets", []) if t["name"] not in own]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.rename(path)
-    for t in targets:
-        print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (target {t['target']})")
+    report.write_atomic(path, json.dumps(result, indent=2) + "\n")
+    report.print_targets(targets)
     print(f"wrote {path}")
 
 

@@ -24,7 +24,6 @@ quality.md)::
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import importlib.util
 import json
@@ -47,6 +46,9 @@ from optgptq.compress.eval import evaluate
 from optgptq.compress.pipeline import quantize_model
 from optgptq.compress.quantizer import QuantSpec
 from optgptq.models.hub import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 NOTES = [
@@ -262,12 +264,14 @@ def _gptqt_section() -> list[str]:
     return section(json.loads(f.read_text()))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str, workdir: str) -> argparse.ArgumentParser:
+    """The arguments every quality report takes (bench/quality.py, gptqt_quality.py,
+    dgq_quality.py): model, calibration and evaluation texts and windows, rows to skip."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--calib", required=True)
     p.add_argument("--eval", required=True)
-    p.add_argument("--workdir", default="/tmp/optgptq-quality")
+    p.add_argument("--workdir", default=workdir)
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -275,41 +279,52 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--skip", action="append", default=[], help="a row not to compute (repeat)")
+    return p
+
+
+def header(a: argparse.Namespace) -> dict:
+    """A quality report's machine, versions, date, command, commit and its run settings."""
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    if importlib.util.find_spec("gptqmodel"):
+        versions["gptqmodel"] = importlib.metadata.version("gptqmodel")
+    settings = {k: getattr(a, k) for k in ("model", "calib", "eval", "num_samples", "seq_len",
+                                           "seed", "eval_tokens", "window", "stride")}
+    return {"machine": report.cpu_machine(), "versions": versions, "date": report.now(),
+            "command": report.command(), "commit": report.commit(), "settings": settings}
+
+
+def rewrite_markdown() -> None:
+    """Regenerate quality.md from quality.json, keeping the marked sections of other reports."""
+    quality_file, md_path = RESULTS / "quality.json", RESULTS / "quality.md"
+    if quality_file.is_file():
+        report.write_atomic(md_path, markdown(json.loads(quality_file.read_text()))
+                            + _other_sections(md_path))
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], "/tmp/optgptq-quality")
     p.add_argument("--asym", action="store_true", help="asymmetric GPTQ/RTN (default symmetric)")
     p.add_argument("--mse", action="store_true", help="GPTQ/RTN with the clipping search")
     p.add_argument("--name", default="quality", help="results file name (bench/results/NAME.json)")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeat)")
     a = p.parse_args()
-    import transformers
-
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows = run(a)
     gqa_file = RESULTS / "gqa-quality.json"   # its rows and targets belong to quality.md
     gqa_doc = (json.loads(gqa_file.read_text()) if gqa_file.is_file() and a.name == "quality"
                else None)
-    results = {"model": a.model, "calib": a.calib, "eval": a.eval, "num_samples": a.num_samples,
-               "seq_len": a.seq_len, "seed": a.seed, "eval_tokens": a.eval_tokens,
-               "window": a.window, "stride": a.stride, "asym": a.asym, "mse": a.mse,
-               "notes": a.note, "rows": rows,
-               "gqa_quality_rows": (gqa_doc or {}).get("results", {}).get("rows")}
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__}
-    if importlib.util.find_spec("gptqmodel"):
-        versions["gptqmodel"] = importlib.metadata.version("gptqmodel")
-    doc = {"name": a.name, "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs), "
-                      f"CPU float32",
-           "versions": versions,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python " + " ".join(sys.argv), "results": results,
-           "targets": targets(rows, gqa_doc)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = RESULTS / f"{a.name}.json", RESULTS / f"{a.name}.md"
-    for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"),
-                       (md_path, markdown(doc) + (_other_sections(md_path)
-                                                  if a.name == "quality" else ""))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.rename(path)
+    head = header(a)
+    results = {**head.pop("settings"), "asym": a.asym, "mse": a.mse, "notes": a.note,
+               "rows": rows, "gqa_quality_rows": (gqa_doc or {}).get("results", {}).get("rows")}
+    doc = {"name": a.name, **head, "results": results, "targets": targets(rows, gqa_doc)}
+    report.write_atomic(RESULTS / f"{a.name}.json", json.dumps(doc, indent=2) + "\n")
+    if a.name == "quality":
+        rewrite_markdown()
+    else:
+        report.write_atomic(RESULTS / f"{a.name}.md", markdown(doc))
     print(json.dumps(doc["targets"], indent=2))
 
 
