@@ -42,6 +42,14 @@ _MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 
 @triton.jit
+def _smoothed(x_ptr, t_ptr, row, stride_x, offs, mask):
+    """``x / t`` (correctly rounded) of inputs ``offs`` of a row, float32."""
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    return tl.math.div_rn(x, t)
+
+
+@triton.jit
 def _quantize_row(xs, s):
     v = tl.math.div_rn(xs, s)
     r = tl.floor(tl.abs(v) + 0.5)
@@ -58,9 +66,7 @@ def act_quant_kernel(x_ptr, t_ptr, x8_ptr, s_ptr, K, stride_x, stride_x8,
     if BLOCK >= K:
         offs = tl.arange(0, BLOCK)
         mask = offs < K
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-        xs = tl.math.div_rn(x, t)
+        xs = _smoothed(x_ptr, t_ptr, row, stride_x, offs, mask)
         s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xs), 0), _MIN_AMAX), 127.0)
         tl.store(s_ptr + row, s)
         tl.store(x8_ptr + row * stride_x8 + offs, _quantize_row(xs, s), mask=mask)
@@ -68,19 +74,14 @@ def act_quant_kernel(x_ptr, t_ptr, x8_ptr, s_ptr, K, stride_x, stride_x8,
         amax = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            mask = offs < K
-            x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(tl.math.div_rn(x, t)))
+            amax = tl.maximum(amax, tl.abs(_smoothed(x_ptr, t_ptr, row, stride_x, offs,
+                                                     offs < K)))
         s = tl.math.div_rn(tl.maximum(tl.max(amax, 0), _MIN_AMAX), 127.0)
         tl.store(s_ptr + row, s)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            mask = offs < K
-            x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-            t = tl.load(t_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-            tl.store(x8_ptr + row * stride_x8 + offs, _quantize_row(tl.math.div_rn(x, t), s),
-                     mask=mask)
+            xs = _smoothed(x_ptr, t_ptr, row, stride_x, offs, offs < K)
+            tl.store(x8_ptr + row * stride_x8 + offs, _quantize_row(xs, s), mask=offs < K)
 
 
 @triton.jit
