@@ -77,7 +77,8 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (see :mod:`optgptq_kernels.pointwise`)."""
-    if use_triton(gate) and gate.is_contiguous() and up.is_contiguous():
+    if (use_triton(gate) and gate.dim() == 2 and gate.stride(1) == 1 and up.stride(1) == 1
+            and gate.shape == up.shape):
         from optgptq_kernels.pointwise_triton import silu_and_mul_triton
 
         return silu_and_mul_triton(gate, up)

@@ -104,21 +104,27 @@ def rotary_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos
 
 
 @triton.jit
-def _silu_and_mul_kernel(g_ptr, u_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+def _silu_and_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0)
     gf = g.to(tl.float32)
     a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out_ptr + offs, (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+    tl.store(out_ptr + row * n + offs, (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype),
+             mask=mask)
 
 
 def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """As :func:`optgptq_kernels.pointwise.silu_and_mul_ref` (contiguous inputs)."""
-    assert gate.is_contiguous() and up.is_contiguous() and gate.shape == up.shape
-    out = torch.empty_like(gate)
-    numel = gate.numel()
-    if numel:
-        _silu_and_mul_kernel[(triton.cdiv(numel, 1024),)](gate, up, out, numel, BLOCK=1024)
+    """As :func:`optgptq_kernels.pointwise.silu_and_mul_ref`, for ``[T, I]`` inputs whose rows
+    may be strided (the two halves of a merged gate/up product)."""
+    assert gate.dim() == 2 and gate.shape == up.shape
+    assert gate.stride(1) == 1 and up.stride(1) == 1
+    t, n = gate.shape
+    out = torch.empty((t, n), dtype=gate.dtype, device=gate.device)
+    if t and n:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0),
+                                                         up.stride(0), BLOCK=block)
     return out

@@ -85,9 +85,13 @@ def test_rotary_matches_reference(dtype, heads, kv_heads, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_matches_reference(dtype):
+@pytest.mark.parametrize("merged", [False, True])
+def test_silu_and_mul_matches_reference(dtype, merged):
     g = torch.Generator().manual_seed(3)
-    gate, up = _rand(g, dtype, 7, 3000) * 4, _rand(g, dtype, 7, 3000)
+    if merged:  # the two halves of a merged gate/up product: row-strided views
+        gate, up = (_rand(g, dtype, 7, 6000) * 4).split(3000, dim=1)
+    else:
+        gate, up = _rand(g, dtype, 7, 3000) * 4, _rand(g, dtype, 7, 3000)
     _assert_close(silu_and_mul_triton(gate, up), silu_and_mul_ref(gate, up))
 
 

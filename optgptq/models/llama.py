@@ -14,6 +14,7 @@ from transformers.activations import ACT2FN
 from optgptq_kernels import ops
 
 from optgptq.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding
+from optgptq.models.merged import MergedProjections
 
 
 class LlamaAttention(nn.Module):
@@ -28,14 +29,15 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.qkv = MergedProjections(self, ["q_proj", "k_proj", "v_proj"])
         self.rotary = [rotary]  # shared table, kept out of this module's state dict
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k = self.rotary[0](meta.positions, self.q_proj(x), self.k_proj(x),
-                              self.num_heads, self.num_kv_heads)
-        return self.o_proj(self.attn(q, k, self.v_proj(x), meta))
+        q, k, v = self.qkv(x)
+        q, k = self.rotary[0](meta.positions, q, k, self.num_heads, self.num_kv_heads)
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -45,13 +47,15 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up = MergedProjections(self, ["gate_proj", "up_proj"])
         self.silu = config.hidden_act == "silu"
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
         if self.silu:
-            return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(ops.silu_and_mul(gate, up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from optgptq.models.bloom import BloomForCausalLM
 from optgptq.models.llama import LlamaForCausalLM
+from optgptq.models.merged import merge_projections
 from optgptq.models.quantization import (method_of, quantized_module_names, random_quantized,
                                          swap_in_quantized)
 
@@ -74,6 +75,7 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
     peak memory is one copy of the weights; a quantized checkpoint's linears become its
     method's layers (:mod:`optgptq.models.quantization`); computed buffers (RoPE tables,
     ALiBi slopes) are built on the CPU by the modules themselves and moved with the model.
+    Once loaded, projections that share an input are merged (:mod:`optgptq.models.merged`).
     ``dummy`` fills the weights with random values instead (no weight files needed); a
     quantized config then quantizes every linear but the output head, in its method's layout.
     """
@@ -107,7 +109,9 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
             state[name] = state[twin]
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    merge_projections(model)
+    return model
 
 
 def _read_state(path: Path, files: list[Path], expected: dict, prefix: str, quantized: set[str],
