@@ -117,34 +117,47 @@ def _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, str
 
 
 @triton.jit
-def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, N, K,
-                 group_size, stride_qw, stride_qz, stride_sc,
-                 BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One input row (decode at batch 1), 2/4/8 bits, groups aligned to slices: no tensor cores;
-    shift ``j`` of the packed rows meets inputs ``k0 + PER * i + j`` in float32 FMAs into a
-    ``[BLOCK_K / PER, BLOCK_N]`` tile, scaled once per slice and reduced once at the end."""
-    pid_n, pid_k = tl.program_id(1), tl.program_id(2)
+def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K,
+                group_size, magic, stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
+                BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """A few input rows (decode), 2/4/8 bits, groups aligned to slices, on CUDA cores. Each
+    packed row of the weight is a ``[BLOCK_N]`` vector of words and each of its inputs one
+    scalar per row of ``x``, so a code costs one LOP3, one FADD and one FFMA per row of ``x``:
+    the code is masked in place and OR'ed with the exponent bits of 2**23 (``magic``, passed
+    at run time so that it sits in a register and both fold into one LOP3), which reads as
+    ``2**23 + q * 2**p`` for a code at bit ``p`` of its half-word; minus 2**23 it is exact, and
+    its input is pre-scaled by ``2**-p``. Codes of the upper half-word come from one shift per
+    word."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     per: tl.constexpr = 32 // BITS
+    half: tl.constexpr = per // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
-        part = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
-        x_sum = tl.zeros([BLOCK_K // per], tl.float32)
-        for j in tl.static_range(per):
-            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
-            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            part += x[:, None] * _code_float((words >> (j * BITS)) & ((1 << BITS) - 1))
-            x_sum += x
+        part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        x_sum = tl.zeros([BLOCK_M], tl.float32)
+        for r in tl.static_range(BLOCK_K // per):
+            row_ok = k0 + r * per < K
+            words = tl.load(qw_ptr + (k0 // per + r) * stride_qw + offs_n,
+                            mask=n_mask & row_ok, other=0)
+            upper = words >> 16
+            for j in tl.static_range(per):
+                x = tl.load(x_ptr + offs_m * stride_xm + k0 + r * per + j,
+                            mask=m_mask & row_ok, other=0.0).to(tl.float32)
+                x_sum += x
+                src = words if j < half else upper
+                code = ((src & (((1 << BITS) - 1) << (BITS * (j % half)))) | magic
+                        ).to(tl.float32, bitcast=True)
+                part += ((x * (1.0 / (1 << (BITS * (j % half)))))[:, None]
+                         * (code - 8388608.0)[None, :])
         g = k0 // group_size
         s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1)
         acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
-    total = tl.sum(acc, 0)[None, :]
-    offs_m = tl.arange(0, 1)
-    _write_out(total, offs_m, offs_n, offs_m < 1, n_mask, 1, N, bias_ptr, out_ptr, N, ws_ptr,
+    _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om, ws_ptr,
                lock_ptr, SPLIT_K, HAS_BIAS)
 
 
@@ -195,9 +208,13 @@ def swapped_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, loc
     """Aligned groups, 2/4/8 bits, per shift, computed transposed: ``out^T = W^T x^T``. The
     codes fill the MMA's wide A operand (``BLOCK_N`` output features) straight from registers
     and the few activation rows are its narrow B operand, so the dequantized tile never makes a
-    trip through shared memory."""
+    trip through shared memory. With an exact-float ``OFFSET`` the codes at shifts ``s`` and
+    ``s + PER / 2`` of a word are made floats two at a time: one mask of both 16-bit halves,
+    one OR with the offset's bit pattern in each half, and the halves are the two floats."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     per: tl.constexpr = 32 // BITS
+    half: tl.constexpr = per // 2
+    pair_magic: tl.constexpr = (0x6400 if OFFSET == 1024 else 0x4300) * 0x00010001
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
@@ -208,16 +225,29 @@ def swapped_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, loc
                         mask=(rows * per < K)[None, :] & n_mask[:, None], other=0)
         part = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         x_sum = tl.zeros([BLOCK_M], tl.float32)
-        for j in tl.static_range(per):
-            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-                         mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
-            w = _exact_float((words >> (j * BITS)) & ((1 << BITS) - 1), xt.dtype, OFFSET)
-            if IEEE:
-                part += tl.dot(w, xt, input_precision="ieee")
-            else:
+        if OFFSET > 0:
+            c = tl.arange(0, 2 * (BLOCK_K // per))
+            for s in tl.static_range(half):
+                pairs = ((words >> (s * BITS)) & (((1 << BITS) - 1) * 0x00010001)) | pair_magic
+                lo = pairs.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                hi = (pairs >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+                w = tl.reshape(tl.join(lo, hi), [BLOCK_N, 2 * (BLOCK_K // per)])
+                kk = k0 + (c // 2) * per + s + (c % 2) * half
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                             mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
                 part += tl.dot(w, xt)
-            x_sum += tl.sum(xt.to(tl.float32), 0)
+                x_sum += tl.sum(xt.to(tl.float32), 0)
+        else:
+            for j in tl.static_range(per):
+                kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                             mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+                w = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                if IEEE:
+                    part += tl.dot(w.to(xt.dtype), xt, input_precision="ieee")
+                else:
+                    part += tl.dot(w.to(xt.dtype), xt)
+                x_sum += tl.sum(xt.to(tl.float32), 0)
         g = k0 // group_size
         s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1 + OFFSET)

@@ -217,9 +217,10 @@ GPTQ_CASES = [  # bits, K, N, group size, act-order
 
 
 @pytest.mark.parametrize("bits,k,n,group_size,act_order", GPTQ_CASES)
-@pytest.mark.parametrize("m", [1, 5, 17, 70])
+@pytest.mark.parametrize("m", [1, 3, 5, 17, 70])
 def test_gptq_linear(bits, k, n, group_size, act_order, m):
-    """Fused path (m <= FUSED_MAX_M, split-K where K is long) and dequantize-then-matmul."""
+    """GEMV (m <= GEMV_MAX_M, aligned groups), fused paths (m <= FUSED_MAX_M, split-K where
+    K is long) and dequantize-then-matmul."""
     g = torch.Generator().manual_seed(bits * 1000 + k + m)
     if GPU:
         k, n = k * 16, n * 32
@@ -237,14 +238,21 @@ def test_gptq_linear(bits, k, n, group_size, act_order, m):
         assert rel_err(out, gptq_linear_ref(x, *packed, bits, bias).double()) < 2 * TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("bits,k,n,group_size,act_order", GPTQ_CASES[:4])
-def test_gptq_linear_float16_codes(bits, k, n, group_size, act_order):
-    """float16 activations: codes become exact floats by bit pattern (1024 + q)."""
-    g = torch.Generator().manual_seed(bits + k)
+@pytest.mark.parametrize("bits,k,n,group_size,act_order",
+                         GPTQ_CASES[:4] + [GPTQ_CASES[-1], (4, 512, 64, 128, False)])
+@pytest.mark.parametrize("m", [3, 6])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if GPU else [torch.float16])
+def test_gptq_linear_half_codes(bits, k, n, group_size, act_order, m, dtype):
+    """16-bit activations: codes become exact floats by bit pattern (1024 + q in float16,
+    128 + q in bfloat16), two per word op in the per-shift dot (m = 6). bfloat16 on the GPU
+    only: Triton's interpreter mis-handles its bit casts."""
+    g = torch.Generator().manual_seed(bits + k + m)
     packed = _gptq_case(g, bits, k, n, group_size, act_order)
-    x = torch.randn(3, k, generator=g).to(device=DEVICE, dtype=torch.float16)
+    x = torch.randn(m, k, generator=g).to(device=DEVICE, dtype=dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    gptq_linear_triton(x, *packed, bits, out=out)
     ref = x.double() @ dequantize_ref(*packed, bits, torch.float64)
-    assert rel_err(gptq_linear_triton(x, *packed, bits), ref) < TOLERANCE[torch.float16]
+    assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
 def test_gptq_linear_split_k_on_long_inputs(monkeypatch):
