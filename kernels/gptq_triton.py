@@ -1,11 +1,11 @@
 """GPTQ linear in Triton: a fused dequant-GEMM for small batches, dequantize-then-matmul for
 large ones. Same contract as :func:`optgptq_kernels.gptq.gptq_linear_ref`.
 
-Up to ``GEMV_MAX_M`` rows (decode at small batch) with aligned groups take the GEMV kernel: no
-tensor cores; each packed row of the weight is a vector of words and each of its inputs a
-scalar, a code costs three instructions per row of ``x`` (kernel docstring). At one row the
-fused tensor-core kernels spent some nine instructions per code and ran instruction-bound at
-2.5x the time their loads alone took on an H200.
+One row (decode at batch 1) with aligned groups takes the GEMV kernel: no tensor cores, four
+packed rows a slice so that each thread holds few rows and many columns (its inputs are loaded
+once per row and shift), a code made a float by one LOP3 and multiplied in one FFMA (kernel
+docstring): about 5.5 instructions per code in the loop against 8-9 before, which ran
+instruction-bound at 2.5x the time its loads alone took on an H200.
 
 Fused path (``M <= FUSED_MAX_M``): program ``(m, n, k)`` computes a ``BLOCK_M x BLOCK_N``
 output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. With ``SPLIT_K >
@@ -41,9 +41,8 @@ from optgptq_kernels.gptq_triton_kernels import (dequant_kernel, fused_kernel, g
                                                  swapped_kernel)
 
 FUSED_MAX_M = 64
-GEMV_MAX_M = 4                            # rows that take the CUDA-core GEMV kernel
-GEMV_BLOCK_N = {1: 1024, 2: 512, 4: 512}  # its tile width by BLOCK_M
-GEMV_PROGRAMS = 2                         # its programs per SM (times 2, as _num_programs)
+GEMV_BLOCK_N, GEMV_WARPS = 1024, 4  # the GEMV's tile width and warps
+GEMV_PROGRAMS = 4                   # its programs per SM (times 2, as _num_programs)
 
 
 def _group_layout(g_idx: torch.Tensor, k: int, num_groups: int) -> int:
@@ -120,29 +119,32 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     x = x.contiguous()
     group_size = _group_layout(g_idx, k, scales.shape[0])
     block_k, aligned, per_shift = _pick_block_k(group_size, bits)
-    gemv = m <= GEMV_MAX_M and aligned and bits != 3
-    block_m = triton.next_power_of_2(m) if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
+    gemv = m == 1 and bits != 3 and group_size > 0 and group_size % (128 // bits) == 0
+    block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
     # Tiling measured on an H200 (sweeps of `launch`): the GEMV wants long rows of words
     # and ~GEMV_PROGRAMS programs per SM, the per-shift dot wide tiles split along K until
     # the GPU holds ~2 programs per SM.
-    if x.device.type != "cuda":
+    if gemv:
+        block_k = 128 // bits  # four packed rows a slice (few rows per thread)
+        block_n = GEMV_BLOCK_N if x.device.type == "cuda" else 32
+    elif x.device.type != "cuda":
         block_n = 32
-    elif gemv:
-        block_n = GEMV_BLOCK_N[block_m]
     else:
         block_n = 256 if per_shift else (128 if m <= 16 else 64)
     target = _num_programs(x.device) * (GEMV_PROGRAMS if gemv else 1)
+    max_split = 64 if gemv else 16
     while True:
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split_k = 1
-        while (split_k < 16 and tiles * split_k * 2 <= target
+        while (split_k < max_split and tiles * split_k * 2 <= target
                and k // (block_k * split_k * 2) >= 1):
             split_k *= 2
         try:
             launch(x, qweight, qzeros, scales, g_idx, bits, bias, out, group_size, aligned,
-                   kernel, block_m, block_n, block_k, split_k)
+                   kernel, block_m, block_n, block_k, split_k,
+                   num_warps=GEMV_WARPS if gemv else 4)
             return out
         except OutOfResources:  # a device with less shared memory (e.g. a DCU's 64 KiB LDS)
             if block_n <= 16:
@@ -163,10 +165,9 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
     locks = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else out
     bias_arg = bias if bias is not None else x
     if kernel == "gemv":
-        gemv_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
-                          group_size, 0x4B000000, x.stride(0), qweight.stride(0),
-                          qzeros.stride(0), scales.stride(0), out.stride(0), BITS=bits,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        gemv_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
+                          group_size, 0x4B000000, qweight.stride(0), qzeros.stride(0),
+                          scales.stride(0), BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k,
                           SPLIT_K=split_k, HAS_BIAS=bias is not None, num_warps=num_warps,
                           num_stages=num_stages)
         return
