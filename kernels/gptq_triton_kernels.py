@@ -134,16 +134,8 @@ def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
-    step = BLOCK_K * SPLIT_K
-    # Each slice's words are loaded one iteration ahead, so their latency overlaps the
-    # previous slice's arithmetic (profiled on an H100: without it the kernel stalled on its
-    # loads with half of its issue slots and of DRAM bandwidth unused).
-    words = _packed_rows(qw_ptr, pid_k * BLOCK_K, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
-    for k0 in range(pid_k * BLOCK_K, K, step):
-        ahead = _packed_rows(qw_ptr, k0 + step, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
-        g = k0 // group_size
-        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
         upper = words >> 16
         part = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
         x_sum = tl.zeros([BLOCK_K // per], tl.float32)
@@ -155,8 +147,10 @@ def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_p
             code = ((src & (((1 << BITS) - 1) << (BITS * (j % half)))) | magic
                     ).to(tl.float32, bitcast=True)
             part += (x * (1.0 / (1 << (BITS * (j % half)))))[:, None] * (code - 8388608.0)
+        g = k0 // group_size
+        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1)
         acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
-        words = ahead
     total = tl.sum(acc, 0)[None, :]
     offs_m = tl.arange(0, 1)
     _write_out(total, offs_m, offs_n, offs_m < 1, n_mask, 1, N, bias_ptr, out_ptr, N, ws_ptr,
