@@ -41,7 +41,7 @@ from optgptq_kernels.gptq_triton_kernels import (dequant_kernel, fused_kernel, g
                                                  swapped_kernel)
 
 FUSED_MAX_M = 64
-GEMV_BLOCK_N, GEMV_WARPS = 1024, 4  # the GEMV's tile width and warps
+GEMV_BLOCK_N, GEMV_WARPS = 512, 4   # the GEMV's tile width and warps
 GEMV_PROGRAMS = 4                   # its programs per SM (times 2, as _num_programs)
 
 
