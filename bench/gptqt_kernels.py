@@ -16,7 +16,7 @@ Each output is first checked against the PyTorch reference. Times are medians of
 traceback printed). The section is merged into
 ``bench/results/kernels-<gpu>.json`` under the key ``gptqt_kernels`` and its targets are added to
 the file's ``targets`` (read, modify, write to a temporary file, rename; the rest of the file is
-kept; run it after ``bench/kernels.py``, which rewrites that file)::
+kept; run it after ``bench/kernel_speed.py``, which rewrites that file)::
 
     python bench/gptqt_kernels.py [--out bench/results] [--group-size 128]
 

@@ -19,7 +19,10 @@ Every time is a median from ``triton.testing.do_bench_cudagraph`` (CUDA-graph re
 overhead is not measured). Prints a table and writes ``bench/results/kernels-<gpu>.json``;
 the previous file's headline numbers are kept under ``history``.
 
-    python bench/kernels.py [--out bench/results] [--quick]
+    python bench/kernel_speed.py [--out bench/results] [--quick]
+
+(Not ``kernels.py``: scripts run from ``bench/`` put it first on ``sys.path``, and
+transformers probes for Hugging Face's ``kernels`` package by that name.)
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke run")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a GPU (torch.cuda)")
+        sys.exit("bench/kernel_speed.py needs a GPU (torch.cuda)")
     g = torch.Generator("cuda").manual_seed(0)
     ceil = ceilings()
     print(f"copy {ceil['copy_GBps']:.0f} GB/s (read + write), read {ceil['read_GBps']:.0f} GB/s, "
