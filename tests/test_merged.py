@@ -43,6 +43,7 @@ def test_float_linears_merge_into_one_product_with_the_same_outputs():
     x = torch.randn(5, 32, generator=g)
     expect = [layer(x) for layer in layers.values()]
     owner.proj.merge()
+    owner.proj.merge()                                                    # idempotent
     assert owner.proj.merged is not None and not hasattr(owner, "q")
     got = owner.proj(x)
     assert [t.shape for t in got] == [t.shape for t in expect]

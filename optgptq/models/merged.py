@@ -54,7 +54,9 @@ class MergedProjections(nn.Module):
 
     def merge(self) -> None:
         """Concatenate the owner's layers (once their weights are loaded); a set that cannot be
-        concatenated is left as is."""
+        concatenated is left as is; merged ones stay merged."""
+        if self.merged is not None:
+            return
         owner = self._owner[0]
         layers = [getattr(owner, name) for name in self.owner_names]
         merged = concat_linears(layers)
