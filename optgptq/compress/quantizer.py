@@ -94,10 +94,7 @@ def _best_candidate(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     """Per row of ``w [n, C]``, the candidate ``p`` of ``scale, zero [P, n]`` with the least
     ``sum |s (q - z) - w| ** MSE_NORM``."""
     _, deq = quantize_column(w, scale[..., None], zero[..., None], maxq)          # [P, n, C]
-    # |d| ** MSE_NORM as exp2(MSE_NORM * log2 |d|) (0 stays 0): 2.8x faster than pow on the
-    # 2-core CI machine, where pow was 30% of a 32-sample quantization; the two agree to ~1e-6.
-    err = (deq - w).abs_().log2_().mul_(MSE_NORM).exp2_()
-    return err.sum(dim=2).argmin(dim=0)
+    return (deq - w).abs_().pow_(MSE_NORM).sum(dim=2).argmin(dim=0)
 
 
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
