@@ -119,7 +119,8 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     x = x.contiguous()
     group_size = _group_layout(g_idx, k, scales.shape[0])
     block_k, aligned, per_shift = _pick_block_k(group_size, bits)
-    gemv = m == 1 and bits != 3 and group_size > 0 and group_size % (128 // bits) == 0
+    gemv_k = 128 // bits  # the GEMV's slice: four packed rows (few rows per thread)
+    gemv = m == 1 and bits != 3 and group_size > 0 and group_size % gemv_k == 0
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
@@ -127,7 +128,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     # and ~GEMV_PROGRAMS programs per SM, the per-shift dot wide tiles split along K until
     # the GPU holds ~2 programs per SM.
     if gemv:
-        block_k = 128 // bits  # four packed rows a slice (few rows per thread)
+        block_k = gemv_k
         block_n = GEMV_BLOCK_N if x.device.type == "cuda" else 32
     elif x.device.type != "cuda":
         block_n = 32

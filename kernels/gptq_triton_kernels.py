@@ -122,12 +122,12 @@ def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_p
                 BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One input row (decode at batch 1), 2/4/8 bits, groups aligned to slices, on CUDA cores.
-    A slice's few packed rows are loaded as one ``[BLOCK_K / PER, BLOCK_N]`` tile; shift ``j`` of every word meets inputs ``k0 + PER * i + j``. A code costs
-    one LOP3, one FADD and one FFMA: it is masked in place and OR'ed with the exponent bits of
-    2**23 (``magic``, passed at run time so that it sits in a register and both fold into one
-    LOP3), which reads as ``2**23 + q * 2**p`` for a code at bit ``p`` of its half-word; minus
-    2**23 it is exact, and its inputs are pre-scaled by ``2**-p``. The upper half-words come
-    from one shift per word."""
+    A slice's few packed rows are loaded as one ``[BLOCK_K / PER, BLOCK_N]`` tile; shift ``j``
+    of every word meets inputs ``k0 + PER * i + j``. A code costs one LOP3, one FADD and one
+    FFMA: it is masked in place and OR'ed with the exponent bits of 2**23 (``magic``, passed at
+    run time so that it sits in a register and both fold into one LOP3), which reads as
+    ``2**23 + q * 2**p`` for a code at bit ``p`` of its half-word; minus 2**23 it is exact, and
+    its inputs are pre-scaled by ``2**-p``. The upper half-words come from one shift per word."""
     pid_n, pid_k = tl.program_id(1), tl.program_id(2)
     per: tl.constexpr = 32 // BITS
     half: tl.constexpr = per // 2

@@ -21,21 +21,20 @@ from torch import nn
 
 def concat_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One layer whose output is the concatenation of ``layers``' outputs, or None when these
-    layers cannot be concatenated."""
+    layers cannot be concatenated (mixed kinds, some with a bias and some without, or a kind
+    that defines no ``concat``)."""
     kind = type(layers[0])
-    if any(type(layer) is not kind for layer in layers):
+    has_bias = [getattr(layer, "bias", None) is not None for layer in layers]
+    if any(type(layer) is not kind for layer in layers) or len(set(has_bias)) > 1:
         return None
     if kind is nn.Linear:
-        biases = [layer.bias for layer in layers]
-        if any(b is None for b in biases) and not all(b is None for b in biases):
-            return None
-        first = layers[0].weight
-        merged = nn.Linear(first.shape[1], sum(layer.weight.shape[0] for layer in layers),
-                           bias=biases[0] is not None, device="meta")
+        merged = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers),
+                           bias=has_bias[0], device="meta")
         merged.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]),
                                      requires_grad=False)
-        if biases[0] is not None:
-            merged.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+        if has_bias[0]:
+            merged.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]),
+                                       requires_grad=False)
         return merged
     concat = getattr(kind, "concat", None)
     return concat(layers) if concat is not None else None
@@ -62,7 +61,7 @@ class MergedProjections(nn.Module):
         merged = concat_linears(layers)
         if merged is None:
             return
-        self.sizes = [_out_features(layer) for layer in layers]
+        self.sizes = [layer.out_features for layer in layers]
         self.merged = merged
         for name in self.owner_names:
             delattr(owner, name)
@@ -72,10 +71,6 @@ class MergedProjections(nn.Module):
             return self.merged(x).split(self.sizes, dim=-1)
         owner = self._owner[0]
         return tuple(getattr(owner, name)(x) for name in self.owner_names)
-
-
-def _out_features(layer: nn.Module) -> int:
-    return layer.weight.shape[0] if isinstance(layer, nn.Linear) else layer.out_features
 
 
 @torch.no_grad()

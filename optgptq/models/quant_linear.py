@@ -91,24 +91,22 @@ class GPTQLinear(nn.Module):
     @classmethod
     def concat(cls, layers: list["GPTQLinear"]) -> "GPTQLinear | None":
         """One layer computing the concatenated outputs of ``layers`` (codes, zeros, scales and
-        biases side by side), or None unless they share the input, bit width and group
-        layout (``g_idx``) and all or none have a bias."""
+        biases side by side; all or none have a bias), or None unless they share the input,
+        bit width and group layout (``g_idx``)."""
         first = layers[0]
-        biases = [layer.bias for layer in layers]
-        if (any(layer.in_features != first.in_features or layer.bits != first.bits
-                or layer.scales.shape[0] != first.scales.shape[0]
-                or not torch.equal(layer.g_idx, first.g_idx) for layer in layers)
-                or (any(b is None for b in biases) and not all(b is None for b in biases))):
+        if any(layer.in_features != first.in_features or layer.bits != first.bits
+               or layer.scales.shape[0] != first.scales.shape[0]
+               or not torch.equal(layer.g_idx, first.g_idx) for layer in layers):
             return None
-        merged = cls.__new__(cls)
-        nn.Module.__init__(merged)
-        merged.in_features, merged.bits = first.in_features, first.bits
-        merged.out_features = sum(layer.out_features for layer in layers)
+        with torch.device("meta"):  # shapes only: every tensor is replaced below
+            merged = cls(first.in_features, sum(layer.out_features for layer in layers),
+                         GPTQConfig(first.bits, -1), first.bias is not None)
         for name in ("qweight", "qzeros", "scales"):
-            merged.register_buffer(name, torch.cat([getattr(layer, name) for layer in layers], 1))
-        merged.register_buffer("g_idx", first.g_idx)
-        merged.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases),
-                                                                  requires_grad=False)
+            setattr(merged, name, torch.cat([getattr(layer, name) for layer in layers], 1))
+        merged.g_idx = first.g_idx
+        if first.bias is not None:
+            merged.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]),
+                                       requires_grad=False)
         return merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
