@@ -13,10 +13,14 @@ running max and sum in float32 (base 2). ALiBi adds ``slope * (key_pos - query_p
 from positions; no bias or mask tensor exists.
 
 Decode (every query chunk one token): ``BLOCK_Q = 1``, ``BLOCK_M = max(16, G_PAD)``. When the
-batch alone would not fill the GPU, long contexts are split into as many partitions (of at least
-``MIN_PARTITION`` keys) as it takes to fill it; each writes an unnormalised partial output with
-its max and sum, and a second kernel reduces them (flash-decoding). Prefill and mixed batches use ``BLOCK_M = 64`` rows and one
-partition: a long prompt already has many query tiles.
+batch alone would not fill the GPU and contexts may be long, keys are split into as many
+partitions as it takes to fill it (flash-decoding): ``num_parts`` is fixed by the launch from
+``max_seq_len`` (``MIN_PARTITION`` keys each at that length), and each sequence divides its own
+keys into ``num_parts`` equal runs of whole ``BLOCK_N`` tiles, so a CUDA graph captured for the
+longest context still spreads a short one over the GPU (partitions past its end exit at once).
+Each writes an unnormalised partial output with its max and sum, and a second kernel reduces a
+sequence's partitions, ``BLOCK_P`` at a time. Prefill and mixed batches use ``BLOCK_M = 64`` rows
+and one partition: a long prompt already has many query tiles.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 MIN_PARTITION = 256
 BLOCK_N = 64
+BLOCK_P = 16
 
 
 @triton.jit
@@ -37,7 +42,7 @@ def _attn_kernel(q_ptr, k_cache, v_cache, out_ptr, block_tables, seq_lens, query
                  alibi_ptr, part_out, part_m, part_l, scale_log2,
                  stride_qt, stride_qh, stride_ot, stride_oh,
                  stride_ch, stride_cb, stride_cs, stride_bt,
-                 stride_mt, stride_mh, num_parts, part_size, head_dim, group,
+                 stride_mt, stride_mh, num_parts, head_dim, group,
                  KV_BLOCK: tl.constexpr, HAS_ALIBI: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_Q: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
@@ -70,7 +75,10 @@ def _attn_kernel(q_ptr, k_cache, v_cache, out_ptr, block_tables, seq_lens, query
     last = tl.minimum(qtile * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_end = ctx + last + 1
     if SPLIT:
+        part_size = _part_size(kv_end, num_parts, BLOCK_N)
         lo = part * part_size
+        if lo >= kv_end:
+            return
         hi = tl.minimum(kv_end, lo + part_size)
     else:
         lo = 0
@@ -121,24 +129,40 @@ def _attn_kernel(q_ptr, k_cache, v_cache, out_ptr, block_tables, seq_lens, query
 
 
 @triton.jit
-def _reduce_kernel(part_out, part_m, part_l, out_ptr, stride_ot, stride_oh, num_parts,
-                   num_heads, head_dim, D_PAD: tl.constexpr):
-    """Combines the partitions of one (token, head): rescale each partial by its max, sum."""
+def _part_size(seq_len, num_parts, BLOCK_N: tl.constexpr):
+    """Keys per partition of a sequence: its ``num_parts``-th share, in whole ``BLOCK_N`` tiles."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_parts), BLOCK_N), 1) * BLOCK_N
+
+
+@triton.jit
+def _reduce_kernel(part_out, part_m, part_l, out_ptr, seq_lens, stride_ot, stride_oh, num_parts,
+                   num_heads, head_dim, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """Combines the partitions of one (token, head) of a decode batch (token ``t`` is sequence
+    ``t``): each partial rescaled by its max, summed, ``BLOCK_P`` partitions per load."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    seq_len = tl.load(seq_lens + t)
+    active = tl.cdiv(seq_len, _part_size(seq_len, num_parts, BLOCK_N))
     base = (t * num_heads + h) * num_parts
+    p = tl.arange(0, BLOCK_P)
     m_all = float("-inf")
-    for p in range(0, num_parts):
-        m_all = tl.maximum(m_all, tl.load(part_m + base + p))
+    for p0 in range(0, active, BLOCK_P):
+        m = tl.load(part_m + base + p0 + p, mask=p0 + p < active, other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(m, 0))
     d = tl.arange(0, D_PAD)
     acc = tl.zeros([D_PAD], tl.float32)
     total = 0.0
-    for p in range(0, num_parts):
-        m = tl.load(part_m + base + p)
+    for p0 in range(0, active, BLOCK_P):
+        live = p0 + p < active
+        m = tl.load(part_m + base + p0 + p, mask=live, other=float("-inf"))
         w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_all))
-        total += tl.load(part_l + base + p) * w
-        acc += tl.load(part_out + (base + p) * D_PAD + d) * w
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty),
+        total += tl.sum(tl.load(part_l + base + p0 + p, mask=live, other=0.0) * w, 0)
+        part = tl.load(part_out + ((base + p0 + p) * D_PAD)[:, None] + d[None, :],
+                       mask=live[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], 0)
+    out = tl.where(total > 0, acc / total, 0.0)   # a padding slot (no keys) gets zeros
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < head_dim)
 
 
@@ -172,15 +196,13 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if max_query_len == 1:
         block_q, block_m = 1, max(16, g_pad)
         work = num_seqs * num_kv_heads
-        num_parts, part_size = 1, max_seq_len
+        num_parts = 1
         target = _parallelism(q.device)
         if work < target and max_seq_len > MIN_PARTITION:
-            wanted = min(triton.cdiv(target, work), triton.cdiv(max_seq_len, MIN_PARTITION))
-            part_size = triton.cdiv(triton.cdiv(max_seq_len, wanted), BLOCK_N) * BLOCK_N
-            num_parts = triton.cdiv(max_seq_len, part_size)
+            num_parts = min(triton.cdiv(target, work), triton.cdiv(max_seq_len, MIN_PARTITION))
     else:
         block_m = max(64, g_pad)
-        block_q, num_parts, part_size = block_m // g_pad, 1, max_seq_len
+        block_q, num_parts = block_m // g_pad, 1
     q_tiles = triton.cdiv(max_query_len, block_q)
     split = num_parts > 1
     if split:
@@ -197,13 +219,13 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        num_heads * num_parts, num_parts, num_parts, part_size, head_dim, group,
+        num_heads * num_parts, num_parts, num_parts, head_dim, group,
         KV_BLOCK=kv_block, HAS_ALIBI=alibi_slopes is not None, SPLIT=split,
         BLOCK_Q=block_q, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         D_PAD=d_pad, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2)
     if split:
         _reduce_kernel[(num_tokens, num_heads)](
-            part_out, part_m, part_l, out, out.stride(0), out.stride(1), num_parts, num_heads,
-            head_dim, D_PAD=d_pad)
+            part_out, part_m, part_l, out, seq_lens, out.stride(0), out.stride(1), num_parts,
+            num_heads, head_dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P)
     return out

@@ -145,14 +145,17 @@ def _paged_case(g, shapes, heads, kv_heads, head_dim, block_size, dtype):
             torch.tensor(starts, dtype=torch.int32, device=DEVICE)), (qs, ks, vs, starts)
 
 
-def _check_attention(shapes, heads, kv_heads, head_dim, block_size, alibi, dtype, seed):
+def _check_attention(shapes, heads, kv_heads, head_dim, block_size, alibi, dtype, seed,
+                     bound=None):
+    """Triton attention against dense attention; ``bound`` is the ``max_seq_len`` passed (the
+    longest context unless given, as a CUDA graph passes the model's length)."""
     g = torch.Generator().manual_seed(seed)
     args, (qs, ks, vs, starts) = _paged_case(g, shapes, heads, kv_heads, head_dim, block_size,
                                              dtype)
     slopes = alibi_slopes(heads).to(DEVICE) if alibi else None
     out = torch.full_like(args[0], float("nan"))
     pat.paged_attention_triton(*args, head_dim ** -0.5, slopes, max(n for _, n in shapes),
-                               max(s for s, _ in shapes), out=out)
+                               bound or max(s for s, _ in shapes), out=out)
     for i, (length, n) in enumerate(shapes):
         pos = torch.arange(length - n, length, device=DEVICE)
         ref = dense_attention(qs[i].cpu(), ks[i].cpu(), vs[i].cpu(), pos.cpu(),
@@ -181,6 +184,19 @@ def test_decode_attention_split_into_partitions(dtype, group, monkeypatch):
     lens = [700, 1500, 3, 513] + ([32768] if GPU else [])
     _check_attention([(n, 1) for n in lens], kv_heads * group, kv_heads, head_dim, 16,
                      group == 4, dtype, 10 + group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 8])
+def test_decode_attention_partitions_follow_each_context(dtype, group, monkeypatch):
+    """A bound far above the contexts (a CUDA graph's): partitions are cut per sequence from
+    its own length, so short contexts spread over many, and those past a context's end (most
+    of them here) are skipped by both kernels."""
+    monkeypatch.setattr(pat, "_parallelism", lambda device: 1 << 30)
+    kv_heads, head_dim = (8, 128) if GPU else (2, 16)
+    lens = [1, 40, 700, 65, 129]
+    _check_attention([(n, 1) for n in lens], kv_heads * group, kv_heads, head_dim, 16,
+                     group == 8, dtype, 20 + group, bound=8192)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -255,18 +271,24 @@ def test_gptq_linear_half_codes(bits, k, n, group_size, act_order, m, dtype):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
-def test_gptq_linear_split_k_on_long_inputs(monkeypatch):
-    """A single row against a long input dimension: partial sums from several programs."""
+@pytest.mark.parametrize("m", [1, 5])
+def test_gptq_linear_split_k_on_long_inputs(monkeypatch, m):
+    """Long inputs split over many programs (the GEMV and the per-shift dot): their partial
+    sums add up, and to the same output on every call."""
     import optgptq_kernels.gptq_triton as gt
 
-    calls = []
-    monkeypatch.setattr(gt, "_num_programs", lambda device: calls.append(1) or 64)
-    g = torch.Generator().manual_seed(5)
+    splits, launch = [], gt.launch
+    monkeypatch.setattr(gt, "_num_programs", lambda device: 64)
+    monkeypatch.setattr(gt, "launch", lambda *a, **kw: splits.append(a[14]) or launch(*a, **kw))
+    g = torch.Generator().manual_seed(5 + m)
     packed = _gptq_case(g, 4, 2048, 32, 128, False)
-    x = torch.randn(1, 2048, generator=g).to(DEVICE, DTYPES[0])
-    out = gptq_linear_triton(x, *packed, 4)
-    ref = x.double() @ dequantize_ref(*packed, 4, torch.float64)
-    assert calls and rel_err(out, ref) < TOLERANCE[DTYPES[0]]
+    x = torch.randn(m, 2048, generator=g).to(DEVICE, DTYPES[0])
+    bias = torch.randn(32, generator=g).to(DEVICE, DTYPES[0])
+    out = gptq_linear_triton(x, *packed, 4, bias)
+    again = gptq_linear_triton(x, *packed, 4, bias)
+    ref = x.double() @ dequantize_ref(*packed, 4, torch.float64) + bias.double()
+    assert splits and min(splits) > 1
+    assert rel_err(out, ref) < TOLERANCE[DTYPES[0]] and torch.equal(out, again)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "bloom", "gptq", "gptqt"])
