@@ -156,7 +156,10 @@ class ModelRunner:
             hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
         if not sampling:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])
+        if len(logits_rows) < hidden.shape[0]:  # (a decode step samples every row: no gather)
+            # staged, not a synchronous copy: the logits queue behind the forward pass
+            hidden = hidden[torch.tensor(logits_rows).to(dev, non_blocking=True)]
+        logits = self.model.compute_logits(hidden)
         tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])
         return [(i, t, logprobs[j] if logprobs is not None else None)
                 for j, (i, t) in enumerate(zip(sampling, tokens))]
