@@ -17,7 +17,7 @@ batch alone would not fill the GPU and contexts may be long, keys are split into
 partitions as it takes to fill it (flash-decoding): ``num_parts`` is fixed by the launch from
 ``max_seq_len`` (``MIN_PARTITION`` keys each at that length), and each sequence divides its own
 keys into ``num_parts`` equal runs of whole ``BLOCK_N`` tiles, so a CUDA graph captured for the
-longest context still spreads a short one over the GPU (partitions past its end exit at once).
+longest context still spreads a short one over the GPU (partitions past its end have no keys).
 Each writes an unnormalised partial output with its max and sum, and a second kernel reduces a
 sequence's partitions, ``BLOCK_P`` at a time. Prefill and mixed batches use ``BLOCK_M = 64`` rows
 and one partition: a long prompt already has many query tiles.
@@ -76,9 +76,7 @@ def _attn_kernel(q_ptr, k_cache, v_cache, out_ptr, block_tables, seq_lens, query
     kv_end = ctx + last + 1
     if SPLIT:
         part_size = _part_size(kv_end, num_parts, BLOCK_N)
-        lo = part * part_size
-        if lo >= kv_end:
-            return
+        lo = part * part_size                       # past the end: an empty loop
         hi = tl.minimum(kv_end, lo + part_size)
     else:
         lo = 0
@@ -139,28 +137,30 @@ def _reduce_kernel(part_out, part_m, part_l, out_ptr, seq_lens, stride_ot, strid
                    num_heads, head_dim, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_P: tl.constexpr):
     """Combines the partitions of one (token, head) of a decode batch (token ``t`` is sequence
-    ``t``): each partial rescaled by its max, summed, ``BLOCK_P`` partitions per load."""
+    ``t``) in one pass, ``BLOCK_P`` partitions per load: each partial rescaled by its max."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens + t)
     active = tl.cdiv(seq_len, _part_size(seq_len, num_parts, BLOCK_N))
     base = (t * num_heads + h) * num_parts
     p = tl.arange(0, BLOCK_P)
-    m_all = float("-inf")
-    for p0 in range(0, active, BLOCK_P):
-        m = tl.load(part_m + base + p0 + p, mask=p0 + p < active, other=float("-inf"))
-        m_all = tl.maximum(m_all, tl.max(m, 0))
     d = tl.arange(0, D_PAD)
-    acc = tl.zeros([D_PAD], tl.float32)
+    m_all = float("-inf")
     total = 0.0
-    for p0 in range(0, active, BLOCK_P):
+    acc = tl.zeros([D_PAD], tl.float32)
+    for p0 in range(0, active, BLOCK_P):  # one pass, rescaled as the max grows
         live = p0 + p < active
         m = tl.load(part_m + base + p0 + p, mask=live, other=float("-inf"))
-        w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_all))
-        total += tl.sum(tl.load(part_l + base + p0 + p, mask=live, other=0.0) * w, 0)
+        m_new = tl.maximum(m_all, tl.max(m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.math.exp2(m_all - m_safe)
+        w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))
+        l_part = tl.load(part_l + base + p0 + p, mask=live, other=0.0)
+        total = total * rescale + tl.sum(l_part * w, 0)
         part = tl.load(part_out + ((base + p0 + p) * D_PAD)[:, None] + d[None, :],
                        mask=live[:, None], other=0.0)
-        acc += tl.sum(part * w[:, None], 0)
+        acc = acc * rescale + tl.sum(part * w[:, None], 0)
+        m_all = m_new
     out = tl.where(total > 0, acc / total, 0.0)   # a padding slot (no keys) gets zeros
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < head_dim)

@@ -194,7 +194,7 @@ def test_decode_attention_partitions_follow_each_context(dtype, group, monkeypat
     of them here) are skipped by both kernels."""
     monkeypatch.setattr(pat, "_parallelism", lambda device: 1 << 30)
     kv_heads, head_dim = (8, 128) if GPU else (2, 16)
-    lens = [1, 40, 700, 65, 129]
+    lens = [1, 40, 700, 65, 1500]      # 1500: 24 partitions of 64 keys, reduced in two loads
     _check_attention([(n, 1) for n in lens], kv_heads * group, kv_heads, head_dim, 16,
                      group == 8, dtype, 20 + group, bound=8192)
 
