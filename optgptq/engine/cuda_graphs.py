@@ -12,8 +12,8 @@ host issuing ~10 kernels per layer; the replay leaves the device the only limit.
   it) and a one-token context in whatever block their table row names; their outputs are
   dropped.
 - Attention is captured with the longest context the model allows (``max_model_len``), so one
-  graph serves every length: the decode kernel's partitions past a sequence's end return at
-  once.
+  graph serves every length: that bound only fixes the decode kernel's number of partitions,
+  and each sequence divides its own keys among them.
 
 Prefill and mixed steps run eagerly, and so does everything where the kernels are the PyTorch
 references (the CPU, ``OPTGPTQ_KERNELS=reference``), which synchronise with the host.
