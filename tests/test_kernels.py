@@ -9,6 +9,8 @@ kernel forgets to write fails the test.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -279,7 +281,8 @@ def test_gptq_linear_split_k_on_long_inputs(monkeypatch, m):
 
     splits, launch = [], gt.launch
     monkeypatch.setattr(gt, "_num_programs", lambda device: 64)
-    monkeypatch.setattr(gt, "launch", lambda *a, **kw: splits.append(a[14]) or launch(*a, **kw))
+    monkeypatch.setattr(gt, "launch", lambda *a, **kw: splits.append(
+        inspect.signature(launch).bind(*a, **kw).arguments["split_k"]) or launch(*a, **kw))
     g = torch.Generator().manual_seed(5 + m)
     packed = _gptq_case(g, 4, 2048, 32, 128, False)
     x = torch.randn(m, 2048, generator=g).to(DEVICE, DTYPES[0])
