@@ -52,10 +52,10 @@ def _generate(a: argparse.Namespace) -> int:
                 tokenize=True, return_dict=True)["input_ids"])
         else:
             prompts.append(text)
-    ids = [engine.add_request(p, params) for p in prompts]
+    streaming = len(prompts) == 1 and not a.json
+    ids = [engine.add_request(p, params, stream=streaming) for p in prompts]
     start = time.perf_counter()
     done = {}
-    streaming = len(ids) == 1 and not a.json
     while engine.has_unfinished_requests():
         for out in engine.step():
             if streaming:

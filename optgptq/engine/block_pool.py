@@ -140,6 +140,7 @@ class BlockPool:
                 del self._evictable[block_id]
             block.ref_count += 1
         seq.block_table = list(hits)
+        seq.num_hashed_blocks = len(hits)
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.prefix_hit_tokens += seq.num_cached_tokens
         self.prefix_miss_tokens += seq.num_tokens - seq.num_cached_tokens
@@ -148,6 +149,8 @@ class BlockPool:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Append blocks for ``num_new_tokens`` more tokens; False (and no change) if short."""
         need = self.blocks_needed(seq, num_new_tokens)
+        if need == 0:  # (most decode steps)
+            return True
         if need > self.num_available:
             return False
         for _ in range(need):
@@ -173,8 +176,10 @@ class BlockPool:
             return
         bs = self.block_size
         full = seq.num_computed_tokens // bs
+        if full <= seq.num_hashed_blocks:
+            return
         hashes = self._hashes(seq, full)
-        for i in range(full):
+        for i in range(seq.num_hashed_blocks, full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None or hashes[i] in self._by_hash:
                 continue
@@ -183,6 +188,7 @@ class BlockPool:
             block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             self._by_hash[block.hash] = block.block_id
             self._log("add", block.hash)
+        seq.num_hashed_blocks = full
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references, tail first; registered blocks stay cached (LRU)."""
@@ -196,7 +202,7 @@ class BlockPool:
                 else:
                     self._free.append(block_id)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     # -- reporting ----------------------------------------------------------------------
     def _log(self, kind: str, block_hash: int) -> None:

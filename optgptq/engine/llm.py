@@ -40,7 +40,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+                ids.append(self.engine.add_request(prompt, p, stream=False))
         except ValueError:
             for rid in ids:
                 self.engine.abort_request(rid)

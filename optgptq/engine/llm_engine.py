@@ -50,9 +50,11 @@ class EngineStats:
 
 
 class _Request:
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> None:
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None, stream: bool) -> None:
         self.seq = seq
         self.detok = detok
+        self.stream = stream
+        self.prompt_token_ids = seq.token_ids[:seq.num_prompt_tokens]  # shared by its outputs
         self.reported_tokens = 0
         self.stop_reason: str | int | None = None
 
@@ -90,8 +92,9 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; raises ValueError naming what is wrong."""
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Validate and queue a request; raises ValueError naming what is wrong. With ``stream``
+        ``step`` reports it after every token, else only once it finishes."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
@@ -126,7 +129,7 @@ class LLMEngine:
             seq.generator = self.runner.make_generator(params.seed)
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.stop)
                  if self.tokenizer is not None else None)
-        self._requests[request_id] = _Request(seq, detok)
+        self._requests[request_id] = _Request(seq, detok, stream)
         self.scheduler.add(seq)
         return request_id
 
@@ -143,7 +146,8 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that produced tokens or finished."""
+        """Run one batch; returns an output for every request that finished, and for every
+        streamed one that produced tokens."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -162,7 +166,8 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self._requests[seq.request_id]
-            outputs.append(self._output(req))
+            if req.stream or reason is not None:
+                outputs.append(self._output(req))
         return outputs
 
     def _check_stop(self, req: _Request, token: int) -> str | None:
@@ -191,9 +196,9 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
-            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            prompt_token_ids=req.prompt_token_ids,
             text=req.detok.text[:req.detok.emitted] if req.detok is not None else "",
-            token_ids=list(out_ids),
+            token_ids=out_ids,
             delta_text=delta_text,
             delta_token_ids=delta_ids,
             finished=finished,

@@ -15,6 +15,7 @@ from optgptq.config import EngineConfig
 from optgptq.engine.cuda_graphs import DecodeGraphs
 from optgptq.engine.sampler import Sampler
 from optgptq.engine.scheduler import ScheduledBatch
+from optgptq.engine.step_inputs import StepInputBuilder
 from optgptq.models.layers import AttentionMetadata, PagedAttention
 from optgptq.models.loader import load_config, load_model
 from optgptq_kernels import ops
@@ -61,6 +62,8 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k, v
             self.kv_caches.append((k, v))
         self.sampler = Sampler(self.device, config.seed)
+        self.inputs = StepInputBuilder(self.block_size, config.max_num_seqs,
+                                       -(-self.max_model_len // self.block_size))
         self.graphs = None
         # Graphs need the Triton kernels: the PyTorch references synchronise with the host.
         probe = self.kv_caches[0][0]
@@ -113,53 +116,31 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[tuple[int, int, float | None]]:
         """Run one step; returns ``(batch index, token id, logprob)`` for each sampling sequence."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        sampling: list[int] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            first = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[first:first + n])
-            pos = range(first, first + n)
-            positions.extend(pos)
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            starts.append(starts[-1] + n)
-            seq_lens.append(first + n)
-            if first + n == seq.num_tokens:
-                logits_rows.append(starts[-1] - 1)
-                sampling.append(i)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        inp = self.inputs.build(batch)
         dev = self.device
-        if (self.graphs is not None and max(batch.num_new_tokens) == 1
-                and self.graphs.fits(len(batch.seqs))):
-            hidden = self.graphs.run(torch.tensor(input_ids, dtype=torch.long),
-                                     torch.tensor(positions, dtype=torch.long),
-                                     torch.tensor(slots, dtype=torch.long),
-                                     torch.tensor(seq_lens, dtype=torch.int32),
-                                     torch.tensor(tables, dtype=torch.int32))
+        if self.graphs is not None and inp.is_decode and self.graphs.fits(len(batch.seqs)):
+            hidden = self.graphs.run(torch.tensor(inp.input_ids, dtype=torch.long),
+                                     torch.tensor(inp.positions, dtype=torch.long),
+                                     torch.tensor(inp.slots, dtype=torch.long),
+                                     torch.tensor(inp.seq_lens, dtype=torch.int32),
+                                     inp.block_tables)
         else:
             meta = AttentionMetadata(
-                positions=torch.tensor(positions, dtype=torch.long, device=dev),
-                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-                block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+                positions=torch.tensor(inp.positions, dtype=torch.long, device=dev),
+                slot_mapping=torch.tensor(inp.slots, dtype=torch.long, device=dev),
+                query_start_loc=torch.tensor(inp.query_starts, dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
+                block_tables=inp.block_tables.to(dev),
                 max_query_len=max(batch.num_new_tokens),
-                max_seq_len=max(seq_lens),
+                max_seq_len=max(inp.seq_lens),
             )
-            hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev), meta)
-        if not sampling:
+            hidden = self.model(torch.tensor(inp.input_ids, dtype=torch.long, device=dev), meta)
+        if not inp.sampling:
             return []
-        if len(logits_rows) < hidden.shape[0]:  # (a decode step samples every row: no gather)
+        if len(inp.logits_rows) < hidden.shape[0]:  # (a decode step samples every row: no gather)
             # staged, not a synchronous copy: the logits queue behind the forward pass
-            hidden = hidden[torch.tensor(logits_rows).to(dev, non_blocking=True)]
+            hidden = hidden[torch.tensor(inp.logits_rows).to(dev, non_blocking=True)]
         logits = self.model.compute_logits(hidden)
-        tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in sampling])
+        tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in inp.sampling])
         return [(i, t, logprobs[j] if logprobs is not None else None)
-                for j, (i, t) in enumerate(zip(sampling, tokens))]
+                for j, (i, t) in enumerate(zip(inp.sampling, tokens))]

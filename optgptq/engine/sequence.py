@@ -33,6 +33,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []     # content hashes of full blocks, a cache of the chain
+        self.num_hashed_blocks = 0            # leading blocks the pool has already registered
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0            # prompt tokens served from the prefix cache
         self.num_preemptions = 0
