@@ -1,11 +1,11 @@
 """GPTQ linear in Triton: a fused dequant-GEMM for small batches, dequantize-then-matmul for
 large ones. Same contract as :func:`optgptq_kernels.gptq.gptq_linear_ref`.
 
-One row (decode at batch 1) with aligned groups takes the GEMV kernel: no tensor cores, four
-packed rows a slice so that each thread holds few rows and many columns (its inputs are loaded
-once per row and shift), a code made a float by one LOP3 and multiplied in one FFMA (kernel
-docstring): about 5.5 instructions per code in the loop against 8-9 before, which ran
-instruction-bound at 2.5x the time its loads alone took on an H200.
+One row (decode at batch 1) with aligned groups takes a GEMV kernel
+(:mod:`optgptq_kernels.gptq_triton_gemv`): no tensor cores, four packed rows a slice so that
+each thread holds few rows and many columns. 4-bit codes with float16 inputs on NVIDIA GPUs
+are dotted in float16 pairs by inline PTX (``gemv_half2``); otherwise a code is made a float by
+one LOP3 and multiplied in one FFMA (``gemv``).
 
 Fused path (``M <= FUSED_MAX_M``): program ``(m, n, k)`` computes a ``BLOCK_M x BLOCK_N``
 output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. With ``SPLIT_K >
@@ -37,12 +37,12 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from optgptq_kernels.gptq import check_bits
-from optgptq_kernels.gptq_triton_kernels import (dequant_kernel, fused_kernel, gemv_kernel,
-                                                 swapped_kernel)
+from optgptq_kernels.gptq_triton_gemv import gemv_half2_kernel, gemv_kernel
+from optgptq_kernels.gptq_triton_kernels import dequant_kernel, fused_kernel, swapped_kernel
 
 FUSED_MAX_M = 64
-GEMV_BLOCK_N, GEMV_WARPS = 512, 4   # the GEMV's tile width and warps
-GEMV_PROGRAMS = 4                   # its programs per SM (times 2, as _num_programs)
+GEMV_BLOCK_N, GEMV_WARPS = 512, 4   # the GEMVs' tile width and warps
+GEMV_PROGRAMS = {"gemv": 4, "gemv_half2": 2}  # programs per SM (times 2, as _num_programs)
 
 
 def _group_layout(g_idx: torch.Tensor, k: int, num_groups: int) -> int:
@@ -67,6 +67,11 @@ def _pick_block_k(group_size: int, bits: int) -> tuple[int, bool, bool]:
         if group_size and group_size % block_k == 0:
             return block_k, True, False
     return (64 if bits != 3 else 32), False, False
+
+
+def _is_nvidia(device: torch.device) -> bool:
+    """Compiled for an NVIDIA GPU (PTX), not a ROCm/DCU one or Triton's interpreter."""
+    return device.type == "cuda" and torch.version.hip is None
 
 
 def _num_programs(device: torch.device) -> int:
@@ -124,6 +129,8 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
+    if gemv and bits == 4 and x.dtype == torch.float16 and _is_nvidia(x.device):
+        kernel = "gemv_half2"
     # Tiling measured on an H200 (sweeps of `launch`): the GEMV wants long rows of words
     # and ~GEMV_PROGRAMS programs per SM, the per-shift dot wide tiles split along K until
     # the GPU holds ~2 programs per SM.
@@ -134,7 +141,7 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
         block_n = 32
     else:
         block_n = 256 if per_shift else (128 if m <= 16 else 64)
-    target = _num_programs(x.device) * (GEMV_PROGRAMS if gemv else 1)
+    target = _num_programs(x.device) * GEMV_PROGRAMS.get(kernel, 1)
     max_split = 64 if gemv else 16
     while True:
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -157,14 +164,22 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
            g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None, out: torch.Tensor,
            group_size: int, aligned: bool, kernel: str, block_m: int, block_n: int,
            block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
-    """One launch of ``kernel`` (``gemv``, ``swapped`` or ``fused``; the first two need aligned
-    groups of 2/4/8 bits) with an explicit tiling (also used to tune it)."""
+    """One launch of ``kernel`` (``gemv_half2``: one row, 4 bits, float16; ``gemv``: one row;
+    ``swapped``; ``fused``; all but the last need aligned groups of 2/4/8 bits) with an explicit
+    tiling (also used to tune it)."""
     m, k = x.shape
     n = out.shape[1]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     locks = _locks(x.device, grid[0] * grid[1]) if split_k > 1 else out
     bias_arg = bias if bias is not None else x
+    if kernel == "gemv_half2":
+        gemv_half2_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
+                                group_size, qweight.stride(0), qzeros.stride(0),
+                                scales.stride(0), BLOCK_N=block_n, ROWS=block_k // 8,
+                                SPLIT_K=split_k, HAS_BIAS=bias is not None,
+                                PTX=_is_nvidia(x.device), num_warps=num_warps)
+        return
     if kernel == "gemv":
         gemv_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
                           group_size, 0x4B000000, qweight.stride(0), qzeros.stride(0),

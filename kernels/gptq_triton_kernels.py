@@ -1,5 +1,6 @@
-"""The GPTQ Triton kernels (the ``@triton.jit`` functions); the algorithm and the host code that
-picks a kernel and its tiling are in :mod:`optgptq_kernels.gptq_triton`."""
+"""The GPTQ Triton kernels for several rows and the helpers all GPTQ kernels share (the GEMVs
+are in :mod:`optgptq_kernels.gptq_triton_gemv`); the algorithm and the host code that picks a
+kernel and its tiling are in :mod:`optgptq_kernels.gptq_triton`."""
 
 from __future__ import annotations
 
@@ -114,47 +115,6 @@ def _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, str
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, N, K,
-                group_size, magic, stride_qw, stride_qz, stride_sc,
-                BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One input row (decode at batch 1), 2/4/8 bits, groups aligned to slices, on CUDA cores.
-    A slice's few packed rows are loaded as one ``[BLOCK_K / PER, BLOCK_N]`` tile; shift ``j``
-    of every word meets inputs ``k0 + PER * i + j``. A code costs one LOP3, one FADD and one
-    FFMA: it is masked in place and OR'ed with the exponent bits of 2**23 (``magic``, passed at
-    run time so that it sits in a register and both fold into one LOP3), which reads as
-    ``2**23 + q * 2**p`` for a code at bit ``p`` of its half-word; minus 2**23 it is exact, and
-    its inputs are pre-scaled by ``2**-p``. The upper half-words come from one shift per word."""
-    pid_n, pid_k = tl.program_id(1), tl.program_id(2)
-    per: tl.constexpr = 32 // BITS
-    half: tl.constexpr = per // 2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
-        upper = words >> 16
-        part = tl.zeros([BLOCK_K // per, BLOCK_N], tl.float32)
-        x_sum = tl.zeros([BLOCK_K // per], tl.float32)
-        for j in tl.static_range(per):
-            kk = k0 + tl.arange(0, BLOCK_K // per) * per + j
-            x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            x_sum += x
-            src = words if j < half else upper
-            code = ((src & (((1 << BITS) - 1) << (BITS * (j % half)))) | magic
-                    ).to(tl.float32, bitcast=True)
-            part += (x * (1.0 / (1 << (BITS * (j % half)))))[:, None] * (code - 8388608.0)
-        g = k0 // group_size
-        s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = _code_float(_unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1)
-        acc += s[None, :] * (part - x_sum[:, None] * z[None, :])
-    total = tl.sum(acc, 0)[None, :]
-    offs_m = tl.arange(0, 1)
-    _write_out(total, offs_m, offs_n, offs_m < 1, n_mask, 1, N, bias_ptr, out_ptr, N, ws_ptr,
-               lock_ptr, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit

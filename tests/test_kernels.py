@@ -273,6 +273,27 @@ def test_gptq_linear_half_codes(bits, k, n, group_size, act_order, m, dtype):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("k,n,group_size", [(256, 96, 64), (200, 64, 64), (512, 32, 128)])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gptq_gemv_half2(k, n, group_size, split_k):
+    """The float16-pair GEMV (4 bits, one float16 row): inline PTX on an NVIDIA GPU, the same
+    float16 arithmetic as Triton ops in the interpreter; ragged last group (K = 200) included.
+    On the GPU the dispatch also picks it in test_gptq_linear (float16, m = 1, 4 bits)."""
+    import optgptq_kernels.gptq_triton as gt
+
+    g = torch.Generator().manual_seed(k + n + split_k)
+    if GPU:
+        k, n = k * 16, n * 32
+    packed = _gptq_case(g, 4, k, n, group_size, False)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.float16)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.float16)
+    out = torch.full((1, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    gt.launch(x, *packed, 4, bias, out, group_size, True, "gemv_half2", 1,
+              512 if GPU else 32, 32, split_k)
+    ref = x.double() @ dequantize_ref(*packed, 4, torch.float64) + bias.double()
+    assert rel_err(out, ref) < TOLERANCE[torch.float16]
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_gptq_linear_split_k_on_long_inputs(monkeypatch, m):
     """Long inputs split over many programs (the GEMV and the per-shift dot): their partial
