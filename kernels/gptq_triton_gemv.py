@@ -22,33 +22,6 @@ import triton.language as tl
 
 from optgptq_kernels.gptq_triton_kernels import _code_float, _packed_rows, _unpack, _write_out
 
-_DOT8_PTX = """
-{
-.reg .b32 t, w, a;
-.reg .b16 l, h;
-.reg .f32 fl, fh;
-lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 w, t, $6;
-mul.rn.f16x2 a, w, $2;
-shr.u32 t, $1, 4;
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 w, t, $6;
-fma.rn.f16x2 a, w, $3, a;
-shr.u32 t, $1, 8;
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 w, t, $6;
-fma.rn.f16x2 a, w, $4, a;
-shr.u32 t, $1, 12;
-lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 w, t, $6;
-fma.rn.f16x2 a, w, $5, a;
-mov.b32 {l, h}, a;
-cvt.f32.f16 fl, l;
-cvt.f32.f16 fh, h;
-add.f32 $0, fl, fh;
-}
-"""
-
 
 @triton.jit
 def _half(bits16):
@@ -68,9 +41,33 @@ def _dot8(words, x0, x1, x2, x3, z2, PTX: tl.constexpr):
     the float16 inputs of codes ``s`` (low half) and ``s + 4`` (high half), ``z2`` the pair
     ``1024 + z`` twice. Float16 products and sums, a float32 result."""
     if PTX:
-        return tl.inline_asm_elementwise(_DOT8_PTX, "=f,r,r,r,r,r,r",
-                                         [words, x0, x1, x2, x3, z2], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("""
+        {
+        .reg .b32 t, w, a;
+        .reg .b16 l, h;
+        .reg .f32 fl, fh;
+        lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 w, t, $6;
+        mul.rn.f16x2 a, w, $2;
+        shr.u32 t, $1, 4;
+        lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 w, t, $6;
+        fma.rn.f16x2 a, w, $3, a;
+        shr.u32 t, $1, 8;
+        lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 w, t, $6;
+        fma.rn.f16x2 a, w, $4, a;
+        shr.u32 t, $1, 12;
+        lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+        sub.f16x2 w, t, $6;
+        fma.rn.f16x2 a, w, $5, a;
+        mov.b32 {l, h}, a;
+        cvt.f32.f16 fl, l;
+        cvt.f32.f16 fh, h;
+        add.f32 $0, fl, fh;
+        }
+        """, "=f,r,r,r,r,r,r", [words, x0, x1, x2, x3, z2], dtype=tl.float32, is_pure=True,
+            pack=1)
     else:
         z = _half(z2)
         lo = (_half(_codes(words, 0)) - z) * _half(x0)
