@@ -59,6 +59,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 SMALL = dict(LLAMA3_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=32)
 KV_HEADS = {"MHA": 32, "Opt-GQA-8": 8, "Opt-GQA-4": 4}
+WORKLOADS = ("throughput", "small", "long")
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
         "checkpoint_format": "gptq"}
 
@@ -116,15 +117,23 @@ def pool_info(llm: LLM) -> dict:
 
 
 def run_variant(folder: Path, args, vocab: int) -> dict:
+    """The workloads in ``args.workloads`` on one variant; ``throughput`` and ``small`` share
+    one engine (same pool and CUDA graphs), ``long`` gets its own."""
     out: dict = {}
     thr = prompts(args.num_requests, args.input_len, vocab, seed=1)
-    kv_bytes = int(args.kv_gib * 2**30)
-    llm = engine(folder, kv_cache_bytes=kv_bytes, max_num_seqs=args.max_num_seqs,
-                 max_num_batched_tokens=args.max_batched_tokens, max_model_len=args.max_model_len)
-    out["throughput"] = {**pool_info(llm), **timed_run(llm, thr, args.output_len, args.repeats)}
-    out["small"] = timed_run(llm, thr[:1], args.small_output, args.repeats)
-    del llm
-    cleanup()
+    if {"throughput", "small"} & set(args.workloads):
+        llm = engine(folder, kv_cache_bytes=int(args.kv_gib * 2**30),
+                     max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                     max_num_batched_tokens=args.max_batched_tokens)
+        if "throughput" in args.workloads:
+            out["throughput"] = {**pool_info(llm),
+                                 **timed_run(llm, thr, args.output_len, args.repeats)}
+        if "small" in args.workloads:
+            out["small"] = timed_run(llm, thr[:1], args.small_output, args.repeats)
+        del llm
+        cleanup()
+    if "long" not in args.workloads:
+        return out
     block = 16
     need = args.long_requests * -(-(max(args.contexts) + args.long_output) // block)
     llm = engine(folder, num_blocks=need, max_num_seqs=args.long_requests,
@@ -218,6 +227,9 @@ def main() -> None:
     ap.add_argument("--long-output", type=int, default=128)
     ap.add_argument("--long-repeats", type=int, default=1)
     ap.add_argument("--small-output", type=int, default=128)
+    ap.add_argument("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS),
+                    help="a subset of throughput,small,long; results of the others are kept "
+                         "from the previous file")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
@@ -226,6 +238,8 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=64, help="0 skips the baseline")
     ap.add_argument("--out", default=None, help="results json (default bench/results/paper/<gpu>.json)")
     args = ap.parse_args()
+    if not args.workloads or set(args.workloads) - set(WORKLOADS):
+        ap.error(f"--workloads: a comma-separated subset of {','.join(WORKLOADS)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench/paper.py measures a GPU: no CUDA device here")
     arch = SMALL if args.small else LLAMA3_8B
@@ -251,10 +265,11 @@ def main() -> None:
                 kv = KV_HEADS[name] * arch["num_attention_heads"] // 32
                 t = time.perf_counter()
                 key = f"{name} {quant}"
-                res["variants"][key] = run_variant(write_config(Path(tmp), arch, kv, quant),
-                                                   args, vocab)
-                res["variants"][key]["seconds"] = time.perf_counter() - t
-                res["variants"][key]["commit"] = res["commit"]
+                fresh = run_variant(write_config(Path(tmp), arch, kv, quant), args, vocab)
+                for workload in fresh.values():
+                    workload["commit"] = res["commit"]
+                res["variants"][key] = {**res["variants"].get(key, {}), **fresh,
+                                        "seconds": time.perf_counter() - t}
                 print(f"{key}: {summary_line(res['variants'][key])} "
                       f"[{time.perf_counter() - t:.0f}s]", flush=True)
                 save(out, res)
@@ -269,12 +284,17 @@ def main() -> None:
 
 
 def summary_line(v: dict) -> str:
-    thr = v["throughput"]
-    return (f"{thr['requests_per_s']['mean']:.2f} req/s, "
-            f"{thr['total_tokens_per_s']['mean']:.0f} tok/s, "
-            f"gen {thr['generate_tokens_per_s']['mean']:.0f} tok/s, "
-            f"latency {thr['latency_s']['mean']:.1f} s, peak {thr['peak_gib']['max']:.1f} GiB, "
-            f"batch-1 {v['small']['generate_tokens_per_s']['mean']:.0f} tok/s")
+    parts = []
+    if "throughput" in v:
+        thr = v["throughput"]
+        parts.append(f"{thr['requests_per_s']['mean']:.2f} req/s, "
+                     f"{thr['total_tokens_per_s']['mean']:.0f} tok/s, "
+                     f"gen {thr['generate_tokens_per_s']['mean']:.0f} tok/s, "
+                     f"latency {thr['latency_s']['mean']:.1f} s, "
+                     f"peak {thr['peak_gib']['max']:.1f} GiB")
+    if "small" in v:
+        parts.append(f"batch-1 {v['small']['generate_tokens_per_s']['mean']:.0f} tok/s")
+    return ", ".join(parts)
 
 
 def save(path: Path, res: dict) -> None:
