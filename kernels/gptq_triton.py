@@ -175,8 +175,8 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
     bias_arg = bias if bias is not None else x
     if kernel == "gemv_half2":
         gemv_half2_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, n, k,
-                                group_size, qweight.stride(0), qzeros.stride(0),
-                                scales.stride(0), BLOCK_N=block_n, ROWS=block_k // 8,
+                                qweight.stride(0), qzeros.stride(0), scales.stride(0),
+                                GROUP=group_size, BLOCK_N=block_n, ROWS=block_k // 8,
                                 SPLIT_K=split_k, HAS_BIAS=bias is not None,
                                 PTX=_is_nvidia(x.device), num_warps=num_warps)
         return
