@@ -189,29 +189,32 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResul
     Hinv = _inverse_cholesky(H, spec.damp)
     block = gs if gs >= spec.block_size else spec.block_size // gs * gs
 
-    codes, Q = torch.zeros_like(W), torch.zeros_like(W)
+    # Column-major working copy: column k of W is row k here, so each step reads, quantizes and
+    # updates contiguous memory (the same operations on the same values as the row-major loop).
+    WT = W.t().contiguous()
+    codes, Q = torch.zeros(k, n_out), torch.zeros(k, n_out)
     group_list = group_of_col.tolist()
     loss = torch.zeros(())
     scale = zero = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(n_out, i2 - i1), Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = WT[i1:i2].clone(), torch.zeros(i2 - i1, n_out), Hinv[i1:i2, i1:i2]
         diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col, g = i1 + i, group_list[i1 + i]
             if not spec.static_groups and col % gs == 0:
-                scales[g], zeros[g] = find_params(W1[:, i:i + gs], spec)
+                scales[g], zeros[g] = find_params(W1[i:i + gs].t(), spec)
             if col % gs == 0 or spec.static_groups:
                 scale, zero = scales[g], zeros[g]
-            w = W1[:, i]
-            codes[:, col], Q[:, col] = quantize_column(w, scale, zero, spec.maxq)
-            err = (w - Q[:, col]) / diag[i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            w = W1[i]
+            codes[col], Q[col] = quantize_column(w, scale, zero, spec.maxq)
+            err = (w - Q[col]) / diag[i]
+            W1[i + 1:] -= Hinv1[i, i + 1:].unsqueeze(1) * err
+            Err1[i] = err
         loss += Err1.square().sum() / 2
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        WT[i2:] -= (Err1.t() @ Hinv[i1:i2, i2:]).t()
 
     inv = torch.argsort(perm)
     assert math.isfinite(float(loss)), "GPTQ loss is not finite"
-    return QuantResult(codes[:, inv].to(torch.uint8), scales, zeros.long(), g_idx.int(),
-                       Q[:, inv], float(loss))
+    return QuantResult(codes[inv].t().contiguous().to(torch.uint8), scales, zeros.long(),
+                       g_idx.int(), Q[inv].t().contiguous(), float(loss))
