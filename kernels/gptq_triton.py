@@ -129,7 +129,8 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
     kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
-    if gemv and bits == 4 and x.dtype == torch.float16 and _is_nvidia(x.device):
+    if (gemv and bits == 4 and x.dtype == torch.float16 and _is_nvidia(x.device)
+            and x.data_ptr() % 4 == 0):  # it reads the input as 32-bit words
         kernel = "gemv_half2"
     # Tiling measured on an H200 (sweeps of `launch`): the GEMV wants long rows of words
     # and ~GEMV_PROGRAMS programs per SM, the per-shift dot wide tiles split along K until
