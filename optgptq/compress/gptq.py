@@ -148,24 +148,39 @@ def solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult
     """The GPTQ loop (module docstring) on ``weight [N, K]`` with Hessian ``H [K, K]``.
 
     Runs on one thread: the loop is thousands of small ops, which thread hand-offs slow down
-    several-fold on a busy CPU.
+    several-fold on a busy CPU. The clipping search (``spec.mse``, a few large ops per group)
+    gets the threads back (1.65x faster on 2 cores, the same result).
     """
-    with one_thread():
-        return _solve(weight, H, spec)
+    with one_thread() as threads:
+        return _solve(weight, H, spec, threads)
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch's intra-op pool at one thread for the block (the solvers' loops of small ops)."""
+def one_thread() -> Iterator[int]:
+    """Torch's intra-op pool at one thread for the block (the solvers' loops of small ops);
+    yields the number of threads it had."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
 
 
-def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult:
+def _group_params(w: torch.Tensor, spec: QuantSpec, threads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`find_params` of ``w [N, C]``, the clipping search on ``threads`` threads."""
+    if not spec.mse:
+        return find_params(w, spec)
+    torch.set_num_threads(threads)
+    try:
+        return find_params(w, spec)
+    finally:
+        torch.set_num_threads(1)
+
+
+def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
+           threads: int = 1) -> QuantResult:
     W = weight.detach().float().clone()
     n_out, k = W.shape
     H = H.float().clone()
@@ -179,7 +194,7 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResul
             else torch.arange(k))
     if spec.static_groups:
         for g in range(groups):
-            scales[g], zeros[g] = find_params(W[:, g * gs:(g + 1) * gs], spec)
+            scales[g], zeros[g] = _group_params(W[:, g * gs:(g + 1) * gs], spec, threads)
         g_idx = torch.arange(k) // gs
     else:
         g_idx = torch.empty(k, dtype=torch.long)
@@ -203,7 +218,7 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResul
         for i in range(i2 - i1):
             col, g = i1 + i, group_list[i1 + i]
             if not spec.static_groups and col % gs == 0:
-                scales[g], zeros[g] = find_params(W1[i:i + gs].t(), spec)
+                scales[g], zeros[g] = _group_params(W1[i:i + gs].t(), spec, threads)
             if col % gs == 0 or spec.static_groups:
                 scale, zero = scales[g], zeros[g]
             w = W1[i]
