@@ -29,7 +29,8 @@ def _cell(stat: dict, digits: int) -> str:
 def table(res: dict) -> str:
     s = res["settings"]
     lines = [f"# Opt-GPTQ paper experiment on {res['machine']}", "",
-             f"{res['model']}, {res['weights']}. {res['date']}, commit {res['commit']}, "
+             f"{res['model']}, {res['weights']}. Last run {res['date']}, commit {res['commit']} "
+             f"(each variant's commit in brackets), "
              f"torch {res['versions']['torch']}, Triton {res['versions']['triton']}.", "",
              f"Throughput run: {s['num_requests']} requests of {s['input_len']} prompt + "
              f"{s['output_len']} generated tokens, all at once, KV pool {s['kv_gib']} GiB for every "
@@ -39,7 +40,8 @@ def table(res: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, v in res["variants"].items():
         t = v["throughput"]
-        lines.append(f"| {name} | {_cell(t['requests_per_s'], 2)} | "
+        commit = t.get("commit") or v.get("commit")  # per workload since --workloads
+        lines.append(f"| {name} ({commit}) | {_cell(t['requests_per_s'], 2)} | "
                      f"{_cell(t['total_tokens_per_s'], 0)} | "
                      f"{_cell(t['generate_tokens_per_s'], 0)} | {_cell(t['latency_s'], 1)} | "
                      f"{t['peak_gib']['max']:.1f} | {t['kv_pool_gib']:.1f} | "
