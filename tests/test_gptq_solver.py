@@ -100,6 +100,24 @@ def test_clipping_search_in_row_chunks_equals_all_rows_at_once(monkeypatch):
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
+def test_clipping_search_runs_on_row_major_rows(monkeypatch):
+    """The solver hands its groups over as column-major views; the search's error sums must
+    still run along each row in memory order (else their rounding, and near-tied choices,
+    depend on the caller's layout), so it gets row-major rows and the same parameters."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 64, generator=g) * torch.rand(96, 1, generator=g)
+    spec = QuantSpec(4, 64, sym=False, mse=True)
+    seen, search = [], quantizer._best_candidate
+    monkeypatch.setattr(quantizer, "_best_candidate",
+                        lambda rows, *a: seen.append(rows.stride()) or search(rows, *a))
+    view = w.t().contiguous().t()
+    assert view.stride() == (1, 96)
+    params = find_params(view, spec)
+    assert seen and all(stride[-1] == 1 for stride in seen)
+    expect = find_params(w, spec)
+    assert torch.equal(params[0], expect[0]) and torch.equal(params[1], expect[1])
+
+
 def test_gptq_is_no_worse_than_exhaustive_search_allows():
     """On a 6-input layer, every code combination on RTN's scale grid is tried: the optimum
     bounds GPTQ from below in every row; in total GPTQ beats round-to-nearest."""

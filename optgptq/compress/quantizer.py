@@ -80,6 +80,7 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
     if not spec.mse:
         return _scale_zero(lo, hi, spec)
+    w = w.contiguous()  # the candidates' error sums then run along memory, whatever w's layout
     shrink = 1 - torch.arange(int(MSE_MAX_SHRINK * MSE_GRID), device=w.device) / MSE_GRID
     scale, zero = _scale_zero(shrink[:, None] * lo, shrink[:, None] * hi, spec)  # [P, N]
     best = torch.cat([_best_candidate(w[r:r + MSE_ROWS], scale[:, r:r + MSE_ROWS],
