@@ -65,8 +65,10 @@ def _x_pairs(xw_ptr, rows, mask, PTX: tl.constexpr):
         """, "=r,=r,=r,=r,r,r,r,r", [w0, w1, w2, w3],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
     else:
-        return (_bits(_half(w0), _half(w2)), _bits(_half(w0 >> 16) * 0.0625, _half(w2 >> 16) * 0.0625),
-                _bits(_half(w1), _half(w3)), _bits(_half(w1 >> 16) * 0.0625, _half(w3 >> 16) * 0.0625))
+        return (_bits(_half(w0), _half(w2)),
+                _bits(_half(w0 >> 16) * 0.0625, _half(w2 >> 16) * 0.0625),
+                _bits(_half(w1), _half(w3)),
+                _bits(_half(w1 >> 16) * 0.0625, _half(w3 >> 16) * 0.0625))
 
 
 @triton.jit
