@@ -85,8 +85,10 @@ def _fp16_copy(src: Path, out: Path) -> Path:
     return out
 
 
-def _quantize(src: Path, out: Path, spec: QuantSpec, method: str, calib) -> float:
-    qm = quantize_model(src, spec, method, calib if method == "gptq" else None)
+def _quantize(src: Path, out: Path, spec: QuantSpec, method: str, calib,
+              precision: str) -> float:
+    qm = quantize_model(src, spec, method, calib if method == "gptq" else None,
+                        matmul_precision=precision)
     save_gptq(qm.model, qm.results, spec, method, src, out, overwrite=True)
     return qm.seconds
 
@@ -146,7 +148,9 @@ def run(a: argparse.Namespace) -> dict:
     def quantized(bits: int, method: str) -> None:
         spec = QuantSpec(bits, 64, sym=not a.asym, desc_act=True, mse=a.mse)
         out = work / f"{method}-w{bits}g64"
-        row(f"{method} w{bits} g64", lambda: (out, _quantize(src, out, spec, method, calib), {}))
+        row(f"{method} w{bits} g64", lambda: (out, _quantize(src, out, spec, method, calib,
+                                                             a.matmul_precision),
+                                               {"matmul_precision": a.matmul_precision}))
 
     quantized(4, "gptq")
     if GPTQMODEL_FP16 not in rows:
@@ -172,8 +176,9 @@ def run(a: argparse.Namespace) -> dict:
             convert_s = time.perf_counter() - start
             out = work / "gqa1-gptq-w4g64"
             spec = QuantSpec(4, 64, sym=not a.asym, desc_act=True, mse=a.mse)
-            seconds = _quantize(work / "gqa1", out, spec, "gptq", calib)
-            return out, seconds, {"convert_s": convert_s, "gqa_calib_loss": conv.calib_loss}
+            seconds = _quantize(work / "gqa1", out, spec, "gptq", calib, a.matmul_precision)
+            return out, seconds, {"convert_s": convert_s, "gqa_calib_loss": conv.calib_loss,
+                                  "matmul_precision": a.matmul_precision}
 
         row(gqa_name, make_gqa)
     row("fp32", lambda: (src, None, {}))
@@ -308,6 +313,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "/tmp/optgptq-quality")
     p.add_argument("--asym", action="store_true", help="asymmetric GPTQ/RTN (default symmetric)")
     p.add_argument("--mse", action="store_true", help="GPTQ/RTN with the clipping search")
+    p.add_argument("--matmul-precision", choices=("medium", "highest"), default="medium",
+                   help="our GPTQ's calibration forward and Hessians (see optgptq quantize)")
     p.add_argument("--name", default="quality", help="results file name (bench/results/NAME.json)")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeat)")
     a = p.parse_args()

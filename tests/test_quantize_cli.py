@@ -153,3 +153,62 @@ def test_compress_converts_then_quantizes(tiny_models, calib_text, tmp_path, cap
     assert cli.main(["compress", "--model", str(tiny_models["llama-mha"]), "--out",
                      str(tmp_path / "d"), "--num-kv-heads", "3", "--calib", str(calib_text)]) == 2
     assert "optgptq: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision,bf16_cpu", [("medium", True), ("medium", False),
+                                                ("highest", True)])
+def test_matmul_precision_covers_the_forward_not_the_hessians_or_solver(tiny_models, monkeypatch,
+                                                                        precision, bf16_cpu):
+    from optgptq.compress import gptq, pipeline
+    from optgptq.compress.quantizer import QuantSpec
+
+    seen = {"solve": set(), "gram": set(), "forward": set()}
+
+    def spy(name, fn, attention=False):
+        def wrapped(*args, **kwargs):
+            state = torch.get_float32_matmul_precision()
+            if attention:   # the model is _calibrate's first argument
+                state = (state, args[0].config._attn_implementation)
+            seen[name].add(state)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(gptq, "solve", spy("solve", gptq.solve))
+    monkeypatch.setattr(gptq, "add_gram_", spy("gram", gptq.add_gram_))
+    monkeypatch.setattr(pipeline, "_calibrate", spy("forward", pipeline._calibrate, True))
+    monkeypatch.setattr(pipeline, "_cpu_has_bfloat16", lambda: bf16_cpu)
+    calib = torch.randint(100, 49152, (4, 32), generator=torch.Generator().manual_seed(3))
+    before = torch.get_float32_matmul_precision()
+    qm = pipeline.quantize_model(tiny_models["llama-gqa"], QuantSpec(4, 32), "gptq", calib,
+                                 progress=False, matmul_precision=precision)
+    assert len(qm.results) == 14
+    attention = pipeline._BF16_SDPA if precision == "medium" and bf16_cpu else "sdpa"
+    assert seen == {"solve": {"highest"}, "gram": {"highest"},
+                    "forward": {(precision, attention)}}
+    assert torch.get_float32_matmul_precision() == before
+    assert qm.model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="matmul_precision"):
+        pipeline.quantize_model(tiny_models["llama-gqa"], QuantSpec(4, 32), "gptq", calib,
+                                matmul_precision="low")
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_bfloat16_calibration_attention_matches_sdpa(mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from optgptq.compress.pipeline import _bf16_sdpa
+
+    g = torch.Generator().manual_seed(6)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 3
+    q, k, v = (torch.randn(2, h, 40, 32, generator=g) for h in (6, 2, 2))
+    m = None
+    if mask != "none":
+        m = torch.rand(2, 1, 40, 40, generator=g) > 0.3
+        m |= torch.eye(40, dtype=torch.bool)
+        m = m if mask == "bool" else torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+    ref = sdpa_attention_forward(module, q, k, v, m, scaling=0.2)[0]
+    out = _bf16_sdpa(module, q, k, v, m, scaling=0.2)[0]
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < 1e-2
+    assert not torch.equal(out, ref)

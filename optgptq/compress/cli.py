@@ -41,6 +41,11 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="gptqt: initial scale factors re-explored (default 0.7:1.1:9)")
     g.add_argument("--dtype", choices=tuple(_DTYPES), default="float16",
                    help="dtype of the tensors left unquantized")
+    g.add_argument("--matmul-precision", choices=("medium", "highest"), default="medium",
+                   help="gptq/gptqt: the calibration forward's float32 matmuls and attention; "
+                   "medium: bfloat16 operands, float32 accumulation where the CPU has bfloat16 "
+                   "units (AMX, AVX512-BF16; much faster), IEEE float32 elsewhere; highest: "
+                   "IEEE float32 always. Hessians and the solver are always IEEE float32")
     d = p.add_argument_group("dgq (--method dgq)")
     d.add_argument("--clip-percentile", type=float, default=99.5, help="activation channels "
                    "above this percentile of the calibration maxima are scaled down to it")
@@ -80,7 +85,7 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
     if a.method != "rtn":
         tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
         calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-    qm = quantize_model(model, spec, a.method, calib)
+    qm = quantize_model(model, spec, a.method, calib, matmul_precision=a.matmul_precision)
     if a.method == "gptqt":
         from optgptq.compress.gptqt import save_gptqt
 

@@ -224,7 +224,7 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
             w = W1[i]
             codes[col], Q[col] = quantize_column(w, scale, zero, spec.maxq)
             err = (w - Q[col]) / diag[i]
-            W1[i + 1:] -= Hinv1[i, i + 1:].unsqueeze(1) * err
+            W1[i + 1:].addcmul_(Hinv1[i, i + 1:].unsqueeze(1), err, value=-1)  # one pass
             Err1[i] = err
         loss += Err1.square().sum() / 2
         WT[i2:] -= (Err1.t() @ Hinv[i1:i2, i2:]).t()

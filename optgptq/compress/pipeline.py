@@ -14,6 +14,16 @@ GPTQ (``method="gptq"``):
    the already-quantized groups before it, within the layer and in earlier layers, and the
    layer's output — the next layer's input — comes from the quantized layer. Working memory is
    the activations of one layer on the calibration batch.
+3. ``matmul_precision`` is torch's float32 matmul precision for the calibration forward
+   (``"medium"``: CPUs with bfloat16 units, AMX or AVX512-BF16, multiply bfloat16 operands and
+   accumulate in float32, about 2x faster; other CPUs stay in IEEE float32). With ``"medium"``
+   on such a CPU, models on transformers' SDPA attention also run it on bfloat16 operands
+   (about 3x faster). Either perturbs a layer's output by ~3e-3 of its norm, far below the
+   4-bit rounding it calibrates against. The Hessians and the solver always run in IEEE
+   float32: with the Hessians in bfloat16 too (relative error ~4e-4 of their norm, which their
+   largest eigenvalues set), SmolLM2's 4-bit g64 perplexity came out 1.5% higher (256 x 512
+   calibration tokens: 34.45, against 33.94 with only the forward in bfloat16 and 33.96 all in
+   float32).
 
 Round-to-nearest (``method="rtn"``) quantizes the same linears with the same groups and
 packing, needs no calibration data, and is the baseline GPTQ is measured against.
@@ -25,19 +35,23 @@ the binary-coding solver and its settings (``GPTQTSpec``) in place of GPTQ's.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from optgptq.compress import gptqt
 from optgptq.compress.gptq import GPTQ, QuantResult, rtn
 from optgptq.compress.quantizer import QuantSpec
 
 METHODS = ("gptq", "rtn", "gptqt")
+MATMUL_PRECISIONS = ("highest", "medium")
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,53 @@ def check_packable(layers: nn.ModuleList, arch: ArchSpec, bits: int) -> None:
                                  f"words (for 3 bits both must be multiples of 32)")
 
 
+@contextmanager
+def float32_matmul(precision: str) -> Iterator[None]:
+    """torch's float32 matmul precision set to ``precision`` for the block, then restored."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _bf16_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' SDPA attention on bfloat16 operands, its output back in the query's dtype."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.bfloat16()
+    out, weights = sdpa_attention_forward(module, query.bfloat16(), key.bfloat16(),
+                                          value.bfloat16(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _cpu_has_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16); elsewhere bfloat16
+    attention would be emulated, slower than float32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+_BF16_SDPA = "optgptq_calibration_bf16_sdpa"
+AttentionInterface.register(_BF16_SDPA, _bf16_sdpa)
+
+
+@contextmanager
+def calibration_attention(model: nn.Module, precision: str) -> Iterator[None]:
+    """With ``"medium"``, a model on transformers' SDPA attention runs it on bfloat16 operands
+    for the block (see the module docstring); others are left as they are."""
+    old = model.config._attn_implementation
+    if precision != "medium" or old != "sdpa" or not _cpu_has_bfloat16():
+        yield
+        return
+    model.set_attn_implementation(_BF16_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
 class _Captured(Exception):
     pass
 
@@ -125,9 +186,10 @@ def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch
     """Quantize the linears ``names`` (all reading ``x``) as one stacked weight."""
     linears = [layer.get_submodule(n) for n in names]
     solver = (gptqt.GPTQT if isinstance(spec, gptqt.GPTQTSpec) else GPTQ)(linears[0].in_features)
-    solver.add_batch(x)
     stacked = torch.cat([m.weight for m in linears])
-    parts = solver.quantize(stacked, spec).split([m.out_features for m in linears])
+    with float32_matmul("highest"):
+        solver.add_batch(x)
+        parts = solver.quantize(stacked, spec).split([m.out_features for m in linears])
     for name, linear, part in zip(names, linears, parts):
         linear.weight.data = part.weight
         results[f"{prefix}.{name}"] = part
@@ -135,13 +197,16 @@ def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch
 
 @torch.no_grad()
 def quantize_model(model_path: Path, spec: QuantSpec | gptqt.GPTQTSpec, method: str = "gptq",
-                   calibration: torch.Tensor | None = None,
-                   progress: bool = True) -> QuantizedModel:
+                   calibration: torch.Tensor | None = None, progress: bool = True,
+                   matmul_precision: str = "medium") -> QuantizedModel:
     """Quantize the model in ``model_path`` (see the module docstring); ``calibration`` is a
     ``[num_samples, seq_len]`` token batch, required for GPTQ and GPTQT; ``spec`` is a
     ``GPTQTSpec`` for GPTQT, a ``QuantSpec`` otherwise."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                         f"got {matmul_precision!r}")
     if (method == "gptqt") != isinstance(spec, gptqt.GPTQTSpec):
         kind = "GPTQTSpec" if method == "gptqt" else "QuantSpec"
         raise ValueError(f"method {method!r} takes a {kind}, got {type(spec).__name__}")
@@ -171,6 +236,16 @@ def quantize_model(model_path: Path, spec: QuantSpec | gptqt.GPTQTSpec, method: 
         return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
                               layer_seconds)
 
+    with float32_matmul(matmul_precision), calibration_attention(model, matmul_precision):
+        _calibrate(model, layers, arch, spec, calibration, results, layer_seconds, bar)
+    return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
+                          layer_seconds)
+
+
+def _calibrate(model: nn.Module, layers: nn.ModuleList, arch: ArchSpec,
+               spec: QuantSpec | gptqt.GPTQTSpec, calibration: torch.Tensor,
+               results: dict[str, QuantResult], layer_seconds: list[float], bar: tqdm) -> None:
+    """Step 2 of the module docstring: every layer quantized in one true-sequential pass."""
     args, kwargs = _first_layer_inputs(model, layers[0], calibration)
     hidden = args[0]
     for i in bar:
@@ -193,5 +268,3 @@ def quantize_model(model_path: Path, spec: QuantSpec | gptqt.GPTQTSpec, method: 
         hidden = out[0] if isinstance(out, tuple) else out
         layer_seconds.append(time.perf_counter() - t)
         bar.set_postfix(seconds=f"{layer_seconds[-1]:.1f}")
-    return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
-                          layer_seconds)
