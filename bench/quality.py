@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optgptq.compress.calib import load_calibration, load_texts
 from optgptq.compress.checkpoint import save_gptq
 from optgptq.compress.eval import evaluate
-from optgptq.compress.pipeline import quantize_model
+from optgptq.compress.pipeline import MATMUL_PRECISIONS, quantize_model
 from optgptq.compress.quantizer import QuantSpec
 from optgptq.models.hub import resolve_model
 
@@ -315,8 +315,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "/tmp/optgptq-quality")
     p.add_argument("--asym", action="store_true", help="asymmetric GPTQ/RTN (default symmetric)")
     p.add_argument("--mse", action="store_true", help="GPTQ/RTN with the clipping search")
-    p.add_argument("--matmul-precision", choices=("medium", "highest"), default="medium",
-                   help="our GPTQ's calibration forward and Hessians (see optgptq quantize)")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="medium",
+                   help="our GPTQ's calibration forward (see optgptq quantize)")
     p.add_argument("--name", default="quality", help="results file name (bench/results/NAME.json)")
     p.add_argument("--note", action="append", default=[], help="a note for the report (repeat)")
     a = p.parse_args()

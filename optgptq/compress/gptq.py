@@ -205,7 +205,7 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     block = gs if gs >= spec.block_size else spec.block_size // gs * gs
 
     # Column-major working copy: column k of W is row k here, so each step reads, quantizes and
-    # updates contiguous memory (the same operations on the same values as the row-major loop).
+    # updates contiguous memory.
     WT = W.t().contiguous()
     codes, Q = torch.zeros(k, n_out), torch.zeros(k, n_out)
     group_list = group_of_col.tolist()
