@@ -25,7 +25,8 @@ Workloads (token-id prompts drawn with a fixed seed, greedy, EOS ignored, all su
 
 Per run: latency (the whole run, as the paper reports it), requests/s, total tokens/s,
 generate tokens/s, peak GPU memory (``torch.cuda.max_memory_allocated``), the KV pool's bytes and
-KV bytes per token; ``--repeats`` runs give mean, min and max. Writes
+KV bytes per token; ``--repeats`` timed runs, after ``--warmup`` untimed ones of the same
+requests, give mean, min and max. Writes
 ``bench/results/paper/<gpu>.json``, ``<gpu>.md`` and the PNG plots (``bench/paper_plots.py``).
 """
 
@@ -81,10 +82,13 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
-def timed_run(llm: LLM, reqs: list[list[int]], output_len: int, repeats: int) -> dict:
+def timed_run(llm: LLM, reqs: list[list[int]], output_len: int, repeats: int,
+              warmup: int) -> dict:
+    """``warmup`` untimed runs of the same requests (kernel compilation for every shape the
+    run meets, allocator growth), then ``repeats`` timed ones."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([reqs[0][:16]], SamplingParams(max_tokens=4, temperature=0.0,
-                                                ignore_eos=True))  # compile
+    for _ in range(warmup):
+        llm.generate(reqs, params)
     runs = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -127,9 +131,11 @@ def run_variant(folder: Path, args, vocab: int) -> dict:
                      max_num_batched_tokens=args.max_batched_tokens)
         if "throughput" in args.workloads:
             out["throughput"] = {**pool_info(llm),
-                                 **timed_run(llm, thr, args.output_len, args.repeats)}
+                                 **timed_run(llm, thr, args.output_len, args.repeats,
+                                           args.warmup)}
         if "small" in args.workloads:
-            out["small"] = timed_run(llm, thr[:1], args.small_output, args.repeats)
+            out["small"] = timed_run(llm, thr[:1], args.small_output, args.repeats,
+                                   args.warmup)
         del llm
         cleanup()
     if "long" not in args.workloads:
@@ -142,7 +148,7 @@ def run_variant(folder: Path, args, vocab: int) -> dict:
     for ctx in args.contexts:
         reqs = prompts(args.long_requests, ctx, vocab, seed=ctx)
         out["long"]["contexts"][str(ctx)] = timed_run(llm, reqs, args.long_output,
-                                                      args.long_repeats)
+                                                      args.long_repeats, args.warmup)
     del llm
     cleanup()
     return out
@@ -163,7 +169,9 @@ def hf_baseline(arch: dict, kv_heads: int, args, vocab: int) -> dict:
     ids = torch.tensor(reqs, device="cuda")
     gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False,
                pad_token_id=0)
-    model.generate(ids[:1, :16], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    for _ in range(args.warmup):  # the first batch, untimed (its first call ran 2.7x slower)
+        first = ids[:args.hf_batch]
+        model.generate(first, attention_mask=torch.ones_like(first), **gen)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -231,6 +239,9 @@ def main() -> None:
                     help="a subset of throughput,small,long; results of the others are kept "
                          "from the previous file")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed runs of each workload (and of transformers' first batch) "
+                         "before the timed ones")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-model-len", type=int, default=32768 + 1024)

@@ -34,7 +34,8 @@ def table(res: dict) -> str:
              f"torch {res['versions']['torch']}, Triton {res['versions']['triton']}.", "",
              f"Throughput run: {s['num_requests']} requests of {s['input_len']} prompt + "
              f"{s['output_len']} generated tokens, all at once, KV pool {s['kv_gib']} GiB for every "
-             f"variant; mean (min-max) of {s['repeats']} runs.", "",
+             f"variant; mean (min-max) of {s['repeats']} runs after {s.get('warmup', 0)} untimed "
+             "warm-up run(s).", "",
              "| variant | req/s | total tok/s | generate tok/s | latency s | peak GiB | KV pool "
              "GiB | KV bytes/token | batch-1 generate tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
