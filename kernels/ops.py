@@ -4,7 +4,9 @@ Models call only these functions. Each picks, per call, the Triton kernel or its
 reference:
 
 - ``OPTGPTQ_KERNELS=auto`` (default): Triton for tensors on an accelerator (CUDA, ROCm, Hygon DCU
-  through ``torch.cuda``) when Triton imports; the reference otherwise (CPU).
+  through ``torch.cuda``) when Triton imports; the reference otherwise (CPU), except paged
+  attention on float32 CPU tensors, which runs the native kernel of
+  :mod:`optgptq_kernels.paged_attention_cpu` where it builds.
 - ``OPTGPTQ_KERNELS=reference``: always the reference.
 - ``OPTGPTQ_KERNELS=triton``: always Triton; with ``TRITON_INTERPRET=1`` (set before Triton is
   imported) the kernels run in Triton's interpreter on CPU tensors, which is how CI tests them.
@@ -20,6 +22,7 @@ import os
 
 import torch
 
+from optgptq_kernels import paged_attention_cpu
 from optgptq_kernels.bcq import bcq_linear_ref
 from optgptq_kernels.dgq import dgq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
@@ -39,11 +42,16 @@ def _triton_available() -> bool:
     return True
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether ops on tensor ``t`` run the Triton kernels under the current mode."""
+def _mode() -> str:
     mode = os.environ.get("OPTGPTQ_KERNELS", "auto")
     if mode not in _MODES:
         raise ValueError(f"OPTGPTQ_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether ops on tensor ``t`` run the Triton kernels under the current mode."""
+    mode = _mode()
     if mode == "reference":
         return False
     if mode == "triton":
@@ -52,6 +60,13 @@ def use_triton(t: torch.Tensor) -> bool:
                              "(pip install 'optgptq[kernels]')")
         return True
     return t.is_cuda and _triton_available()
+
+
+def native_cpu_attention(t: torch.Tensor) -> bool:
+    """Whether paged attention on tensor ``t`` runs the native CPU kernel (float32 CPU tensors in
+    ``auto`` mode, where it builds; the first call builds it)."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and _mode() == "auto"
+            and paged_attention_cpu.available())
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -117,6 +132,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
                                       query_start_loc, scale, alibi_slopes,
                                       max_query_len, max_seq_len)
+    if native_cpu_attention(q) and k_cache.dtype == v_cache.dtype == torch.float32:
+        return paged_attention_cpu.paged_attention_cpu(q, k_cache, v_cache, block_tables,
+                                                       seq_lens, query_start_loc, scale,
+                                                       alibi_slopes)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                scale, alibi_slopes)
 

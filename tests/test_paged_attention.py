@@ -1,12 +1,25 @@
-"""The paged attention reference against dense attention (repeat_interleave GQA, explicit masks)."""
+"""Paged attention on the CPU (the PyTorch reference and the native kernel) against dense
+attention (repeat_interleave GQA, explicit masks), and the dispatch between them."""
 
 import math
 
 import pytest
 import torch
 
-from optgptq_kernels import ops
+from optgptq_kernels import ops, paged_attention_cpu
+from optgptq_kernels.paged_attention import paged_attention_ref
 from optgptq.models.layers import alibi_slopes
+
+IMPLS = {"reference": paged_attention_ref, "native": paged_attention_cpu.paged_attention_cpu}
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def attention(request):
+    """Each CPU implementation, called directly. The native one must build here: CI has a
+    compiler, and a silent fallback would leave the engine's CPU path untested."""
+    if request.param == "native":
+        assert paged_attention_cpu.available(), "the native CPU kernel did not build"
+    return IMPLS[request.param]
 
 
 def dense_attention(q, k, v, q_pos, slopes):
@@ -25,7 +38,8 @@ def dense_attention(q, k, v, q_pos, slopes):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (16, 2)])
 @pytest.mark.parametrize("alibi", [False, True])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_varlen_paged_attention_matches_dense(num_heads, num_kv_heads, alibi, block_size):
+def test_varlen_paged_attention_matches_dense(attention, num_heads, num_kv_heads, alibi,
+                                              block_size):
     g = torch.Generator().manual_seed(num_heads * 100 + block_size + alibi)
     head_dim, num_blocks = 24, 64
     # (context length after the step, new query tokens): decodes, a whole prefill, a chunk after
@@ -51,8 +65,8 @@ def test_varlen_paged_attention_matches_dense(num_heads, num_kv_heads, alibi, bl
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     seq_lens = torch.tensor([s[0] for s in shapes], dtype=torch.int32)
     slopes = alibi_slopes(num_heads) if alibi else None
-    out = ops.paged_attention(torch.cat(qs), k_cache, v_cache, block_tables, seq_lens,
-                              torch.tensor(starts, dtype=torch.int32), head_dim ** -0.5, slopes)
+    out = attention(torch.cat(qs), k_cache, v_cache, block_tables, seq_lens,
+                    torch.tensor(starts, dtype=torch.int32), head_dim ** -0.5, slopes)
     for i, (length, n) in enumerate(shapes):
         ref = dense_attention(qs[i], ks[i], vs[i], torch.arange(length - n, length), slopes)
         torch.testing.assert_close(out[starts[i]:starts[i + 1]].double(), ref, rtol=1e-5, atol=1e-5)
@@ -66,7 +80,7 @@ def test_alibi_slopes_match_bloom():
         torch.testing.assert_close(alibi_slopes(heads), hf, rtol=0, atol=0)
 
 
-def test_many_decodes_grouped_by_length_match_dense():
+def test_many_decodes_grouped_by_length_match_dense(attention):
     """More decode sequences than one gather group, with mixed lengths and a shared block pool."""
     from optgptq_kernels.paged_attention import DECODE_GROUP
 
@@ -80,7 +94,7 @@ def test_many_decodes_grouped_by_length_match_dense():
     tables = [[perm.pop() for _ in range(-(-n // bs))] for n in lens]
     width = max(map(len, tables))
     q = torch.randn(len(lens), heads, d, generator=g)
-    out = ops.paged_attention(
+    out = attention(
         q, k_cache, v_cache, torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         torch.tensor(lens, dtype=torch.int32), torch.arange(len(lens) + 1, dtype=torch.int32), d ** -0.5)
     for i, (n, table) in enumerate(zip(lens, tables)):
@@ -88,3 +102,66 @@ def test_many_decodes_grouped_by_length_match_dense():
         v = v_cache[:, table].reshape(hkv, -1, d)[:, :n].transpose(0, 1)
         ref = dense_attention(q[i:i + 1], k, v, torch.tensor([n - 1]), None)
         torch.testing.assert_close(out[i:i + 1].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 40])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 2), (16, 2)])
+def test_native_kernel_matches_reference(head_dim, num_heads, num_kv_heads):
+    """The head sizes the native kernel compiles for (64, 128) and its generic path, on long
+    prefill chunks (several query tiles, a partial last one) after a cached prefix, whole
+    prompts and decodes, with ALiBi, against the reference on the same cache."""
+    assert paged_attention_cpu.available()
+    g = torch.Generator().manual_seed(head_dim + num_heads)
+    bs, tile = 16, paged_attention_cpu.Q_TILE
+    shapes = [(3 * tile + 5 + 40, 3 * tile + 5), (2 * tile, 2 * tile), (1, 1), (300, 1), (bs, 1)]
+    num_blocks = sum(-(-n // bs) for n, _ in shapes) + 3
+    k_cache = torch.randn(num_kv_heads, num_blocks, bs, head_dim, generator=g)
+    v_cache = torch.randn(num_kv_heads, num_blocks, bs, head_dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // bs))] for n, _ in shapes]
+    width = max(map(len, tables)) + 1
+    block_tables = torch.tensor([t + [perm[0]] * (width - len(t)) for t in tables],
+                                dtype=torch.int32)
+    q = torch.randn(sum(n for _, n in shapes), num_heads, head_dim, generator=g)
+    starts = torch.tensor([0] + [n for _, n in shapes], dtype=torch.int32).cumsum(0).int()
+    lens = torch.tensor([n for n, _ in shapes], dtype=torch.int32)
+    for slopes in (None, alibi_slopes(num_heads)):
+        args = (q, k_cache, v_cache, block_tables, lens, starts, head_dim ** -0.5, slopes)
+        torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args),
+                                   paged_attention_ref(*args), rtol=1e-5, atol=2e-6)
+
+
+def test_native_kernel_rejects_bad_block_ids_and_dtypes():
+    assert paged_attention_cpu.available()
+    k_cache = torch.randn(2, 4, 16, 64)
+    q = torch.randn(1, 4, 64)
+    lens, starts = torch.tensor([20], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="block id 9 out of range"):
+        paged_attention_cpu.paged_attention_cpu(q, k_cache, k_cache,
+                                                torch.tensor([[0, 9]], dtype=torch.int32),
+                                                lens, starts, 0.125)
+    with pytest.raises(RuntimeError, match="block table narrower"):
+        paged_attention_cpu.paged_attention_cpu(q, k_cache, k_cache,
+                                                torch.tensor([[0]], dtype=torch.int32),
+                                                lens, starts, 0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        paged_attention_cpu.paged_attention_cpu(q.half(), k_cache.half(), k_cache.half(),
+                                                torch.tensor([[0, 1]], dtype=torch.int32),
+                                                lens, starts, 0.125)
+
+
+@pytest.mark.parametrize("mode,dtype,native", [("auto", torch.float32, True),
+                                               ("reference", torch.float32, False),
+                                               ("auto", torch.bfloat16, False)])
+def test_dispatch_picks_the_native_kernel_for_float32_cpu(monkeypatch, mode, dtype, native):
+    calls = []
+    real = paged_attention_cpu.paged_attention_cpu
+    monkeypatch.setattr(paged_attention_cpu, "paged_attention_cpu",
+                        lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("OPTGPTQ_KERNELS", mode)
+    k_cache = torch.randn(2, 4, 16, 64, dtype=dtype)
+    out = ops.paged_attention(torch.randn(2, 4, 64, dtype=dtype), k_cache, k_cache,
+                              torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+                              torch.tensor([20, 7], dtype=torch.int32),
+                              torch.tensor([0, 1, 2], dtype=torch.int32), 0.125)
+    assert out.dtype == dtype and bool(calls) == native
