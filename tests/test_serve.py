@@ -221,8 +221,16 @@ def test_shared_prefix_follows_its_holder_and_unrelated_prompts_spread(server, r
     while _replica_stats()[holder]["indexed_blocks"] < 20:
         assert time.monotonic() < deadline, "cache events never reached the index"
         time.sleep(0.1)
+    # Unrelated prompts tie on cost only between equally loaded replicas: wait until both report
+    # an idle engine, then two routing-stats periods (0.5 s) so the routers see it too.
+    stats = _replica_stats()
+    while any(s["waiting"] or s["running"] for s in stats.values()) or len(stats) < 2:
+        assert time.monotonic() < deadline, f"replicas never went idle: {stats}"
+        time.sleep(0.1)
+        stats = _replica_stats()
+    time.sleep(1.0)
     spread = {_last_replica(server, _ids(rng, rng.randrange(20, 60))) for _ in range(16)}
-    assert len(spread) == 2
+    assert len(spread) == 2, (spread, _replica_stats())
 
 
 def _last_replica(server, prompt: list[int]) -> str:
