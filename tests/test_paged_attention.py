@@ -106,14 +106,15 @@ def test_many_decodes_grouped_by_length_match_dense(attention):
 
 @pytest.mark.parametrize("head_dim", [64, 128, 40])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 2), (16, 2)])
-def test_native_kernel_matches_reference(head_dim, num_heads, num_kv_heads):
-    """The head sizes the native kernel compiles for (64, 128) and its generic path, on long
-    prefill chunks (several query tiles, a partial last one) after a cached prefix, whole
-    prompts and decodes, with ALiBi, against the reference on the same cache."""
+def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_kv_heads):
+    """The head sizes the native decode kernel compiles for (64, 128) and its generic path, in a
+    mixed batch: decodes (native) around prefill chunks, one after a cached prefix (handed to
+    the reference), with ALiBi, against the reference on the same cache; a batch of decodes
+    alone never calls the reference."""
     assert paged_attention_cpu.available()
     g = torch.Generator().manual_seed(head_dim + num_heads)
-    bs, tile = 16, paged_attention_cpu.Q_TILE
-    shapes = [(3 * tile + 5 + 40, 3 * tile + 5), (2 * tile, 2 * tile), (1, 1), (300, 1), (bs, 1)]
+    bs = 16
+    shapes = [(1, 1), (93, 53), (300, 1), (32, 32), (bs, 1), (17, 1)]
     num_blocks = sum(-(-n // bs) for n, _ in shapes) + 3
     k_cache = torch.randn(num_kv_heads, num_blocks, bs, head_dim, generator=g)
     v_cache = torch.randn(num_kv_heads, num_blocks, bs, head_dim, generator=g)
@@ -129,6 +130,13 @@ def test_native_kernel_matches_reference(head_dim, num_heads, num_kv_heads):
         args = (q, k_cache, v_cache, block_tables, lens, starts, head_dim ** -0.5, slopes)
         torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args),
                                    paged_attention_ref(*args), rtol=1e-5, atol=2e-6)
+    decodes = [0, 2, 4, 5]
+    args = (q[starts[decodes].long()], k_cache, v_cache, block_tables[decodes], lens[decodes],
+            torch.arange(len(decodes) + 1, dtype=torch.int32), head_dim ** -0.5, None)
+    expected = paged_attention_ref(*args)
+    monkeypatch.setattr(paged_attention_cpu, "paged_attention_ref", None)  # must not be called
+    torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args), expected,
+                               rtol=1e-5, atol=2e-6)
 
 
 def test_native_kernel_rejects_bad_block_ids_and_dtypes():
