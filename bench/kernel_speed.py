@@ -13,7 +13,11 @@ In one run it measures the ceilings (device copy bandwidth, fp16 matmul rate) an
 - GPTQ 4-bit, group 128 GEMM for (K x N) in 4096x4096, 4096x14336, 14336x4096 and M in
   {1, 4, 16, 64, 256}: time against torch's fp16 matmul, both with cold weights (calls cycle
   through copies spanning twice the L2 cache, as a decode step reads each layer's weights once;
-  the packed weights, 8-29 MB, would otherwise stay in an H200's 60 MB L2 between calls).
+  the packed weights, 8-29 MB, would otherwise stay in an H200's 60 MB L2 between calls), and
+  the output's relative error against a float64 product. Beside them, the read floor of each
+  shape: the fastest cold read of its packed weight, zeros and scales by a plain Triton
+  reduction (a small sweep of programs, block and warps). No GPTQ kernel can beat it, so
+  ``fp16 time / floor`` bounds the speedup any kernel could show at that shape.
 
 Every time is a median from ``triton.testing.do_bench_cudagraph`` (CUDA-graph replays, so launch
 overhead is not measured). Prints a table and writes ``bench/results/kernels-<gpu>.json``;
@@ -28,14 +32,17 @@ transformers probes for Hugging Face's ``kernels`` package by that name.)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
+from optgptq_kernels.gptq import dequantize_ref
 from optgptq_kernels.gptq_triton import gptq_linear_triton
 from optgptq_kernels.paged_attention_triton import paged_attention_triton
 
@@ -128,6 +135,7 @@ def _cold(make, nbytes: int):
     call reads its weights from memory, as each layer of a model's decode step does."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     calls = [make() for _ in range(max(2, -(-2 * l2 // nbytes)))]
+    torch.cuda.synchronize()  # the timing runs on another stream: nothing may still run here
     state = {"i": 0}
 
     def call():
@@ -136,9 +144,39 @@ def _cold(make, nbytes: int):
     return call, len(calls)
 
 
-def gptq_gemm(k: int, n: int, m: int, g: torch.Generator) -> dict:
+@triton.jit
+def _read_kernel(src_ptr, dst_ptr, n_words, BLOCK: tl.constexpr):
+    """Sums every program's grid-strided blocks of int32 words (only the reads matter)."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.int32)
+    for start in range(pid * BLOCK, n_words, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n_words, other=0)
+    tl.store(dst_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def read_floor(nbytes: int) -> dict:
+    """Fastest cold read of ``nbytes`` over a sweep of programs per SM, block and warps."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    words = nbytes // 4
+    best = None
+    for per_sm, block, warps in itertools.product((2, 4, 8), (1024, 4096), (4, 8)):
+        dst = torch.empty(per_sm * sms * block, dtype=torch.int32, device="cuda")
+
+        def make():
+            src = torch.randint(0, 1 << 20, (words,), dtype=torch.int32, device="cuda")
+            return lambda: _read_kernel[(per_sm * sms,)](src, dst, words, BLOCK=block,
+                                                          num_warps=warps)
+        t = bench(_cold(make, nbytes)[0])
+        if best is None or t < best["us"] * 1e-6:
+            best = {"us": t * 1e6, "programs_per_sm": per_sm, "block": block, "warps": warps}
+    return {**best, "bytes": nbytes, "GBps": nbytes / best["us"] / 1e3}
+
+
+def gptq_gemm(k: int, n: int, m: int, g: torch.Generator, floor: dict) -> dict:
     groups = k // 128
     x = torch.randn(m, k, dtype=DTYPE, device="cuda", generator=g)
+    first = {}
 
     def gptq():
         qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), dtype=torch.int32,
@@ -147,7 +185,11 @@ def gptq_gemm(k: int, n: int, m: int, g: torch.Generator) -> dict:
                                device="cuda", generator=g)
         scales = (torch.rand(groups, n, device="cuda", generator=g) * 0.01).to(DTYPE)
         g_idx = (torch.arange(k, device="cuda") // 128).int()
-        gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4)   # caches the group layout
+        out = gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4)  # caches group layout
+        if not first:
+            w = dequantize_ref(qweight, qzeros, scales, g_idx, 4, torch.float64)
+            ref = x.double() @ w
+            first["rel_err"] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
         return lambda: gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4)
 
     def dense():
@@ -158,7 +200,9 @@ def gptq_gemm(k: int, n: int, m: int, g: torch.Generator) -> dict:
     f_call, f_copies = _cold(dense, k * n * 2)
     t_q, t_f = bench(q_call), bench(f_call)
     return {"K": k, "N": n, "M": m, "gptq_us": t_q * 1e6, "fp16_us": t_f * 1e6,
-            "speedup_vs_fp16": t_f / t_q, "weight_copies": [q_copies, f_copies]}
+            "speedup_vs_fp16": t_f / t_q, "rel_err_vs_float64": first["rel_err"],
+            "read_floor_us": floor["us"], "speedup_bound": t_f * 1e6 / floor["us"],
+            "weight_copies": [q_copies, f_copies]}
 
 
 def main() -> None:
@@ -191,13 +235,17 @@ def main() -> None:
 
     gemm = []
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 14336), (14336, 4096)]
-    print(f"{'K':>6} {'N':>6} {'M':>4} {'gptq us':>8} {'fp16 us':>8} {'x fp16':>7}")
+    floors = {}
+    print(f"{'K':>6} {'N':>6} {'M':>4} {'gptq us':>8} {'fp16 us':>8} {'x fp16':>7} "
+          f"{'floor us':>8} {'bound':>6} {'rel err':>8}")
     for k, n in shapes:
+        floors[f"{k}x{n}"] = floor = read_floor(k * n // 2 + (k // 128) * n * 5 // 2)
         for m in (1, 4, 16, 64, 256):
-            row = gptq_gemm(k, n, m, g)
+            row = gptq_gemm(k, n, m, g, floor)
             gemm.append(row)
             print(f"{k:>6} {n:>6} {m:>4} {row['gptq_us']:>8.1f} {row['fp16_us']:>8.1f} "
-                  f"{row['speedup_vs_fp16']:>7.2f}")
+                  f"{row['speedup_vs_fp16']:>7.2f} {row['read_floor_us']:>8.1f} "
+                  f"{row['speedup_bound']:>6.2f} {row['rel_err_vs_float64']:>8.1e}")
 
     big = [r for r in attn if r["batch"] * r["context"] >= 256 * 1024]
     targets = [
@@ -218,7 +266,8 @@ def main() -> None:
                                              "targets": old["targets"]}]
     own = {t["name"] for t in targets}
     result = {**report.gpu_header(),
-              "results": {"ceilings": ceil, "decode_attention": attn, "gptq_gemm": gemm},
+              "results": {"ceilings": ceil, "decode_attention": attn, "gptq_gemm": gemm,
+                          "gptq_read_floors": floors},
               "targets": targets, "history": history}
     # Sections other benchmarks merged into this file (their own keys and targets) stay.
     result.update({k: v for k, v in old.items() if k not in result})

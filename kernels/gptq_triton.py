@@ -10,9 +10,14 @@ one LOP3 and multiplied in one FFMA (``gemv``).
 Fused path (``M <= FUSED_MAX_M``): program ``(m, n, k)`` computes a ``BLOCK_M x BLOCK_N``
 output tile over every ``SPLIT_K``-th ``BLOCK_K`` slice of the input dimension. With ``SPLIT_K >
 1`` (the GPU would idle on ``M x N`` tiles alone) the last program of a tile to finish sums the
-others' float32 partials, so no zeroed buffer or second kernel is needed. Three ways to form a
+others' float32 partials, so no zeroed buffer or second kernel is needed. Four ways to form a
 slice's product:
 
+- ``unpacked`` (aligned groups of 2/4/8 bits, more than 16 rows): the slice's packed rows are
+  loaded once and unpacked in registers into the ``BLOCK_K x BLOCK_N`` tile in input order,
+  dequantized in the activation dtype and multiplied in one ``tl.dot``; the next slice's codes
+  are prefetched into registers. On an H100 at 64 rows this ran 1.2-1.3x faster than the
+  ``GROUP_ALIGNED`` way below, which reads each word once per code.
 - ``GROUP_ALIGNED`` (no act-order, ``BLOCK_K`` divides the group size): the slice lies in one
   group, so ``x . ((q - z) s) = s (x . (OFFSET + q) - (OFFSET + z) sum(x))``. The dot runs on
   the raw codes made exact floats by bit pattern (``0x6400 | q`` is ``1024 + q`` in float16,
@@ -38,7 +43,8 @@ from triton.runtime.errors import OutOfResources
 
 from optgptq_kernels.gptq import check_bits
 from optgptq_kernels.gptq_triton_gemv import gemv_half2_kernel, gemv_kernel
-from optgptq_kernels.gptq_triton_kernels import dequant_kernel, fused_kernel, swapped_kernel
+from optgptq_kernels.gptq_triton_kernels import (dequant_kernel, fused_kernel, swapped_kernel,
+                                                  unpacked_kernel)
 
 FUSED_MAX_M = 64
 GEMV_BLOCK_N, GEMV_WARPS = 512, 4   # the GEMVs' tile width and warps
@@ -127,14 +133,16 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
     gemv_k = 128 // bits  # the GEMV's slice: four packed rows (few rows per thread)
     gemv = m == 1 and bits != 3 and group_size > 0 and group_size % gemv_k == 0
     block_m = 1 if gemv else (16 if m <= 16 else (32 if m <= 32 else 64))
+    unpacked = aligned and bits != 3 and block_m > 16
     per_shift = per_shift and block_m == 16  # the strided x loads only pay off for short x
-    kernel = "gemv" if gemv else ("swapped" if per_shift else "fused")
+    kernel = "gemv" if gemv else ("swapped" if per_shift else ("unpacked" if unpacked else "fused"))
     if (gemv and bits == 4 and x.dtype == torch.float16 and _is_nvidia(x.device)
             and x.data_ptr() % 4 == 0):  # it reads the input as 32-bit words
         kernel = "gemv_half2"
     # Tiling measured on an H200 (sweeps of `launch`): the GEMV wants long rows of words
     # and ~GEMV_PROGRAMS programs per SM, the per-shift dot wide tiles split along K until
-    # the GPU holds ~2 programs per SM.
+    # the GPU holds ~2 programs per SM. The unpacked kernel (H100 sweep at 64 rows of
+    # Llama-3-8B's shapes): 64-wide tiles of 128 inputs, split 4 ways along K at every shape.
     if gemv:
         block_k = gemv_k
         block_n = GEMV_BLOCK_N if x.device.type == "cuda" else 32
@@ -144,6 +152,8 @@ def gptq_linear_triton(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Ten
         block_n = 256 if per_shift else (128 if m <= 16 else 64)
     target = _num_programs(x.device) * GEMV_PROGRAMS.get(kernel, 1)
     max_split = 64 if gemv else 16
+    if unpacked:
+        target, max_split = 1 << 30, 4
     while True:
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split_k = 1
@@ -166,8 +176,8 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
            group_size: int, aligned: bool, kernel: str, block_m: int, block_n: int,
            block_k: int, split_k: int, num_warps: int = 4, num_stages: int = 3) -> None:
     """One launch of ``kernel`` (``gemv_half2``: one row, 4 bits, float16; ``gemv``: one row;
-    ``swapped``; ``fused``; all but the last need aligned groups of 2/4/8 bits) with an explicit
-    tiling (also used to tune it)."""
+    ``swapped``; ``unpacked``; ``fused``; all but the last need aligned groups of 2/4/8 bits)
+    with an explicit tiling (also used to tune it)."""
     m, k = x.shape
     n = out.shape[1]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
@@ -193,6 +203,14 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
         offset = 1024
     elif aligned and x.dtype == torch.bfloat16 and bits < 8:
         offset = 128
+    if kernel == "unpacked":
+        unpacked_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
+                              group_size, x.stride(0), qweight.stride(0), qzeros.stride(0),
+                              scales.stride(0), out.stride(0), BITS=bits, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, OFFSET=offset,
+                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                              num_warps=num_warps, num_stages=num_stages)
+        return
     if kernel == "swapped":
         swapped_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
                              group_size, x.stride(0), qweight.stride(0), qzeros.stride(0),

@@ -156,6 +156,61 @@ def fused_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, bias_ptr, out_ptr, ws_ptr
 
 
 @triton.jit
+def _slice_codes(qw_ptr, qz_ptr, sc_ptr, k0, K, offs_n, n_mask, group_size, stride_qw, stride_qz,
+                 stride_sc, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A slice's packed rows, its group's scales and its zero points ``z + 1``."""
+    words = _packed_rows(qw_ptr, k0, K, offs_n, n_mask, stride_qw, BITS, BLOCK_K)
+    g = k0 // group_size
+    s = tl.load(sc_ptr + g * stride_sc + offs_n, mask=n_mask, other=0.0)
+    z = _unpack(qz_ptr, offs_n, g * stride_qz, 1, n_mask, BITS) + 1
+    return words, s, z
+
+
+@triton.jit
+def unpacked_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
+                    M, N, K, group_size, stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
+                    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, OFFSET: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """Aligned groups, 2/4/8 bits, a few dozen rows. A slice's packed rows are loaded once and
+    unpacked in registers: each word is shifted by every code offset at once (a ``[rows, PER,
+    BLOCK_N]`` broadcast) and reshaped to the ``[BLOCK_K, BLOCK_N]`` tile in input order. The
+    tile is dequantized in the activation dtype (codes and zeros as exact floats ``OFFSET + q``,
+    whose difference is exact) and meets ``x`` in one ``tl.dot``. Triton pipelines only the
+    loads that feed a ``tl.dot``, so the next slice's words, scales and zeros are loaded into
+    registers before this slice is used (the last prefetch wraps to slice 0: a harmless read)."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    per: tl.constexpr = 32 // BITS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    shifts = tl.arange(0, per) * BITS
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    step = BLOCK_K * SPLIT_K
+    words, s, z = _slice_codes(qw_ptr, qz_ptr, sc_ptr, pid_k * BLOCK_K, K, offs_n, n_mask,
+                               group_size, stride_qw, stride_qz, stride_sc, BITS, BLOCK_K)
+    for k0 in range(pid_k * BLOCK_K, K, step):
+        ahead = (k0 + step) % (tl.cdiv(K, BLOCK_K) * BLOCK_K)
+        next_words, next_s, next_z = _slice_codes(qw_ptr, qz_ptr, sc_ptr, ahead, K, offs_n,
+                                                  n_mask, group_size, stride_qw, stride_qz,
+                                                  stride_sc, BITS, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        q = _exact_float(tl.reshape(codes, [BLOCK_K, BLOCK_N]), dtype, OFFSET)
+        w = ((q - _exact_float(z, dtype, OFFSET)[None, :]) * s.to(dtype)[None, :]).to(dtype)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+        words, s, z = next_words, next_s, next_z
+    _write_out(acc, offs_m, offs_n, m_mask, n_mask, M, N, bias_ptr, out_ptr, stride_om, ws_ptr,
+               lock_ptr, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def swapped_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr,
                    M, N, K, group_size, stride_xm, stride_qw, stride_qz, stride_sc, stride_om,
                    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -258,12 +258,13 @@ def test_gptq_linear(bits, k, n, group_size, act_order, m):
 
 @pytest.mark.parametrize("bits,k,n,group_size,act_order",
                          GPTQ_CASES[:4] + [GPTQ_CASES[-1], (4, 512, 64, 128, False)])
-@pytest.mark.parametrize("m", [3, 6])
+@pytest.mark.parametrize("m", [3, 6, 20])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if GPU else [torch.float16])
 def test_gptq_linear_half_codes(bits, k, n, group_size, act_order, m, dtype):
     """16-bit activations: codes become exact floats by bit pattern (1024 + q in float16,
-    128 + q in bfloat16), two per word op in the per-shift dot (m = 6). bfloat16 on the GPU
-    only: Triton's interpreter mis-handles its bit casts."""
+    128 + q in bfloat16), two per word op in the per-shift dot (m = 6), codes and zeros both
+    so in the unpacked kernel (m = 20). bfloat16 on the GPU only: Triton's interpreter
+    mis-handles its bit casts."""
     g = torch.Generator().manual_seed(bits + k + m)
     packed = _gptq_case(g, bits, k, n, group_size, act_order)
     x = torch.randn(m, k, generator=g).to(device=DEVICE, dtype=dtype)
