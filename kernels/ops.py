@@ -4,9 +4,9 @@ Models call only these functions. Each picks, per call, the Triton kernel or its
 reference:
 
 - ``OPTGPTQ_KERNELS=auto`` (default): Triton for tensors on an accelerator (CUDA, ROCm, Hygon DCU
-  through ``torch.cuda``) when Triton imports; the reference otherwise (CPU), except paged
-  attention on float32 CPU tensors, which runs the native kernel of
-  :mod:`optgptq_kernels.paged_attention_cpu` where it builds.
+  through ``torch.cuda``) when Triton imports; on float32 CPU tensors the native CPU kernels of
+  :mod:`optgptq_kernels.cpu_native` (paged attention's decode rows, the pointwise steps, the KV
+  write) where they build; the reference otherwise.
 - ``OPTGPTQ_KERNELS=reference``: always the reference.
 - ``OPTGPTQ_KERNELS=triton``: always Triton; with ``TRITON_INTERPRET=1`` (set before Triton is
   imported) the kernels run in Triton's interpreter on CPU tensors, which is how CI tests them.
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from optgptq_kernels import paged_attention_cpu
+from optgptq_kernels import cpu_native, paged_attention_cpu
 from optgptq_kernels.bcq import bcq_linear_ref
 from optgptq_kernels.dgq import dgq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
@@ -62,11 +62,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_available()
 
 
-def native_cpu_attention(t: torch.Tensor) -> bool:
-    """Whether paged attention on tensor ``t`` runs the native CPU kernel (float32 CPU tensors in
-    ``auto`` mode, where it builds; the first call builds it)."""
+def native_cpu(t: torch.Tensor) -> bool:
+    """Whether ops on tensor ``t`` run the native CPU kernels (float32 CPU tensors in ``auto``
+    mode, where they build; the first call builds them)."""
     return (t.device.type == "cpu" and t.dtype == torch.float32 and _mode() == "auto"
-            and paged_attention_cpu.available())
+            and cpu_native.available())
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -76,6 +76,10 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         from optgptq_kernels.pointwise_triton import add_rms_norm_triton
 
         return add_rms_norm_triton(x, weight, eps, residual)
+    if (native_cpu(x) and x.dim() == 2 and x.stride(1) == 1 and weight.dtype == torch.float32
+            and (residual is None or residual.dtype == torch.float32 and residual.stride(1) == 1)):
+        out, total = cpu_native.ops().add_rms_norm(x, residual, weight, eps)
+        return out, (x if residual is None else total)
     return add_rms_norm_ref(x, weight, eps, residual)
 
 
@@ -87,6 +91,9 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
         from optgptq_kernels.pointwise_triton import rotary_triton
 
         return rotary_triton(positions, q, k, cos, sin, num_heads, num_kv_heads)
+    if (native_cpu(q) and k.dtype == cos.dtype == sin.dtype == torch.float32 and q.dim() == 2
+            and q.stride(1) == 1 and k.stride(1) == 1):
+        return cpu_native.ops().rotary(positions, q, k, cos, sin, num_heads, num_kv_heads)
     return rotary_ref(positions, q, k, cos, sin, num_heads, num_kv_heads)
 
 
@@ -97,6 +104,9 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         from optgptq_kernels.pointwise_triton import silu_and_mul_triton
 
         return silu_and_mul_triton(gate, up)
+    if (native_cpu(gate) and up.dtype == torch.float32 and gate.dim() == 2
+            and gate.stride(1) == 1 and up.stride(1) == 1 and gate.shape == up.shape):
+        return cpu_native.ops().silu_and_mul(gate, up)
     return silu_and_mul_ref(gate, up)
 
 
@@ -107,6 +117,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         from optgptq_kernels.kv_write_triton import write_kv_triton
 
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    elif (native_cpu(k) and v.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+          and k.stride(2) == 1 and v.stride(2) == 1):
+        cpu_native.ops().write_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
@@ -132,7 +145,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
                                       query_start_loc, scale, alibi_slopes,
                                       max_query_len, max_seq_len)
-    if native_cpu_attention(q) and k_cache.dtype == v_cache.dtype == torch.float32:
+    if native_cpu(q) and k_cache.dtype == v_cache.dtype == torch.float32:
         return paged_attention_cpu.paged_attention_cpu(q, k_cache, v_cache, block_tables,
                                                        seq_lens, query_start_loc, scale,
                                                        alibi_slopes)

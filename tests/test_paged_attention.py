@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from optgptq_kernels import ops, paged_attention_cpu
+from optgptq_kernels import cpu_native, ops, paged_attention_cpu
 from optgptq_kernels.paged_attention import paged_attention_ref
 from optgptq.models.layers import alibi_slopes
 
@@ -18,7 +18,7 @@ def attention(request):
     """Each CPU implementation, called directly. The native one must build here: CI has a
     compiler, and a silent fallback would leave the engine's CPU path untested."""
     if request.param == "native":
-        assert paged_attention_cpu.available(), "the native CPU kernel did not build"
+        assert cpu_native.available(), "the native CPU kernel did not build"
     return IMPLS[request.param]
 
 
@@ -111,7 +111,7 @@ def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_k
     mixed batch: decodes (native) around prefill chunks, one after a cached prefix (handed to
     the reference), with ALiBi, against the reference on the same cache; a batch of decodes
     alone never calls the reference."""
-    assert paged_attention_cpu.available()
+    assert cpu_native.available()
     g = torch.Generator().manual_seed(head_dim + num_heads)
     bs = 16
     shapes = [(1, 1), (93, 53), (300, 1), (32, 32), (bs, 1), (17, 1)]
@@ -140,7 +140,7 @@ def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_k
 
 
 def test_native_kernel_rejects_bad_block_ids_and_dtypes():
-    assert paged_attention_cpu.available()
+    assert cpu_native.available()
     k_cache = torch.randn(2, 4, 16, 64)
     q = torch.randn(1, 4, 64)
     lens, starts = torch.tensor([20], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)

@@ -66,7 +66,7 @@ class ModelRunner:
                                        -(-self.max_model_len // self.block_size))
         self.graphs = None
         probe = self.kv_caches[0][0]
-        ops.native_cpu_attention(probe)  # on a CPU, build the native kernel now, not mid-request
+        ops.native_cpu(probe)  # on a CPU, build the native kernels now, not mid-request
         # Graphs need the Triton kernels: the PyTorch references synchronise with the host.
         if probe.is_cuda and ops.use_triton(probe) and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs,
