@@ -106,7 +106,9 @@ _LOCKS: dict[torch.device, list[torch.Tensor]] = {}
 def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     """Per-tile arrival counters for split-K, zero between calls (the last program resets its
     own). Grown on demand outside any graph capture (the first call of a shape comes first);
-    outgrown buffers stay allocated, since captured CUDA graphs may still point at them."""
+    outgrown buffers stay allocated, since captured CUDA graphs may still point at them. Calls
+    must run in one stream order (the engine's do): two split-K calls running at once on two
+    streams would count into the same counters."""
     buffers = _LOCKS.setdefault(device, [])
     if not buffers or buffers[-1].numel() < tiles:
         buffers.append(torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device))
