@@ -205,21 +205,13 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales:
         offset = 1024
     elif aligned and x.dtype == torch.bfloat16 and bits < 8:
         offset = 128
-    if kernel == "unpacked":
-        unpacked_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
-                              group_size, x.stride(0), qweight.stride(0), qzeros.stride(0),
-                              scales.stride(0), out.stride(0), BITS=bits, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, OFFSET=offset,
-                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                              num_warps=num_warps, num_stages=num_stages)
-        return
-    if kernel == "swapped":
-        swapped_kernel[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k,
-                             group_size, x.stride(0), qweight.stride(0), qzeros.stride(0),
-                             scales.stride(0), out.stride(0), BITS=bits, BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, OFFSET=offset,
-                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                             num_warps=num_warps, num_stages=num_stages)
+    if kernel in ("unpacked", "swapped"):
+        body = unpacked_kernel if kernel == "unpacked" else swapped_kernel
+        body[grid](x, qweight, qzeros, scales, bias_arg, out, ws, locks, m, n, k, group_size,
+                   x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
+                   out.stride(0), BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                   SPLIT_K=split_k, OFFSET=offset, HAS_BIAS=bias is not None,
+                   IEEE=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
         return
     fused_kernel[grid](x, qweight, qzeros, scales, g_idx, bias_arg, out, ws, locks,
                         m, n, k, max(group_size, 1), x.stride(0), qweight.stride(0),
