@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name)
-            for name in ("paged_attention_cpu.cpp", "pointwise_cpu.cpp")]
+            for name in ("paged_attention_cpu.cpp", "pointwise_cpu.cpp",
+                         "linear_cpu.cpp")]
 log = logging.getLogger(__name__)
 
 

@@ -110,6 +110,20 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(gate, up)
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight [out, in]`` packed for :func:`packed_linear` (``linear_cpu.cpp``), or None where
+    that kernel does not run (not a float32 CPU tensor, no native build, no AVX-512)."""
+    if native_cpu(weight) and cpu_native.ops().packed_linear_available():
+        return cpu_native.ops().pack_linear_weight(weight)
+    return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [rows, in] @ W^T + bias`` for a weight packed by :func:`pack_linear_weight`."""
+    return cpu_native.ops().packed_linear(x, packed, out_features, bias)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows into the paged cache (see :mod:`optgptq_kernels.kv_write`)."""

@@ -1,9 +1,11 @@
 """Transposed-weight CPU linears against ``nn.Linear``, and the swap the model runner does."""
 
+import pytest
 import torch
 from torch import nn
 
 from optgptq.models.cpu_linear import TransposedLinear, transpose_linears
+from optgptq_kernels import ops
 
 
 def test_transposed_linear_matches_linear():
@@ -24,3 +26,18 @@ def test_transpose_linears_keeps_the_head_and_other_layers():
     assert isinstance(model["proj"], TransposedLinear)
     assert isinstance(model["inner"][0], TransposedLinear)
     assert type(model["lm_head"]) is nn.Linear and type(model["bf16"]) is nn.Linear
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_packed_linear_matches_linear(rows):
+    """The native panel-packed kernel: ragged last panel, bias, row chunks past 256."""
+    torch.manual_seed(rows)
+    weight, bias = torch.randn(100, 48), torch.randn(100)
+    packed = ops.pack_linear_weight(weight)
+    if packed is None:
+        pytest.skip("no native packed linear on this CPU (AVX-512 only)")
+    x = torch.randn(rows, 48)
+    for b in (None, bias):
+        torch.testing.assert_close(ops.packed_linear(x, packed, 100, b),
+                                   torch.nn.functional.linear(x, weight, b),
+                                   rtol=1e-5, atol=1e-5)

@@ -9,12 +9,22 @@ from memory as in a decode step: 1.1-1.3x). The model runner swaps the model's f
 ``nn.Linear`` layers for :class:`TransposedLinear` once weights are loaded and merged, on the
 CPU only. The output head (``lm_head``) stays as it is: its 576 x 49152 product ran no faster
 transposed at the 40-64 rows of a full decode step, and a tied head would need its own copy.
+
+Up to :data:`PACKED_MAX_ROWS` rows (decode steps) a layer runs the native panel-packed kernel
+instead (``kernels/linear_cpu.cpp``, AVX-512): its weight is also kept as 64-column panels, each
+contiguous, so a panel streams from memory while the previous one is multiplied, 1.2-1.3x faster
+than ``torch.mm`` at 8-64 rows over all 30 layers, 0.92x at 1024 rows. That second copy of the
+weights (424 MB for SmolLM2) is the price.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from optgptq_kernels import ops
+
+PACKED_MAX_ROWS = 64
 
 
 class TransposedLinear(nn.Module):
@@ -25,11 +35,15 @@ class TransposedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
+        self.packed = ops.pack_linear_weight(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = (torch.mm(flat, self.weight_t) if self.bias is None
-               else torch.addmm(self.bias, flat, self.weight_t))
+        if self.packed is not None and flat.shape[0] <= PACKED_MAX_ROWS and flat.stride(1) == 1:
+            out = ops.packed_linear(flat, self.packed, self.out_features, self.bias)
+        else:
+            out = (torch.mm(flat, self.weight_t) if self.bias is None
+                   else torch.addmm(self.bias, flat, self.weight_t))
         return out.view(*x.shape[:-1], self.out_features)
 
 
