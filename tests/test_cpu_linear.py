@@ -1,30 +1,40 @@
-"""Transposed-weight CPU linears against ``nn.Linear``, and the swap the model runner does."""
+"""CPU linears (packed or transposed weights) against ``nn.Linear``, and the swap the model
+runner does."""
 
 import pytest
 import torch
 from torch import nn
 
-from optgptq.models.cpu_linear import TransposedLinear, transpose_linears
+from optgptq.models.cpu_linear import CPULinear, use_cpu_linears
 from optgptq_kernels import ops
 
 
-def test_transposed_linear_matches_linear():
+@pytest.mark.parametrize("packed", [True, False])
+def test_cpu_linear_matches_linear(monkeypatch, packed):
+    """Both layouts, one weight copy each; a non-contiguous input and 300 rows included."""
+    if not packed:
+        monkeypatch.setattr(ops, "pack_linear_weight", lambda weight: None)
     torch.manual_seed(0)
     for bias in (False, True):
         linear = nn.Linear(48, 80, bias=bias)
-        t = TransposedLinear(linear)
-        assert t.weight_t.shape == (48, 80) and t.weight_t.is_contiguous()
-        for x in (torch.randn(5, 48), torch.randn(2, 3, 48), torch.randn(1, 48)):
-            torch.testing.assert_close(t(x), linear(x), rtol=1e-5, atol=1e-6)
+        t = CPULinear(linear)
+        if packed and t.packed is None:
+            pytest.skip("no native packed linear on this CPU (AVX-512 only)")
+        assert (t.weight_t is None) == packed
+        if not packed:
+            assert t.weight_t.shape == (48, 80) and t.weight_t.is_contiguous()
+        for x in (torch.randn(5, 48), torch.randn(2, 3, 48), torch.randn(1, 48),
+                  torch.randn(48, 7).t(), torch.randn(300, 48)):
+            torch.testing.assert_close(t(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-def test_transpose_linears_keeps_the_head_and_other_layers():
+def test_use_cpu_linears_keeps_the_head_and_other_layers():
     model = nn.ModuleDict({"proj": nn.Linear(8, 8), "lm_head": nn.Linear(8, 16, bias=False),
                            "bf16": nn.Linear(8, 8).to(torch.bfloat16),
                            "inner": nn.Sequential(nn.Linear(8, 4), nn.ReLU())})
-    assert transpose_linears(model) == 2
-    assert isinstance(model["proj"], TransposedLinear)
-    assert isinstance(model["inner"][0], TransposedLinear)
+    assert use_cpu_linears(model) == 2
+    assert isinstance(model["proj"], CPULinear)
+    assert isinstance(model["inner"][0], CPULinear)
     assert type(model["lm_head"]) is nn.Linear and type(model["bf16"]) is nn.Linear
 
 

@@ -16,7 +16,7 @@ from optgptq.engine.cuda_graphs import DecodeGraphs
 from optgptq.engine.sampler import Sampler
 from optgptq.engine.scheduler import ScheduledBatch
 from optgptq.engine.step_inputs import StepInputBuilder
-from optgptq.models.cpu_linear import transpose_linears
+from optgptq.models.cpu_linear import use_cpu_linears
 from optgptq.models.layers import AttentionMetadata, PagedAttention
 from optgptq.models.loader import load_config, load_model
 from optgptq_kernels import ops
@@ -53,7 +53,7 @@ class ModelRunner:
         self.model = load_model(model_path, self.hf_config, self.dtype, self.device,
                                 self.max_model_len, dummy=config.load_format == "dummy")
         if self.device.type == "cpu":
-            transpose_linears(self.model)  # faster small-batch products (see cpu_linear.py)
+            use_cpu_linears(self.model)  # faster small-batch products (see cpu_linear.py)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
