@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from optgptq.models.cpu_linear import CPULinear, use_cpu_linears
+from optgptq.models.cpu_linear import CPUEmbedding, CPULinear, use_cpu_linears
 from optgptq_kernels import ops
 
 
@@ -28,14 +28,32 @@ def test_cpu_linear_matches_linear(monkeypatch, packed):
             torch.testing.assert_close(t(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-def test_use_cpu_linears_keeps_the_head_and_other_layers():
-    model = nn.ModuleDict({"proj": nn.Linear(8, 8), "lm_head": nn.Linear(8, 16, bias=False),
+@pytest.mark.parametrize("packed", [True, False])
+def test_use_cpu_linears_swaps_float_linears_and_ties_the_embedding(monkeypatch, packed):
+    """Float32 linears are swapped, the head included; an embedding tied to the head reads the
+    head's layout (rows bit for bit, no second copy); an untied embedding and a bfloat16 linear
+    stay as they are."""
+    if not packed:
+        monkeypatch.setattr(ops, "pack_linear_weight", lambda weight: None)
+    torch.manual_seed(1)
+    model = nn.ModuleDict({"embed": nn.Embedding(150, 8), "other_embed": nn.Embedding(10, 8),
+                           "proj": nn.Linear(8, 8), "lm_head": nn.Linear(8, 150, bias=False),
                            "bf16": nn.Linear(8, 8).to(torch.bfloat16),
                            "inner": nn.Sequential(nn.Linear(8, 4), nn.ReLU())})
-    assert use_cpu_linears(model) == 2
-    assert isinstance(model["proj"], CPULinear)
+    model["lm_head"].weight = model["embed"].weight
+    table = model["embed"].weight.detach().clone()
+    ids = torch.randint(0, 150, (3, 5))
+    ids[0, 0], ids[0, 1] = 149, 64  # the ragged last panel and a panel's first column
+    hidden = torch.randn(6, 8)
+    want_logits = model["lm_head"](hidden)
+    assert use_cpu_linears(model) == 3
+    assert all(isinstance(model[n], CPULinear) for n in ("proj", "lm_head"))
     assert isinstance(model["inner"][0], CPULinear)
-    assert type(model["lm_head"]) is nn.Linear and type(model["bf16"]) is nn.Linear
+    assert type(model["bf16"]) is nn.Linear and type(model["other_embed"]) is nn.Embedding
+    assert isinstance(model["embed"], CPUEmbedding)
+    assert not model["embed"].state_dict()  # the weight lives in the head only
+    assert torch.equal(model["embed"](ids), table[ids])
+    torch.testing.assert_close(model["lm_head"](hidden), want_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
