@@ -56,15 +56,18 @@ def test_use_cpu_linears_swaps_float_linears_and_ties_the_embedding(monkeypatch,
     torch.testing.assert_close(model["lm_head"](hidden), want_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_packed_linear_matches_linear(rows):
-    """The native panel-packed kernel: ragged last panel, bias, row chunks past 256."""
+@pytest.mark.parametrize("rows", [1, 7, 64, 79, 80, 300])
+@pytest.mark.parametrize("in_features", [48, 150])
+def test_packed_linear_matches_linear(rows, in_features):
+    """The native panel-packed kernel, both schedules (streamed under 80 rows, whole panels from
+    80): a ragged last panel, bias, several weight-row chunks with a ragged last one (150 inputs),
+    row chunks past 256."""
     torch.manual_seed(rows)
-    weight, bias = torch.randn(100, 48), torch.randn(100)
+    weight, bias = torch.randn(100, in_features), torch.randn(100)
     packed = ops.pack_linear_weight(weight)
     if packed is None:
         pytest.skip("no native packed linear on this CPU (AVX-512 only)")
-    x = torch.randn(rows, 48)
+    x = torch.randn(rows, in_features)
     for b in (None, bias):
         torch.testing.assert_close(ops.packed_linear(x, packed, 100, b),
                                    torch.nn.functional.linear(x, weight, b),
