@@ -56,19 +56,21 @@ def test_use_cpu_linears_swaps_float_linears_and_ties_the_embedding(monkeypatch,
     torch.testing.assert_close(model["lm_head"](hidden), want_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 79, 80, 300])
+@pytest.mark.parametrize("rows", [1, 7, 64, 79, 80, 300, 600])
 @pytest.mark.parametrize("in_features", [48, 150])
-def test_packed_linear_matches_linear(rows, in_features):
+@pytest.mark.parametrize("out_features", [100, 150])
+def test_packed_linear_matches_linear(rows, in_features, out_features):
     """The native panel-packed kernel, both schedules (streamed under 80 rows, whole panels from
     80): a ragged last panel, bias, several weight-row chunks with a ragged last one (150 inputs),
-    row chunks past 256."""
+    equal row chunks past 256 rows, split by panels (2 panels) or by (chunk, panel) items (3
+    panels, on an even number of threads)."""
     torch.manual_seed(rows)
-    weight, bias = torch.randn(100, in_features), torch.randn(100)
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
     packed = ops.pack_linear_weight(weight)
     if packed is None:
         pytest.skip("no native packed linear on this CPU (AVX-512 only)")
     x = torch.randn(rows, in_features)
     for b in (None, bias):
-        torch.testing.assert_close(ops.packed_linear(x, packed, 100, b),
+        torch.testing.assert_close(ops.packed_linear(x, packed, out_features, b),
                                    torch.nn.functional.linear(x, weight, b),
                                    rtol=1e-5, atol=1e-5)
