@@ -5,7 +5,10 @@ Sources (beside this file), each registering its operators under ``torch.ops.opt
 - ``paged_attention_cpu.cpp``: ``paged_decode_attention``, the decode rows of paged attention
   read from the cache's blocks in place (see :mod:`optgptq_kernels.paged_attention_cpu`);
 - ``pointwise_cpu.cpp``: a decoder layer's pointwise steps, one pass each (``add_rms_norm``,
-  ``rotary``, ``silu_and_mul``) and the KV cache write (``write_kv``), float32.
+  ``rotary``, ``silu_and_mul``) and the KV cache write (``write_kv``), float32;
+- ``linear_cpu.cpp``: float32 products from panel-packed weights (``pack_linear_weight``,
+  ``packed_linear``; see :mod:`optgptq.models.cpu_linear`);
+- ``memory_cpu.cpp``: ``advise_huge_pages``, transparent huge pages for the KV pool.
 
 On a CPU each of these steps, run as separate torch ops, is several passes over the step's
 activations with a dispatch each (casts, powers, means, slices, concatenations): for a
@@ -36,7 +39,7 @@ import torch
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention_cpu.cpp", "pointwise_cpu.cpp",
-                         "linear_cpu.cpp")]
+                         "linear_cpu.cpp", "memory_cpu.cpp")]
 log = logging.getLogger(__name__)
 
 

@@ -110,6 +110,15 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(gate, up)
 
 
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask for 2 MB pages behind a large CPU buffer (the KV pool) before its pages are first
+    written (see ``memory_cpu.cpp``); whether the kernel accepted. Elsewhere (no native build, not a CPU
+    tensor) nothing is asked and the answer is False."""
+    if t.device.type == "cpu" and _mode() == "auto" and cpu_native.available():
+        return cpu_native.ops().advise_huge_pages(t)
+    return False
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight [out, in]`` packed for :func:`packed_linear` (``linear_cpu.cpp``), or None where
     that kernel does not run (not a float32 CPU tensor, no native build, no AVX-512)."""

@@ -103,3 +103,42 @@ def test_dispatch(monkeypatch, native, mode, dtype, native_used):
                  torch.arange(4))
     assert calls == (["add_rms_norm", "silu_and_mul", "rotary", "write_kv"] if native_used
                      else [])
+
+
+def _anon_huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages of the mapping of this process that holds the middle of ``t`` (advising
+    splits a buffer's mapping: its partial 2 MB stretches at either end are mappings of their
+    own)."""
+    address = t.data_ptr() + t.nbytes // 2
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_advise_huge_pages_backs_a_fresh_buffer(native, tiny_models):
+    """The KV pool asks for 2 MB pages before first touch; where the kernel's THP mode allows it
+    (``always`` or ``madvise``), a fresh 64 MiB buffer is then backed by them, and the model
+    runner's cache is."""
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off on this system")
+    t = torch.empty(16 << 20)  # 64 MiB, a fresh mapping
+    assert ops.advise_huge_pages(t)
+    t.fill_(1.5)
+    assert _anon_huge_kb(t) >= 32 << 10  # at least half of it in 2 MB pages
+    assert ops.advise_huge_pages(torch.empty(8)) is False  # under 2 MB: nothing to ask for
+    from optgptq.engine.llm import LLM
+
+    llm = LLM(str(tiny_models["llama-gqa"]), kv_cache_bytes=64 << 20)
+    k_cache = llm.engine.runner.kv_caches[0][0]
+    assert k_cache.nbytes >= 8 << 20 and not k_cache.any()
+    assert _anon_huge_kb(k_cache) > 0
