@@ -4,6 +4,8 @@ Sources (beside this file), each registering its operators under ``torch.ops.opt
 
 - ``paged_attention_cpu.cpp``: ``paged_decode_attention``, the decode rows of paged attention
   read from the cache's blocks in place (see :mod:`optgptq_kernels.paged_attention_cpu`);
+- ``prefill_attention_cpu.cpp``: ``paged_prefill_attention``, the rows of sequences adding
+  several tokens (AVX-512 builds);
 - ``pointwise_cpu.cpp``: a decoder layer's pointwise steps, one pass each (``add_rms_norm``,
   ``rotary``, ``silu_and_mul``) and the KV cache write (``write_kv``), float32;
 - ``linear_cpu.cpp``: float32 products from panel-packed weights (``pack_linear_weight``,
@@ -39,13 +41,15 @@ import torch
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention_cpu.cpp", "pointwise_cpu.cpp",
-                         "linear_cpu.cpp", "memory_cpu.cpp")]
+                         "prefill_attention_cpu.cpp", "linear_cpu.cpp", "memory_cpu.cpp")]
+_HEADER = Path(__file__).with_name("simd_cpu.h")
 log = logging.getLogger(__name__)
 
 
 def _cpu_tag() -> str:
-    """A short hash of this CPU's feature flags (what ``-march=native`` compiles for)."""
-    flags = platform.processor() + platform.machine()
+    """A short hash of this CPU's feature flags (what ``-march=native`` compiles for) and of the
+    shared header (torch rebuilds on a change of the sources, not of what they include)."""
+    flags = platform.processor() + platform.machine() + _HEADER.read_text()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

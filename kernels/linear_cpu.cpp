@@ -23,18 +23,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd_cpu.h"
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kPanel = 64;
-constexpr int64_t kRows = 6;          // rows per register tile (6 x 4 accumulators)
+using optgptq_simd::kPanel;
+using optgptq_simd::kRows;
+using optgptq_simd::row_block;
 constexpr int64_t kRowChunk = 256;    // row_chunked: rows per pass over the panels
 constexpr int64_t kStreamedRows = 80;  // fewer rows than this: the streamed schedule
 constexpr int64_t kChunk = 64;        // streamed: weight rows per chunk (16 KB)
@@ -51,55 +49,6 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
 }
 
 #if defined(__AVX512F__)
-// out[r, j] (+)= sum_{k0 <= k < k1} x[r, k] * panel[k, j] for MR rows, 64 columns (out's row
-// stride os; `zero` starts the sums at 0, else at out's values). Every `period`-th weight row of
-// `pf` (from row `phase` on) is asked for ahead of use, four lines each, with hint HINT.
-template <int MR, int HINT>
-__attribute__((always_inline)) inline void panel_rows(const float* x, int64_t xs, const float* panel, int64_t k0, int64_t k1,
-                       float* out, int64_t os, bool zero, const float* pf, int64_t phase,
-                       int64_t period) {
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < 4; ++c)
-      acc[r][c] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(out + r * os + 16 * c);
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* w = panel + k * kPanel;
-    if (pf != nullptr && (k - k0) % period == phase) {
-      const char* nw = reinterpret_cast<const char*>(pf + (k - k0) * kPanel);
-      for (int line = 0; line < 4; ++line) _mm_prefetch(nw + 64 * line, static_cast<_mm_hint>(HINT));
-    }
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-    const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 b = _mm512_set1_ps(x[r * xs + k]);
-      acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(b, w3, acc[r][3]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * os + 16 * c, acc[r][c]);
-}
-
-// panel_rows for the up to 6 rows left from i0 on (MR picked at compile time).
-template <int HINT>
-__attribute__((always_inline)) inline void row_block(int64_t rows, const float* x, int64_t xs, const float* panel, int64_t k0,
-                      int64_t k1, float* out, int64_t os, bool zero, const float* pf,
-                      int64_t phase, int64_t period) {
-  auto run = [&](auto mr) {
-    panel_rows<decltype(mr)::value, HINT>(x, xs, panel, k0, k1, out, os, zero, pf, phase, period);
-  };
-  switch (std::min<int64_t>(kRows, rows)) {
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    default: return run(std::integral_constant<int, 1>{});
-  }
-}
-
 // tile [rows, 64] (+ bias) -> out's columns n0..n0+cols-1.
 inline void store_tile(const float* tile, int64_t rows, const float* bias, float* out, int64_t N,
                        int64_t cols) {

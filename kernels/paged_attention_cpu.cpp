@@ -19,9 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd_cpu.h"
 
 #include <algorithm>
 #include <bit>
@@ -128,23 +126,6 @@ void attend(const Problem& p, int64_t s, int64_t q_row, int64_t h, Scratch& sc) 
 }
 
 #if defined(__AVX512F__)
-// exp(x) for x <= 0, 16 lanes: the same reduction and polynomial as exp_nonpositive, 2^k by scalef.
-inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 e = _mm512_set1_ps(1.f / 720.f);
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(e, k);
-}
-
 // Lane i of the result = the sum of v[i]'s 16 lanes. Pairs are interleaved and added within
 // 128-bit lanes (floats, then float pairs), then the 128-bit lanes are interleaved and added.
 inline __m512 sum_lanes16(const __m512* v) {
@@ -230,7 +211,7 @@ void attend_avx512(const Problem& p, int64_t s, int64_t q_row, int64_t h, Scratc
     __m512 sum = _mm512_setzero_ps();
     for (int64_t kt = 0; kt < L; kt += 16) {
       const __mmask16 lanes = first_lanes(std::min<int64_t>(16, L - kt));
-      const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, srow + kt), m));
+      const __m512 e = optgptq_simd::exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, srow + kt), m));
       sum = _mm512_mask_add_ps(sum, lanes, sum, e);
       _mm512_mask_storeu_ps(srow + kt, lanes, e);
     }

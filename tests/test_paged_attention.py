@@ -108,13 +108,14 @@ def test_many_decodes_grouped_by_length_match_dense(attention):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 8), (8, 2), (16, 2)])
 def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_kv_heads):
     """The head sizes the native decode kernel compiles for (64, 128) and its generic path, in a
-    mixed batch: decodes (native) around prefill chunks, one after a cached prefix (handed to
-    the reference), with ALiBi, against the reference on the same cache; a batch of decodes
-    alone never calls the reference."""
+    mixed batch: decodes around prefill chunks (whole prompts, one after a cached prefix, one
+    spanning several key panels and query tiles), with ALiBi, against the reference on the same
+    cache; a batch of decodes alone never calls the reference, nor does a mixed one where the
+    prefill kernel is compiled."""
     assert cpu_native.available()
     g = torch.Generator().manual_seed(head_dim + num_heads)
     bs = 16
-    shapes = [(1, 1), (93, 53), (300, 1), (32, 32), (bs, 1), (17, 1)]
+    shapes = [(1, 1), (93, 53), (300, 1), (32, 32), (bs, 1), (17, 1), (230, 70)]
     num_blocks = sum(-(-n // bs) for n, _ in shapes) + 3
     k_cache = torch.randn(num_kv_heads, num_blocks, bs, head_dim, generator=g)
     v_cache = torch.randn(num_kv_heads, num_blocks, bs, head_dim, generator=g)
@@ -126,17 +127,33 @@ def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_k
     q = torch.randn(sum(n for _, n in shapes), num_heads, head_dim, generator=g)
     starts = torch.tensor([0] + [n for _, n in shapes], dtype=torch.int32).cumsum(0).int()
     lens = torch.tensor([n for n, _ in shapes], dtype=torch.int32)
+    native = cpu_native.ops()
+
+    class WithoutPrefill:  # the path of builds without the prefill kernel (no AVX-512)
+        def __getattr__(self, name):
+            return (lambda: False) if name == "paged_prefill_available" else getattr(native, name)
+
     for slopes in (None, alibi_slopes(num_heads)):
         args = (q, k_cache, v_cache, block_tables, lens, starts, head_dim ** -0.5, slopes)
-        torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args),
-                                   paged_attention_ref(*args), rtol=1e-5, atol=2e-6)
+        expected = paged_attention_ref(*args)
+        torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args), expected,
+                                   rtol=1e-5, atol=2e-6)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_native, "ops", WithoutPrefill)
+            torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args), expected,
+                                       rtol=1e-5, atol=2e-6)
     decodes = [0, 2, 4, 5]
     args = (q[starts[decodes].long()], k_cache, v_cache, block_tables[decodes], lens[decodes],
             torch.arange(len(decodes) + 1, dtype=torch.int32), head_dim ** -0.5, None)
     expected = paged_attention_ref(*args)
+    mixed = (q, k_cache, v_cache, block_tables, lens, starts, head_dim ** -0.5, None)
+    expected_mixed = paged_attention_ref(*mixed)
     monkeypatch.setattr(paged_attention_cpu, "paged_attention_ref", None)  # must not be called
     torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args), expected,
                                rtol=1e-5, atol=2e-6)
+    if cpu_native.ops().paged_prefill_available():
+        torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*mixed),
+                                   expected_mixed, rtol=1e-5, atol=2e-6)
 
 
 def test_native_kernel_rejects_bad_block_ids_and_dtypes():
@@ -152,6 +169,12 @@ def test_native_kernel_rejects_bad_block_ids_and_dtypes():
         paged_attention_cpu.paged_attention_cpu(q, k_cache, k_cache,
                                                 torch.tensor([[0]], dtype=torch.int32),
                                                 lens, starts, 0.125)
+    if cpu_native.ops().paged_prefill_available():  # the prefill kernel checks its own rows
+        with pytest.raises(RuntimeError, match="block id 9 out of range"):
+            paged_attention_cpu.paged_attention_cpu(torch.randn(3, 4, 64), k_cache, k_cache,
+                                                    torch.tensor([[0, 9]], dtype=torch.int32),
+                                                    lens, torch.tensor([0, 3], dtype=torch.int32),
+                                                    0.125)
     with pytest.raises(RuntimeError, match="float32"):
         paged_attention_cpu.paged_attention_cpu(q.half(), k_cache.half(), k_cache.half(),
                                                 torch.tensor([[0, 1]], dtype=torch.int32),

@@ -1,0 +1,91 @@
+// AVX-512 building blocks shared by the native CPU kernels (included, not compiled on its own):
+// the register tile of the panel-packed products (linear_cpu.cpp, prefill_attention_cpu.cpp) and
+// a vector exp for softmax (paged_attention_cpu.cpp, prefill_attention_cpu.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace optgptq_simd {
+
+constexpr int64_t kPanel = 64;  // columns of a packed panel: four vectors
+constexpr int64_t kRows = 6;    // rows of a register tile (6 x 4 accumulators)
+
+#if defined(__AVX512F__)
+// out[r, j] (+)= sum_{k0 <= k < k1} x[r, k] * panel[k, j] for MR rows, 64 columns (out's row
+// stride os; `zero` starts the sums at 0, else at out's values). Every `period`-th weight row of
+// `pf` (from row `phase` on) is asked for ahead of use, four lines each, with hint HINT.
+template <int MR, int HINT>
+__attribute__((always_inline)) inline void panel_rows(const float* x, int64_t xs,
+                                                      const float* panel, int64_t k0, int64_t k1,
+                                                      float* out, int64_t os, bool zero,
+                                                      const float* pf, int64_t phase,
+                                                      int64_t period) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c)
+      acc[r][c] = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(out + r * os + 16 * c);
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* w = panel + k * kPanel;
+    if (pf != nullptr && (k - k0) % period == phase) {
+      const char* nw = reinterpret_cast<const char*>(pf + (k - k0) * kPanel);
+      for (int line = 0; line < 4; ++line)
+        _mm_prefetch(nw + 64 * line, static_cast<_mm_hint>(HINT));
+    }
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+    const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 b = _mm512_set1_ps(x[r * xs + k]);
+      acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(b, w3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * os + 16 * c, acc[r][c]);
+}
+
+// panel_rows for the up to 6 rows left from i0 on (MR picked at compile time).
+template <int HINT>
+__attribute__((always_inline)) inline void row_block(int64_t rows, const float* x, int64_t xs, const float* panel, int64_t k0,
+                      int64_t k1, float* out, int64_t os, bool zero, const float* pf,
+                      int64_t phase, int64_t period) {
+  auto run = [&](auto mr) {
+    panel_rows<decltype(mr)::value, HINT>(x, xs, panel, k0, k1, out, os, zero, pf, phase, period);
+  };
+  switch (std::min<int64_t>(kRows, rows)) {
+    case 6: return run(std::integral_constant<int, 6>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    default: return run(std::integral_constant<int, 1>{});
+  }
+}
+
+// exp(x) for x <= 0, 16 lanes: the same reduction and polynomial as exp_nonpositive, 2^k by scalef.
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 e = _mm512_set1_ps(1.f / 720.f);
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 120.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 24.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f / 6.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(0.5f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+  e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(e, k);
+}
+
+#endif
+
+}  // namespace optgptq_simd
