@@ -9,7 +9,7 @@
 // walked in 64-row chunks that every row block uses while they sit in L1, the chunk two ahead
 // being fetched meanwhile; from 80 rows on, every row block runs the whole panel, the first from
 // memory, the others from cache while the next panel is fetched. AVX-512 only
-// (packed_linear_available says whether it was compiled); the Python side packs nothing
+// (avx512_built says whether it was compiled); the Python side packs nothing
 // elsewhere.
 //
 // Measured on SmolLM2's four layer shapes over all 30 layers plus its 576 x 49152 head, weights
@@ -164,12 +164,14 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
              b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>());
   }
 #else
-  TORCH_CHECK(false, "packed_linear needs AVX-512 (see packed_linear_available)");
+  TORCH_CHECK(false, "packed_linear needs AVX-512 (see avx512_built)");
 #endif
   return out;
 }
 
-bool packed_linear_available() {
+// Whether this build has the AVX-512 kernels: packed_linear here, and paged_prefill_attention
+// (prefill_attention_cpu.cpp).
+bool avx512_built() {
 #if defined(__AVX512F__)
   return true;
 #else
@@ -180,7 +182,7 @@ bool packed_linear_available() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optgptq_cpu, m) {
-  m.def("packed_linear_available() -> bool", &packed_linear_available);
+  m.def("avx512_built() -> bool", &avx512_built);
   m.def("pack_linear_weight(Tensor weight) -> Tensor", &pack_linear_weight);
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias) -> Tensor",
         &packed_linear);

@@ -122,7 +122,7 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight [out, in]`` packed for :func:`packed_linear` (``linear_cpu.cpp``), or None where
     that kernel does not run (not a float32 CPU tensor, no native build, no AVX-512)."""
-    if native_cpu(weight) and cpu_native.ops().packed_linear_available():
+    if native_cpu(weight) and cpu_native.ops().avx512_built():
         return cpu_native.ops().pack_linear_weight(weight)
     return None
 

@@ -39,7 +39,7 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     native = cpu_native.ops()
     out = native.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                         query_start_loc, scale, alibi_slopes)
-    if native.paged_prefill_available():
+    if native.avx512_built():  # the prefill kernel exists
         native.paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                        query_start_loc, scale, alibi_slopes, out)
         return out

@@ -18,7 +18,7 @@
 // Keys past the tile's last token are never touched, so a whole prompt computes about half of
 // its n x n scores (plus half a tile). Against the path it replaces (torch SDPA with is_causal,
 // per sequence, and the reference's masked SDPA for pieces after a prefix): see
-// paged_attention_cpu.py. AVX-512 only: paged_prefill_available() says whether it was compiled.
+// paged_attention_cpu.py. AVX-512 only: avx512_built() (linear_cpu.cpp) says whether it was compiled.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -214,22 +214,13 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
     for (int64_t i = 0; i < nt; ++i) attend_tile(c, tiles[i], kt_all.data(), v_all.data(), sc);
   }
 #else
-  TORCH_CHECK(false, "paged_prefill_attention needs AVX-512 (see paged_prefill_available)");
-#endif
-}
-
-bool paged_prefill_available() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
+  TORCH_CHECK(false, "paged_prefill_attention needs AVX-512 (see avx512_built)");
 #endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optgptq_cpu, m) {
-  m.def("paged_prefill_available() -> bool", &paged_prefill_available);
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_lens, Tensor query_start_loc, float scale, Tensor? alibi_slopes, "
         "Tensor(a!) out) -> ()",

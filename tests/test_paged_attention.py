@@ -131,7 +131,7 @@ def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_k
 
     class WithoutPrefill:  # the path of builds without the prefill kernel (no AVX-512)
         def __getattr__(self, name):
-            return (lambda: False) if name == "paged_prefill_available" else getattr(native, name)
+            return (lambda: False) if name == "avx512_built" else getattr(native, name)
 
     for slopes in (None, alibi_slopes(num_heads)):
         args = (q, k_cache, v_cache, block_tables, lens, starts, head_dim ** -0.5, slopes)
@@ -151,7 +151,7 @@ def test_native_kernel_matches_reference(monkeypatch, head_dim, num_heads, num_k
     monkeypatch.setattr(paged_attention_cpu, "paged_attention_ref", None)  # must not be called
     torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*args), expected,
                                rtol=1e-5, atol=2e-6)
-    if cpu_native.ops().paged_prefill_available():
+    if cpu_native.ops().avx512_built():
         torch.testing.assert_close(paged_attention_cpu.paged_attention_cpu(*mixed),
                                    expected_mixed, rtol=1e-5, atol=2e-6)
 
@@ -169,7 +169,7 @@ def test_native_kernel_rejects_bad_block_ids_and_dtypes():
         paged_attention_cpu.paged_attention_cpu(q, k_cache, k_cache,
                                                 torch.tensor([[0]], dtype=torch.int32),
                                                 lens, starts, 0.125)
-    if cpu_native.ops().paged_prefill_available():  # the prefill kernel checks its own rows
+    if cpu_native.ops().avx512_built():  # the prefill kernel checks its own rows
         with pytest.raises(RuntimeError, match="block id 9 out of range"):
             paged_attention_cpu.paged_attention_cpu(torch.randn(3, 4, 64), k_cache, k_cache,
                                                     torch.tensor([[0, 9]], dtype=torch.int32),
