@@ -112,8 +112,8 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask for 2 MB pages behind a large CPU buffer (the KV pool) before its pages are first
-    written (see ``memory_cpu.cpp``); whether the kernel accepted. Elsewhere (no native build, not a CPU
-    tensor) nothing is asked and the answer is False."""
+    written (see ``memory_cpu.cpp``); whether the kernel accepted. Elsewhere (no native build,
+    not a CPU tensor) nothing is asked and the answer is False."""
     if t.device.type == "cpu" and _mode() == "auto" and cpu_native.available():
         return cpu_native.ops().advise_huge_pages(t)
     return False

@@ -18,7 +18,8 @@
 // Keys past the tile's last token are never touched, so a whole prompt computes about half of
 // its n x n scores (plus half a tile). Against the path it replaces (torch SDPA with is_causal,
 // per sequence, and the reference's masked SDPA for pieces after a prefix): see
-// paged_attention_cpu.py. AVX-512 only: avx512_built() (linear_cpu.cpp) says whether it was compiled.
+// paged_attention_cpu.py. AVX-512 only: avx512_built() (linear_cpu.cpp) says whether it was
+// compiled.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

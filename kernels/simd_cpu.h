@@ -51,11 +51,13 @@ __attribute__((always_inline)) inline void panel_rows(const float* x, int64_t xs
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * os + 16 * c, acc[r][c]);
 }
 
-// panel_rows for the up to 6 rows left from i0 on (MR picked at compile time).
+// panel_rows for the first min(6, rows) rows (MR picked at compile time).
 template <int HINT>
-__attribute__((always_inline)) inline void row_block(int64_t rows, const float* x, int64_t xs, const float* panel, int64_t k0,
-                      int64_t k1, float* out, int64_t os, bool zero, const float* pf,
-                      int64_t phase, int64_t period) {
+__attribute__((always_inline)) inline void row_block(int64_t rows, const float* x, int64_t xs,
+                                                     const float* panel, int64_t k0, int64_t k1,
+                                                     float* out, int64_t os, bool zero,
+                                                     const float* pf, int64_t phase,
+                                                     int64_t period) {
   auto run = [&](auto mr) {
     panel_rows<decltype(mr)::value, HINT>(x, xs, panel, k0, k1, out, os, zero, pf, phase, period);
   };
