@@ -20,10 +20,11 @@ one pass per engine cannot tell from a difference between engines. So optgptq an
 ``--rounds`` times (default 3), interleaved, the order reversed every other round
 (optgptq, vLLM; vLLM, optgptq; ...), and transformers ``--hf-rounds`` times (default 1, after
 the first round's pair: its ratio is far from its target, and one of its passes takes four
-minutes). Each engine's figures
-are the median over its passes; the vLLM target is the median of the per-round ratios
-optgptq / vLLM (passes minutes apart, so both see the machine in about the same state), with
-every round's ratio listed beside it. Peak RSS is the largest of the child's own ``ru_maxrss`` and a 0.5 s sampled sum of RSS
+minutes). Each engine's figures are the median over its passes; the vLLM target is the median
+of the per-round ratios optgptq / vLLM (passes minutes apart, so both see the machine in about
+the same state), with every round's ratio listed beside it.
+
+Peak RSS is the largest of the child's own ``ru_maxrss`` and a 0.5 s sampled sum of RSS
 over the child's process tree (vLLM runs its engine core and worker as child processes; the sum
 counts pages they share, e.g. library code, once per process; PSS is not sampled because reading
 smaps of a multi-GB process every half second steals CPU from the engine). Each engine's KV pool counts:

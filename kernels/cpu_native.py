@@ -42,14 +42,14 @@ import torch
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention_cpu.cpp", "pointwise_cpu.cpp",
                          "prefill_attention_cpu.cpp", "linear_cpu.cpp", "memory_cpu.cpp")]
-_HEADER = Path(__file__).with_name("simd_cpu.h")
+_HEADERS = [Path(__file__).with_name(name) for name in ("simd_cpu.h", "paged_batch_cpu.h")]
 log = logging.getLogger(__name__)
 
 
 def _cpu_tag() -> str:
     """A short hash of this CPU's feature flags (what ``-march=native`` compiles for) and of the
-    shared header (torch rebuilds on a change of the sources, not of what they include)."""
-    flags = platform.processor() + platform.machine() + _HEADER.read_text()
+    shared headers (torch rebuilds on a change of the sources, not of what they include)."""
+    flags = platform.processor() + platform.machine() + "".join(h.read_text() for h in _HEADERS)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "paged_batch_cpu.h"
 #include "simd_cpu.h"
 
 #include <algorithm>
@@ -277,41 +278,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                      const at::Tensor& seq_lens,
                                      const at::Tensor& query_start_loc, double scale,
                                      const c10::optional<at::Tensor>& alibi_slopes) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "q [T, H, D] and K/V caches [Hkv, N, block_size, D] expected");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat,
-              "the CPU kernel takes float32");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches expected");
-  const auto qc = q.contiguous();
-  const auto tables = block_tables.to(at::kLong).contiguous();
-  const auto lens = seq_lens.to(at::kLong).contiguous();
-  const auto starts = query_start_loc.to(at::kLong).contiguous();
-  at::Tensor slopes;
-  if (alibi_slopes.has_value()) slopes = alibi_slopes->to(at::kFloat).contiguous();
-  auto out = at::empty_like(qc);
-
-  Problem p{qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-            slopes.defined() ? slopes.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-            q.size(1), q.size(2), k_cache.size(0), k_cache.size(1), k_cache.size(2), 0,
-            tables.size(1), static_cast<float>(scale)};
-  TORCH_CHECK(k_cache.size(3) == p.D && p.H % p.Hkv == 0, "head size / head count mismatch");
-  p.G = p.H / p.Hkv;
-  const int64_t S = lens.size(0);
-  TORCH_CHECK(starts.size(0) == S + 1 && tables.size(0) >= S, "batch size mismatch");
-
+  const optgptq_paged::Batch batch(q, k_cache, v_cache, block_tables, seq_lens,
+                                   query_start_loc, alibi_slopes);
+  auto out = at::empty_like(batch.q);
+  Problem p{batch.q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+            batch.slope(), out.data_ptr<float>(), batch.table, batch.len, batch.start,
+            batch.H, batch.D, batch.Hkv, batch.N, batch.bs, batch.G, batch.W,
+            static_cast<float>(scale)};
   std::vector<int64_t> decoding;  // the sequences that add one token
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t qlen = p.starts[s + 1] - p.starts[s], len = p.lens[s];
-    TORCH_CHECK(qlen >= 0 && qlen <= len, "query chunk longer than its context");
-    if (qlen != 1) continue;
-    const int64_t blocks = (len + p.bs - 1) / p.bs;
-    TORCH_CHECK(blocks <= p.W, "block table narrower than a context");
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t id = p.tables[s * p.W + b];
-      TORCH_CHECK(id >= 0 && id < p.N, "block id ", id, " out of range");
-    }
+  for (int64_t s = 0; s < batch.S; ++s) {
+    if (batch.query_len(s) != 1) continue;
+    batch.check_blocks(s);
     decoding.push_back(s);
   }
   // longest contexts first, then each thread takes the next item as it finishes one

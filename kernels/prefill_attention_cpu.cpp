@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "paged_batch_cpu.h"
 #include "simd_cpu.h"
 
 #include <algorithm>
@@ -153,44 +154,22 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
                              double scale, const c10::optional<at::Tensor>& alibi_slopes,
                              at::Tensor& out) {
 #if defined(__AVX512F__)
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "q [T, H, D] and K/V caches [Hkv, N, block_size, D] expected");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "the CPU kernel takes float32");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous() &&
-                  out.sizes() == q.sizes(),
-              "contiguous caches and an output shaped like q expected");
-  const auto qc = q.contiguous();
-  const auto tables = block_tables.to(at::kLong).contiguous();
-  const auto lens = seq_lens.to(at::kLong).contiguous();
-  const auto starts = query_start_loc.to(at::kLong).contiguous();
-  at::Tensor slopes;
-  if (alibi_slopes.has_value()) slopes = alibi_slopes->to(at::kFloat).contiguous();
-  Chunk c{qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-          slopes.defined() ? slopes.data_ptr<float>() : nullptr, out.data_ptr<float>(),
-          tables.data_ptr<int64_t>(), q.size(1), q.size(2), k_cache.size(1), k_cache.size(2), 0,
-          tables.size(1), static_cast<float>(scale)};
-  const int64_t Hkv = k_cache.size(0), S = lens.size(0);
-  TORCH_CHECK(k_cache.size(3) == c.D && c.H % Hkv == 0, "head size / head count mismatch");
-  TORCH_CHECK(starts.size(0) == S + 1 && tables.size(0) >= S, "batch size mismatch");
-  c.G = c.H / Hkv;
-  const int64_t* st = starts.data_ptr<int64_t>();
-  const int64_t* ln = lens.data_ptr<int64_t>();
+  const optgptq_paged::Batch batch(q, k_cache, v_cache, block_tables, seq_lens,
+                                   query_start_loc, alibi_slopes);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == q.sizes(),
+              "a contiguous float32 output shaped like q expected");
+  const Chunk c{batch.q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                batch.slope(), out.data_ptr<float>(), batch.table, batch.H, batch.D, batch.N,
+                batch.bs, batch.G, batch.W, static_cast<float>(scale)};
+  const int64_t Hkv = batch.Hkv;
   std::vector<Gather> gathers;
   int64_t kt_size = 0, v_size = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = st[s + 1] - st[s], len = ln[s];
-    TORCH_CHECK(n >= 0 && n <= len, "query chunk longer than its context");
+  for (int64_t s = 0; s < batch.S; ++s) {
+    const int64_t n = batch.query_len(s), len = batch.len[s];
     if (n <= 1) continue;
-    const int64_t blocks = (len + c.bs - 1) / c.bs;
-    TORCH_CHECK(blocks <= c.W, "block table narrower than a context");
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t id = c.tables[s * c.W + b];
-      TORCH_CHECK(id >= 0 && id < c.N, "block id ", id, " out of range");
-    }
+    batch.check_blocks(s);
     for (int64_t h = 0; h < Hkv; ++h) {
-      gathers.push_back({s, h, st[s], len, n, kt_size, v_size});
+      gathers.push_back({s, h, batch.start[s], len, n, kt_size, v_size});
       kt_size += panels(len) * c.D * kPanel;
       v_size += panels(c.D) * panels(len) * kPanel * kPanel;
     }
@@ -201,6 +180,7 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache,
       const int64_t t1 = std::min(g.n, t0 + kTile);
       tiles.push_back({&g, t0, t1, (t1 - t0) * (g.len - g.n + t1)});
     }
+  if (tiles.empty()) return;  // a step of decodes only
   std::stable_sort(tiles.begin(), tiles.end(),
                    [](const Tile& a, const Tile& b) { return a.cost > b.cost; });
   std::vector<float> kt_all(kt_size, 0.f), v_all(v_size, 0.f);
