@@ -46,11 +46,9 @@ BLOCK = 32
 
 
 def deploy(backend: str, args) -> None:
-    from ray import serve
+    from deployments.app import deploy as deploy_app
 
-    from deployments.app import build_app
-
-    serve.run(build_app({
+    deploy_app({
         "model": args.model, "backend": backend,
         "engine": {"block_size": BLOCK, "num_blocks": args.num_blocks, "max_num_seqs": 32,
                    "max_model_len": args.max_model_len},
@@ -58,7 +56,8 @@ def deploy(backend: str, args) -> None:
         "replicas": {"num_replicas": args.replicas, "num_cpus": 2 / (args.replicas + 1),
                      "max_ongoing_requests": 64, "max_queued_requests": 1000},
         "router": {"policy": "prefix_aware", "stats_period_s": 0.5},
-    }), name="optgptq", route_prefix="/")
+        "ingress": {"http_port": args.ports[0], "grpc_port": args.ports[1]},
+    })
 
 
 def engine_processes() -> list[dict]:
@@ -111,7 +110,7 @@ def main() -> int:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads),
                                        "PYTHONPATH": os.pathsep.join(
                  x for x in [str(ROOT), os.environ.get("PYTHONPATH")] if x)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": ports[0]})
+    args.ports = ports
     results, processes, startup = [], {}, {}
     try:
         for backend in args.backends.split(","):

@@ -142,17 +142,16 @@ def run(policy: str, name: str, requests, args, ports) -> dict:
 
 
 def deploy(policy: str, args) -> None:
-    from ray import serve
+    from deployments.app import deploy as deploy_app
 
-    from deployments.app import build_app
-
-    serve.run(build_app({
+    deploy_app({
         "model": args.model,
         "engine": {"num_blocks": args.num_blocks, "max_num_seqs": 32},
         "replicas": {"num_replicas": args.replicas, "num_cpus": 2 / (args.replicas + 1),
                      "max_ongoing_requests": 64, "max_queued_requests": 1000},
         "router": {"policy": policy, "stats_period_s": 0.5},
-    }), name="optgptq", route_prefix="/")
+        "ingress": {"http_port": args.ports[0], "grpc_port": args.ports[1]},
+    })
 
 
 def _free_port() -> int:
@@ -205,9 +204,7 @@ def main() -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
                  x for x in [str(ROOT), os.environ.get("PYTHONPATH")] if x)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": ports[0]},
-                grpc_options={"port": ports[1], "grpc_servicer_functions": [
-                    "optgptq.serving.optgptq_pb2_grpc.add_OptGPTQServicer_to_server"]})
+    args.ports = ports
     results = []
     try:
         for policy in args.policies.split(","):

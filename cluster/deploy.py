@@ -15,7 +15,8 @@ The config written (``--out``, default serve.yaml in $OPTGPTQ_JOB_DIR) is deploy
   The YAML's other autoscaling settings (targets, delays, policy) are kept. On a cluster with no
   accelerators, or for an app whose ``engine.device`` is ``cpu``, the YAML's replica settings
   stay as they are.
-- Serve's HTTP host and ports from ``--http-host`` / OPTGPTQ_HTTP_PORT / OPTGPTQ_GRPC_PORT.
+- the endpoint's host and ports (``args.ingress``: the ingress replicas serve HTTP and gRPC, on
+  the head node) from ``--http-host`` / OPTGPTQ_HTTP_PORT / OPTGPTQ_GRPC_PORT.
 
 ``--stop`` shuts Serve down (replicas drain their requests); the batch script calls it when the
 job ends. Exit status: 0 deployed, 1 the cluster or the app failed, 2 bad arguments.
@@ -70,11 +71,11 @@ def render_serve_config(base: dict[str, Any], gpus_now: int, gpus_max: int, http
     config = copy.deepcopy(base)
     if not isinstance(config.get("applications"), list):
         raise ValueError("serve config: applications: a list of applications is required")
-    config.setdefault("http_options", {}).update(host=http_host, port=http_port)
-    config.setdefault("grpc_options", {})["port"] = grpc_port
     for app in config["applications"]:
         if app.get("import_path") == BUILDER:
             args = app.setdefault("args", {})
+            args.setdefault("ingress", {}).update(host=http_host, http_port=http_port,
+                                                  grpc_port=grpc_port)
             on_cpu = (args.get("engine") or {}).get("device") == "cpu"
             args["replicas"] = plan_replicas(args.get("replicas") or {},
                                              0 if on_cpu else gpus_now, 0 if on_cpu else gpus_max)

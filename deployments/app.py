@@ -30,6 +30,13 @@ from optgptq.config import EngineConfig
 from optgptq.models.hub import resolve_model
 from optgptq.serving.vllm_engine import INSTALL_HINT, check_extra_args, vllm_available
 
+ONE_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+"""Serve runs user code and the handle's router on the replica's own event loop: a streamed
+chunk then crosses no thread inside the process (each crossing costs a wake-up and the GIL)."""
+HEAD_NODE = "node:__internal_head__"
+"""Ray's resource of the head node."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,9 +50,14 @@ class RouterConfig(_Strict):
     balance_abs: int = Field(4, ge=0)
     balance_rel: float = Field(1.5, ge=1)
     claim_ttl_s: float = Field(30.0, gt=0)
-    index_timeout_s: float = Field(0.5, gt=0)
     stats_period_s: float = Field(1.0, gt=0)
     """Serve's request_routing_stats_period_s: how often replicas report load to routers."""
+
+    def index_params(self, block_size: int) -> dict[str, Any]:
+        """The prefix index's RouterParams (block_size: the engine's)."""
+        return {"block_size": block_size, "load_token_cost": self.load_token_cost,
+                "balance_abs": self.balance_abs, "balance_rel": self.balance_rel,
+                "claim_ttl_s": self.claim_ttl_s}
 
 
 class ReplicasConfig(_Strict):
@@ -78,9 +90,33 @@ class ReplicasConfig(_Strict):
 
 
 class IngressConfig(_Strict):
+    """The ingress replicas: they serve HTTP and gRPC themselves (Serve's proxies are off)."""
+
     num_replicas: int = Field(1, ge=1)
+    """Ingress processes; on one host they share the ports (SO_REUSEPORT)."""
     num_cpus: float = Field(0.1, ge=0)
     max_request_bytes: int = Field(1 << 20, ge=1024)
+    """Largest HTTP body or gRPC message accepted (413 / INVALID_ARGUMENT beyond)."""
+    host: str = "127.0.0.1"
+    """Interface both servers listen on (0.0.0.0: every interface)."""
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    on_head_node: bool = True
+    """Place the ingress replicas on the Ray head node, where clients find the endpoint."""
+
+    @model_validator(mode="after")
+    def _ports(self):
+        if self.http_port == self.grpc_port:
+            raise ValueError("http_port and grpc_port must differ")
+        return self
+
+
+class SyntheticConfig(_Strict):
+    """``backend: synthetic`` (no model: tokens at no cost, for measuring the serving layer)."""
+
+    step_time_s: float = Field(0.0, ge=0)
+    """0: all of a request's tokens in one step; > 0: one token per request per step, a step
+    every step_time_s (an accelerator's step time, emulated)."""
 
 
 class AppConfig(_Strict):
@@ -90,12 +126,15 @@ class AppConfig(_Strict):
     """``smollm2``, or a local HF folder (also a quantized checkpoint folder)."""
     served_model_name: str | None = None
     """The name clients pass as ``model``; default: the ``model`` value."""
-    backend: Literal["native", "vllm"] = "native"
-    """The engine in each replica: this project's, or vLLM's (needs vLLM installed)."""
+    backend: Literal["native", "vllm", "synthetic"] = "native"
+    """The engine in each replica: this project's, vLLM's (needs vLLM installed), or none
+    (``synthetic``: tokens at no cost, to measure the serving layer)."""
     engine: dict[str, Any] = Field(default_factory=dict)
     """EngineConfig fields except ``model`` (block_size, kv_cache_bytes, max_num_seqs, ...)."""
     vllm: dict[str, Any] = Field(default_factory=dict)
     """Further vLLM engine arguments (e.g. ``enforce_eager: true``); only with backend vllm."""
+    synthetic: SyntheticConfig | None = None
+    """Only with backend synthetic."""
     replicas: ReplicasConfig = Field(default_factory=lambda: ReplicasConfig(num_replicas=2))
     router: RouterConfig = Field(default_factory=RouterConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
@@ -116,7 +155,17 @@ class AppConfig(_Strict):
             check_extra_args(self.vllm)
         elif self.vllm:
             raise ValueError("vllm: arguments for vLLM are only used with backend: vllm")
+        if self.synthetic is not None and self.backend != "synthetic":
+            raise ValueError("synthetic: only used with backend: synthetic")
         return self
+
+    def backend_args(self) -> dict[str, Any]:
+        """What the replicas' engine takes beyond the ``engine:`` settings."""
+        if self.backend == "vllm":
+            return dict(self.vllm)
+        if self.backend == "synthetic":
+            return (self.synthetic or SyntheticConfig()).model_dump()
+        return {}
 
 
 def parse_config(args: dict[str, Any]) -> AppConfig:
@@ -144,29 +193,40 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         gpus = int(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
                    and engine.get("device", "auto") != "cpu")
     actor = {"num_gpus": gpus} if gpus else {"num_cpus": r.num_cpus}
+    if 0 < gpus < 1:  # replicas sharing a GPU: each sizes its KV pool from its share
+        engine.setdefault("accelerator_share", gpus)
+    actor["runtime_env"] = {"env_vars": dict(ONE_LOOP)}
     scaling = ({"num_replicas": r.num_replicas} if r.num_replicas is not None
                else {"autoscaling_config": r.autoscaling_config})
     rc = config.router
-    index = PrefixIndexService.bind({
-        "block_size": engine.get("block_size", 16), "load_token_cost": rc.load_token_cost,
-        "balance_abs": rc.balance_abs, "balance_rel": rc.balance_rel,
-        "claim_ttl_s": rc.claim_ttl_s})
+    params = rc.index_params(EngineConfig.from_dict({"device": "cpu", **config.engine}).block_size)
+    index = PrefixIndexService.bind(params)
     replicas = serve.deployment(EngineReplica).options(
-        name="EngineReplica", ray_actor_options=actor, max_ongoing_requests=r.max_ongoing_requests,
+        name="EngineReplica", ray_actor_options=actor,
+        # + one token channel per ingress replica (deployments/token_channel.py)
+        max_ongoing_requests=r.max_ongoing_requests + config.ingress.num_replicas,
         max_queued_requests=r.max_queued_requests, health_check_period_s=2,
         request_router_config={
             "request_router_class": "deployments.router:OptGPTQRouter",
-            "request_router_kwargs": {"policy": rc.policy,
-                                      "block_size": engine.get("block_size", 16),
-                                      "index_timeout_s": rc.index_timeout_s},
+            "request_router_kwargs": {"policy": rc.policy, **params},
             "request_routing_stats_period_s": rc.stats_period_s},
         **scaling,
     ).bind(engine, index, max_waiting=r.max_waiting, backend=config.backend,
-           vllm_args=config.vllm)
+           backend_args=config.backend_args())
     ing = config.ingress
+    placement = {"resources": {HEAD_NODE: 0.001}} if ing.on_head_node else {}
     return serve.deployment(Ingress).options(
-        name="Ingress",
-        num_replicas=ing.num_replicas, ray_actor_options={"num_cpus": ing.num_cpus},
-        max_ongoing_requests=max(1000, r.max_queued_requests * 4),
+        name="Ingress", num_replicas=ing.num_replicas,
+        ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": dict(ONE_LOOP)},
+                           **placement},
     ).bind(replicas, index, config.served_model_name or config.model,
-           str(resolve_model(config.model)), ing.max_request_bytes)
+           str(resolve_model(config.model)), ing.max_request_bytes, ing.host, ing.http_port,
+           ing.grpc_port)
+
+
+def deploy(args: dict[str, Any], name: str = "optgptq") -> None:
+    """Deploy the application on the connected Ray cluster the way ``serve run
+    deployments/optgptq.yaml`` does (Serve's proxies off: the ingress replicas serve); for
+    tests and benchmarks. Serve's ``serve.run`` then waits until it is running."""
+    serve.start(proxy_location="Disabled")
+    serve.run(build_app(args), name=name, route_prefix="/")

@@ -4,7 +4,8 @@ Serve's default policy scales on ongoing requests per replica alone; an LLM repl
 saturated by a few long requests that fill its KV cache, or sit behind a queue that its batch
 cannot absorb. This policy takes the largest of three demands, each expressed as replicas:
 
-- requests: ``total ongoing requests / target_ongoing_requests`` (Serve's default signal);
+- requests: ``total ongoing requests / target_ongoing_requests`` (Serve's default signal, less
+  the ingresses' token channels, which Serve counts as ongoing calls);
 - KV pressure: ``current * mean(kv_used_fraction) / kv_target`` -- the replicas that would keep
   mean KV-cache occupancy at ``kv_target``;
 - queue: ``current * mean(waiting) / queue_target`` -- the replicas that would keep the mean
@@ -36,8 +37,9 @@ class KVPressurePolicy:
         if current == 0:
             return ctx.target_num_replicas, {}
         target_requests = ctx.config.get_target_ongoing_requests()
-        demand = {"requests": ctx.total_num_requests / target_requests}
         metrics = ctx.aggregated_metrics or {}
+        channels = sum((metrics.get("channels") or {}).values())
+        demand = {"requests": max(0.0, ctx.total_num_requests - channels) / target_requests}
         for name, target, key in (("kv_used_fraction", self.kv_target, "kv"),
                                   ("waiting", self.queue_target, "queue")):
             values = list((metrics.get(name) or {}).values())

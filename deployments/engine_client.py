@@ -2,10 +2,12 @@
 
 :meth:`EngineClient.open` checks the prompt against the model's context (413) and max_tokens
 (400), sends the request through the engine deployment's handle (whose router picks the
-replica) and waits for the first chunk, so that every error a request can meet before its first
-token becomes an HTTP status rather than a broken stream. The returned :class:`RequestStream`
-records time to first token and inter-token latency, and cancels the engine request if its
-consumer stops early (client disconnect), which aborts it on the replica and frees its blocks.
+replica) and waits for the replica to accept it, so that every error a request can meet before
+its first token becomes an HTTP status rather than a broken stream. Its tokens then arrive on
+the ingress's token channel from that replica (:mod:`deployments.token_channel`). The returned
+:class:`Stream` records time to first token and inter-token latency, and cancels the engine
+request if its consumer stops early (client disconnect), which aborts it on the replica and
+frees its blocks.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.serve_calls import TRANSPORT
+from deployments.token_channel import RequestStream, TokenChannels
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.serving.metrics import ServingMetrics
-from optgptq.serving.protocol import APIError, EngineChunk, EngineRequest
+from optgptq.serving.protocol import APIError, EngineRequest
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -40,64 +45,81 @@ def api_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
-class RequestStream:
-    """Chunks of one engine request, the first already received; totals update as it goes."""
+class Chunk(NamedTuple):
+    text: str
+    num_tokens: int
+    finished: bool
+    finish_reason: str | None
 
-    def __init__(self, response, first: EngineChunk, start: float,
-                 metrics: ServingMetrics) -> None:
-        self._response = response
-        self._first = first
+
+class Stream:
+    """One accepted request's chunks as its consumer reads them; totals update as it goes."""
+
+    def __init__(self, state: RequestStream, start: float, metrics: ServingMetrics,
+                 forget) -> None:
+        self._state = state
         self._start = start
         self._metrics = metrics
+        self._forget = forget
+        self._watch = asyncio.get_running_loop().create_task(self._watch_call())
         self.request_id = ""
-        self.replica = first.replica
-        self.prompt_tokens = first.num_prompt_tokens
-        self.cached_tokens = first.num_cached_tokens
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
 
-    async def __aiter__(self) -> AsyncIterator[EngineChunk]:
-        last = None
-        chunk = self._first
+    def __getattr__(self, name: str):  # replica, prompt_tokens, completion_tokens, ...
+        return getattr(self._state, name)
+
+    async def _watch_call(self) -> None:
+        """The generate call ends when the request does; if it fails, so does the stream."""
         try:
-            while True:
+            async for _ in self._state.response:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._forget(self._state.request_id)
+            self._state.fail(api_error(exc))
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        state, last, finished = self._state, None, False
+        try:
+            while not finished:
+                c = await state.next_chunk()
                 now = time.perf_counter()
                 if last is None:
                     self._metrics.ttft.observe(now - self._start)
                 else:
                     self._metrics.itl.observe(now - last)
-                last = now
-                self.completion_tokens += chunk.num_tokens
-                self.finish_reason = chunk.finish_reason
-                yield chunk
-                if chunk.finished:
-                    self._metrics.observe_finished(self.replica, self.prompt_tokens,
-                                                   self.cached_tokens, self.completion_tokens)
-                    return
-                try:
-                    chunk = await self._response.__anext__()
-                except StopAsyncIteration:
-                    raise APIError(500, "engine stream ended early", code="internal_error")
-                except Exception as exc:
-                    raise api_error(exc) from None
+                last, finished = now, c[3]
+                yield Chunk(c[1], c[2], c[3], c[4])
+            self._metrics.observe_finished(state.replica, state.prompt_tokens,
+                                           state.cached_tokens, state.completion_tokens)
         finally:
-            if self.finish_reason is None:
-                self._response.cancel()
+            self._forget(state.request_id)
+            if not finished:
+                state.response.cancel()
+                self._watch.cancel()
 
 
 class EngineClient:
     """Sends validated requests to the engine deployment through its handle."""
 
     def __init__(self, handle, tokenizer, metrics: ServingMetrics) -> None:
-        self.handle = handle.options(stream=True)
-        self.info_handle = handle
+        self.handle = handle.options(stream=True, **TRANSPORT)
+        self.info_handle = handle.options(**TRANSPORT)
+        self.channels = TokenChannels(self.handle)
         self.tokenizer = tokenizer
         self.metrics = metrics
         self._info: dict | None = None
 
-    def chat_token_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"]
+    def token_ids(self, body, chat: bool) -> list[int]:
+        """The prompt of a validated completions or chat request, as token ids."""
+        if chat:
+            messages = [m.model_dump() for m in body.messages]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=True,
+                                                      return_dict=True)["input_ids"]
+        if isinstance(body.prompt, str):
+            return self.tokenizer.encode(body.prompt, add_special_tokens=True)
+        return list(body.prompt)
 
     async def model_info(self) -> dict:
         if self._info is None:
@@ -107,7 +129,7 @@ class EngineClient:
                 raise api_error(exc) from None
         return self._info
 
-    async def open(self, token_ids: list[int], params: SamplingParams) -> RequestStream:
+    async def open(self, token_ids: list[int], params: SamplingParams) -> Stream:
         start = time.perf_counter()
         info = await self.model_info()
         limit = info["max_model_len"]
@@ -124,15 +146,20 @@ class EngineClient:
             raise APIError(400, f"max_tokens={params.max_tokens} plus the prompt's "
                            f"{len(token_ids)} tokens exceeds the model's context of {limit}",
                            param="max_tokens", code="context_length_exceeded")
-        request = EngineRequest(uuid.uuid4().hex, list(token_ids), params)
-        response = None
-        try:  # backpressure can raise from remote() itself or from the first chunk
-            response = self.handle.generate.remote(request)
-            first = await response.__anext__()
-        except asyncio.CancelledError:  # the client went away while we waited
-            if response is not None:
-                response.cancel()
-            raise
-        except Exception as exc:  # the request failed: nothing left to cancel
+        rid = uuid.uuid4().hex
+        state = RequestStream(rid)
+        streams = self.channels.streams
+        streams[rid] = state  # before sending: the first chunks may beat the acceptance
+        try:  # backpressure can raise from remote() itself or from the acceptance
+            state.response = self.handle.generate.remote(
+                EngineRequest(rid, list(token_ids), params, self.channels.ingress))
+            state.replica = await state.response.__anext__()
+        except BaseException as exc:
+            streams.pop(rid, None)
+            if state.response is not None:
+                state.response.cancel()
+            if isinstance(exc, asyncio.CancelledError):  # the client went away while we waited
+                raise
             raise api_error(exc) from None
-        return RequestStream(response, first, start, self.metrics)
+        self.channels.open(state.replica)
+        return Stream(state, start, self.metrics, lambda r: streams.pop(r, None))

@@ -1,220 +1,103 @@
-"""Ingress: the OpenAI-compatible HTTP API and the gRPC service, in front of the engine replicas.
+"""Ingress: the OpenAI-compatible HTTP API and the gRPC service, served by the ingress replicas.
 
-HTTP (FastAPI through Serve's proxy): POST /v1/completions and /v1/chat/completions (``stream:
-true`` as server-sent events), GET /v1/models, /health, /metrics (Prometheus text). gRPC (Serve's
-gRPC proxy, ``optgptq.OptGPTQ``): Generate and GenerateStream. Both paths validate and tokenize
-here, then send an :class:`~optgptq.serving.protocol.EngineRequest` through the engine
-deployment's handle, whose router (:mod:`deployments.router`) picks the replica.
+Each ingress replica runs its own servers in its own event loop: uvicorn with the FastAPI app of
+:mod:`deployments.http_api` on ``host:http_port`` and a ``grpc.aio`` server with
+:mod:`deployments.grpc_api` on ``host:grpc_port``, both with ``SO_REUSEPORT`` so that the ingress
+replicas of a host share the ports and the kernel spreads connections among them. Serve's own
+proxies are off (``proxy_location: Disabled``): a token then crosses one process boundary between
+the engine replica and the client's socket instead of two, and the per-token work of the proxy
+(measured as the serving path's largest cost, bench/results/serve-overhead-*.json) is gone. Serve
+still owns the ingress replicas' lifecycle (placement, health checks, restarts, scaling).
 
-Errors are OpenAI bodies with 400 (malformed JSON, bad values), 404 (unknown model or path),
-413 (body or prompt too large), 422 (missing or wrong-typed fields), 429 (engine deployment's
-queue full), 503 (replica queue full, replica died, nothing to serve); gRPC maps them to
-INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED and UNAVAILABLE. The response's
-``x-optgptq-replica`` header (gRPC: the ``replica`` field) names the replica that served it.
-A client that disconnects cancels the engine request, which aborts it and frees its blocks.
+Both APIs validate and tokenize here, then send an
+:class:`~optgptq.serving.protocol.EngineRequest` through the engine deployment's handle, whose
+router (:mod:`deployments.router`) picks the replica (:mod:`deployments.engine_client`).
+``/health`` answers 503 until an engine replica has answered, then 200.
 """
 
-import json
-from collections.abc import AsyncIterator
-from typing import NoReturn
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
 
 import grpc
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
-from ray import serve
+import uvicorn
 from transformers import AutoTokenizer
 
 from deployments.engine_client import EngineClient
-from optgptq.serving import optgptq_pb2 as pb
+from deployments.grpc_api import GRPCService
+from deployments.http_api import build_http_app
+from deployments.serve_calls import background
+from optgptq.serving import optgptq_pb2_grpc
 from optgptq.serving.metrics import ServingMetrics
-from optgptq.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                      completion_body, new_id, usage)
+from optgptq.serving.protocol import APIError
 
-app = FastAPI(title="optgptq", docs_url=None, redoc_url=None)
-_GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-               413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
-               429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+log = logging.getLogger("ray.serve")
 
 
-# Module-level helpers come before the class: serve.ingress captures the class when it is
-# decorated, and helpers defined after it were missing in the replicas (NameError).
-
-
-def _error(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-@app.exception_handler(404)
-async def _not_found(request: Request, exc) -> JSONResponse:
-    return _error(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
-
-
-def _invalid(exc: ValidationError) -> APIError:
-    """422 naming the top-level field (OpenAI's ``param``) and the full location."""
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    return APIError(422, f"{'.'.join(loc) or 'body'}: {err['msg']}",
-                    param=loc[0] if loc else None, code="invalid_value")
-
-
-def _grpc_params(request: pb.GenerateRequest) -> dict:
-    params = {name: getattr(request, name) for name in
-              ("max_tokens", "temperature", "top_p", "top_k", "seed") if request.HasField(name)}
-    return {**params, "stop": list(request.stop), "ignore_eos": request.ignore_eos}
-
-
-def _grpc_fail(grpc_context, exc: APIError) -> NoReturn:
-    code = _GRPC_CODES.get(exc.status)
-    if code is None:
-        code = (grpc.StatusCode.RESOURCE_EXHAUSTED if exc.code == "overloaded"
-                else grpc.StatusCode.UNAVAILABLE)
-    grpc_context.set_code(code)
-    grpc_context.set_details(exc.message)
-    raise exc
-
-
-@serve.ingress(app)
 class Ingress:
-    def __init__(self, engine, index, model_name: str, model_path: str,
-                 max_request_bytes: int) -> None:
+    def __init__(self, engine, index, model_name: str, model_path: str, max_request_bytes: int,
+                 host: str, http_port: int, grpc_port: int) -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.metrics = ServingMetrics()
         self.client = EngineClient(engine, tokenizer, self.metrics)
         self.index = index
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
+        self.ready = False
+        self._http = uvicorn.Server(uvicorn.Config(
+            build_http_app(self), log_level="warning", access_log=False, lifespan="off",
+            timeout_keep_alive=30, h11_max_incomplete_event_size=max_request_bytes))
+        self._http_task = background(self._http.serve(sockets=[_listen(host, http_port)]))
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_send_message_length", 64 << 20)])
+        optgptq_pb2_grpc.add_OptGPTQServicer_to_server(GRPCService(self), self._grpc)
+        if self._grpc.add_insecure_port(f"{_grpc_host(host)}:{grpc_port}") == 0:
+            raise RuntimeError(f"ingress: cannot listen for gRPC on {host}:{grpc_port}")
+        self._grpc_task = background(self._grpc.start())
+        self._ready_task = background(self._wait_for_engine())
 
-    # -- HTTP --------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def _wait_for_engine(self) -> None:
+        """Health turns 200 once an engine replica answers (its model info is then cached)."""
+        while True:
+            try:
+                await self.client.model_info()
+                self.ready = True
+                return
+            except APIError:
+                await asyncio.sleep(0.5)
 
-    @app.get("/v1/models")
-    async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                            "created": 0, "owned_by": "optgptq"}]}
+    async def check_health(self) -> None:
+        """Serve's health check: both servers must still be serving."""
+        for task in (self._http_task, self._grpc_task):
+            if task.done() and task.exception() is not None:
+                raise RuntimeError(f"ingress server failed: {task.exception()!r}")
+        if self._http_task.done():
+            raise RuntimeError("ingress HTTP server stopped")
 
-    @app.get("/metrics")
-    async def metrics(self) -> Response:
-        self.metrics.update_replicas(await self.index.replica_stats.remote())
-        return PlainTextResponse(self.metrics.render(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def __del__(self) -> None:
+        self._http.should_exit = True
+        await self._grpc.stop(grace=5)
+        self._ready_task.cancel()
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._http(request, CompletionRequest, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._http(request, ChatCompletionRequest, chat=True)
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket shared with the host's other ingress replicas (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"ingress: cannot listen for HTTP on {host}:{port}: {exc}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
-    async def _http(self, request: Request, schema: type[BaseModel], chat: bool) -> Response:
-        endpoint = request.url.path
-        try:
-            body = await self._parse(request, schema)
-            stream = await self.client.open(self._token_ids(body, chat), body.sampling_params())
-        except APIError as exc:
-            self.metrics.observe_request(endpoint, exc.status)
-            return _error(exc)
-        rid = new_id("chatcmpl" if chat else "cmpl")
-        headers = {"x-optgptq-replica": stream.replica}
-        if body.stream:
-            self.metrics.observe_request(endpoint, 200)
-            return StreamingResponse(self._sse(stream, rid, chat), headers=headers,
-                                     media_type="text/event-stream")
-        try:
-            text = "".join([chunk.text async for chunk in stream])
-        except APIError as exc:
-            self.metrics.observe_request(endpoint, exc.status)
-            return _error(exc)
-        self.metrics.observe_request(endpoint, 200)
-        return JSONResponse(completion_body(rid, self.model_name, chat, text, stream.finish_reason,
-                                            usage(stream.prompt_tokens, stream.completion_tokens,
-                                                  stream.cached_tokens)),
-                            headers=headers)
 
-    async def _sse(self, stream, rid: str, chat: bool) -> AsyncIterator[str]:
-        try:
-            async for chunk in stream:
-                reason = chunk.finish_reason if chunk.finished else None
-                if chunk.text or reason:
-                    body = completion_body(rid, self.model_name, chat, chunk.text, reason, None)
-                    yield f"data: {json.dumps(body)}\n\n"
-        except APIError as exc:  # headers are gone: report in-band, then end the stream
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    async def _parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
-        raw = await request.body()
-        if len(raw) > self.max_request_bytes:
-            raise APIError(413, f"request body is {len(raw)} bytes; the limit is "
-                           f"{self.max_request_bytes}", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise APIError(400, f"malformed JSON: {exc}", code="invalid_json") from None
-        try:
-            body = schema.model_validate(data)
-        except ValidationError as exc:
-            raise _invalid(exc) from None
-        self._check_model(body.model)
-        return body
-
-    def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves "
-                           f"{self.model_name!r}", param="model", code="model_not_found")
-
-    def _token_ids(self, body, chat: bool) -> list[int]:
-        if chat:
-            return self.client.chat_token_ids([m.model_dump() for m in body.messages])
-        if isinstance(body.prompt, str):
-            return self.client.tokenizer.encode(body.prompt, add_special_tokens=True)
-        return list(body.prompt)
-
-    # -- gRPC --------------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        stream = await self._grpc_open(request, grpc_context)
-        try:
-            text = "".join([chunk.text async for chunk in stream])
-        except APIError as exc:
-            _grpc_fail(grpc_context, exc)
-        return self._grpc_response(stream, text)
-
-    async def GenerateStream(self, request: pb.GenerateRequest,
-                             grpc_context) -> AsyncIterator[pb.GenerateResponse]:
-        stream = await self._grpc_open(request, grpc_context)
-        try:
-            async for chunk in stream:
-                if chunk.text or chunk.finished:
-                    yield self._grpc_response(stream, chunk.text)
-        except APIError as exc:
-            _grpc_fail(grpc_context, exc)
-
-    async def _grpc_open(self, request: pb.GenerateRequest, grpc_context):
-        try:
-            self._check_model(request.model)
-            if bool(request.prompt) == bool(request.messages):
-                raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            params = _grpc_params(request)
-            body = (ChatCompletionRequest(model=request.model, messages=messages, **params)
-                    if messages else
-                    CompletionRequest(model=request.model, prompt=request.prompt, **params))
-            ids = self._token_ids(body, chat=bool(messages))
-            stream = await self.client.open(ids, body.sampling_params())
-        except ValidationError as exc:
-            _grpc_fail(grpc_context, _invalid(exc))
-        except APIError as exc:
-            _grpc_fail(grpc_context, exc)
-        stream.request_id = new_id("grpc")
-        return stream
-
-    @staticmethod
-    def _grpc_response(stream, text: str) -> pb.GenerateResponse:
-        return pb.GenerateResponse(id=stream.request_id, text=text,
-                                   finish_reason=stream.finish_reason or "",
-                                   prompt_tokens=stream.prompt_tokens,
-                                   completion_tokens=stream.completion_tokens,
-                                   cached_tokens=stream.cached_tokens, replica=stream.replica)
+def _grpc_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

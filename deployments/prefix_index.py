@@ -1,17 +1,20 @@
-"""The router actor: one Serve deployment holding the shared prefix index of all engine replicas.
+"""The router actor: one Serve deployment gathering the prefix index of all engine replicas.
 
 Engine replicas push their block-pool cache events and engine stats here
-(:meth:`PrefixIndexService.update`); every router (one per process holding a handle to the
-engine deployment) asks it to rank replicas for a request (:meth:`route`), which also claims the
-request's blocks for the first choice. Being a Serve deployment, it lives and dies with the
-application (no detached global actor). If it restarts, the index starts empty and refills from
-new cache events; meanwhile routers fall back to load-only ranking.
+(:meth:`PrefixIndexService.update`, every 0.1-2 s). Every router (one per process holding a
+handle to the engine deployment) keeps its own copy of the index and ranks replicas locally;
+:meth:`watch` feeds that copy: a snapshot of every replica's blocks, then each update's events
+as they arrive, and the removal of replicas that stopped publishing. Being a Serve deployment,
+it lives and dies with the application (no detached global actor). If it restarts, its index
+starts empty and refills from new cache events; routers keep their copies meanwhile and
+reconnect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 
 from ray import serve
 
@@ -19,7 +22,7 @@ from optgptq.serving.router_index import PrefixIndex, RouterParams
 
 INDEX_DEPLOYMENT = "PrefixIndex"
 STALE_S = 10.0
-"""Replicas publish at least every 2 s; stats older than this belong to a gone replica."""
+"""Replicas publish at least every 2 s; one silent for this long is gone."""
 
 
 @serve.deployment(name=INDEX_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000,
@@ -29,25 +32,45 @@ class PrefixIndexService:
     def __init__(self, params: dict) -> None:
         self.index = PrefixIndex(RouterParams(**params))
         self.stats: dict[str, tuple[float, dict]] = {}
+        self._watchers: list[list] = []       # per watch stream: messages not yet sent
+        self._wake = asyncio.Event()
 
     def update(self, replica: str, events: list[tuple[str, int]], stats: dict) -> None:
         """A replica's cache events since its last update, and its current engine stats."""
         self.index.apply_events(replica, events)
         self.stats[replica] = (time.monotonic(), stats)
+        if events:
+            self._send(("events", replica, events))
+        self._prune()
 
-    def route(self, prompt_tokens: int, hashes: Sequence[int], loads: dict[str, int]) -> list[str]:
-        """Replica ids best first (see optgptq.serving.router_index), claiming for the first."""
-        return self.index.route(prompt_tokens, hashes, loads)
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for replica in [r for r, (t, _) in self.stats.items() if now - t > STALE_S]:
+            del self.stats[replica]
+            self.index.remove_replica(replica)
+            self._send(("removed", replica, None))
 
-    def claim(self, replica: str, hashes: Sequence[int]) -> None:
-        self.index.claim(replica, hashes)
+    def _send(self, message: tuple) -> None:
+        for queue in self._watchers:
+            queue.append(message)
+        self._wake.set()
 
-    def remove_replica(self, replica: str) -> None:
-        self.index.remove_replica(replica)
-        self.stats.pop(replica, None)
+    async def watch(self) -> AsyncIterator[tuple]:
+        """``("snapshot", replica, hashes)`` per replica, then ``("events", replica, events)``
+        and ``("removed", replica, None)`` as they happen."""
+        queue = [("snapshot", r, sorted(self.index.held(r))) for r in self.index.replicas]
+        self._watchers.append(queue)
+        try:
+            while True:
+                while queue:
+                    yield queue.pop(0)
+                self._wake.clear()
+                await self._wake.wait()
+        finally:
+            self._watchers.remove(queue)
 
     def replica_stats(self) -> dict[str, dict]:
         """Latest engine stats per live replica, plus the blocks the index believes it holds."""
-        now = time.monotonic()
+        self._prune()
         return {r: {**s, "indexed_blocks": self.index.num_blocks(r)}
-                for r, (t, s) in self.stats.items() if now - t < STALE_S}
+                for r, (t, s) in self.stats.items()}

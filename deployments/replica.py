@@ -28,10 +28,14 @@ from ray import serve
 
 from optgptq.config import EngineConfig
 from optgptq.engine.async_engine import AsyncLLMEngine
+from optgptq.engine.core_loop import CORES
 from optgptq.serving.vllm_engine import VLLMEngine
-from optgptq.serving.protocol import APIError, EngineChunk, EngineRequest
+from deployments.serve_calls import background
+from deployments.token_channel import ATTACH_TIMEOUT_S, Outboxes
+from optgptq.serving.protocol import APIError, EngineRequest, Subscription
 
 log = logging.getLogger("ray.serve")
+BACKENDS = (*CORES, "vllm")
 RATE_WINDOW_S = 10.0
 HEARTBEAT_S = 2.0
 
@@ -39,42 +43,78 @@ HEARTBEAT_S = 2.0
 class EngineReplica:
     def __init__(self, engine: dict, index, max_waiting: int = 64,
                  publish_period_s: float = 0.1, backend: str = "native",
-                 vllm_args: dict | None = None) -> None:
+                 backend_args: dict | None = None) -> None:
         self.config = EngineConfig.from_dict(engine)
         self.backend = backend
         if backend == "vllm":
-            self.engine = VLLMEngine(self.config, vllm_args, record_cache_events=True)
-        elif backend == "native":
-            self.engine = AsyncLLMEngine(self.config, record_cache_events=True)
+            self.engine = VLLMEngine(self.config, backend_args, record_cache_events=True)
+        elif backend in CORES:
+            self.engine = AsyncLLMEngine(self.config, record_cache_events=True, core=backend,
+                                         core_options=backend_args, process=True)
         else:
-            raise ValueError(f"backend must be native or vllm, got {backend!r}")
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.max_waiting = max_waiting
         self._index = index
         self._period = publish_period_s
         self._produced: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s
+        self.outboxes = Outboxes()
         self.cancelled = 0
-        self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+        self._publisher = background(self._publish_loop())
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        """Stream one request; raises APIError 400 (invalid) or 503 (queue full)."""
+    async def generate(self, request: EngineRequest) -> AsyncIterator[str]:
+        """Admit one request: yields this replica's id once the engine accepted it, then ends
+        with the request. Its outputs go to the token channel of ``request.ingress``. Raises
+        APIError 400 (invalid), 503 (engine queue full, channel never attached) or 500."""
         if self.engine.stats().waiting >= self.max_waiting:
             raise APIError(503, f"replica queue is full ({self.max_waiting} waiting requests)",
                            code="overloaded")
-        stream = self.engine.generate(request.token_ids, request.params, request.request_id)
+        rid, box = request.request_id, self.outboxes.get(request.ingress)
+        produced = self._produced
+
+        def on_delta(d: tuple) -> None:
+            n = len(d[2])
+            if n:
+                produced.append((time.monotonic(), n))
+            box.put(rid, d[1], n, d[3], d[4], None if d[7] is None else len(d[7]), d[8])
+
+        box.requests.add(rid)
         try:
-            async for out in stream:
-                self._produced.append((time.monotonic(), len(out.delta_token_ids)))
-                yield EngineChunk(self.replica, out.delta_text, len(out.delta_token_ids),
-                                  out.finished, out.finish_reason, len(out.prompt_token_ids),
-                                  out.num_cached_tokens)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+            sub = self.engine.submit(request.token_ids, request.params, rid, on_delta)
+            try:
+                await sub.accepted
+            except ValueError as exc:
+                raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+            yield self.replica
+            while not sub.done.done():
+                await asyncio.wait([sub.done], timeout=ATTACH_TIMEOUT_S)
+                if box.detached_for() > ATTACH_TIMEOUT_S:
+                    raise APIError(503, "the ingress's token channel did not attach",
+                                   code="unavailable")
+            try:
+                sub.done.result()
+            except RuntimeError as exc:
+                raise APIError(500, str(exc), code="internal_error") from None
         except (asyncio.CancelledError, GeneratorExit):  # caller gone: the engine aborts it
             self.cancelled += 1
             raise
         finally:
-            await stream.aclose()
+            self.engine.abort(rid)
+            box.requests.discard(rid)
+            self.outboxes.release(request.ingress)
+
+    async def subscribe(self, channel: Subscription) -> AsyncIterator[list]:
+        """The token channel of one ingress (deployments/token_channel.py)."""
+        if channel.replica != self.replica:
+            raise APIError(503, f"channel for replica {channel.replica} reached {self.replica}",
+                           code="unavailable")
+        async for batch in self.outboxes.read(channel.ingress):
+            yield batch
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine process died is restarted."""
+        if not getattr(self.engine, "alive", True):
+            raise RuntimeError("the engine process died")
 
     def model_info(self) -> dict:
         """What the ingress validates requests against."""
@@ -102,7 +142,8 @@ class EngineReplica:
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.stats()
         return {"kv_used_fraction": s["used_blocks"] / s["num_blocks"],
-                "waiting": float(s["waiting"]), "running": float(s["running"])}
+                "waiting": float(s["waiting"]), "running": float(s["running"]),
+                "channels": float(self.outboxes.attached)}
 
     async def _publish_loop(self) -> None:
         last, sent = None, 0.0

@@ -32,7 +32,9 @@ namespace {
 
 using optgptq_simd::kPanel;
 using optgptq_simd::kRows;
+#if defined(__AVX512F__)
 using optgptq_simd::row_block;
+#endif
 constexpr int64_t kRowChunk = 256;    // row_chunked: rows per pass over the panels
 constexpr int64_t kStreamedRows = 80;  // fewer rows than this: the streamed schedule
 constexpr int64_t kChunk = 64;        // streamed: weight rows per chunk (16 KB)

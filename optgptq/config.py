@@ -40,6 +40,9 @@ class EngineConfig:
     """Tokens per KV cache block."""
     kv_cache_memory_fraction: float = 0.85
     """On an accelerator: fraction of the memory free after loading weights given to the pool."""
+    accelerator_share: float = 1.0
+    """The part of the accelerator this engine may use (0.5: two engines share one GPU); the
+    memory it counts as free is at most that part of the device's, less what it holds."""
     kv_cache_bytes: int | None = None
     """Pool size in bytes; overrides the fraction. On CPU the default is 2 GiB."""
     num_blocks: int | None = None
@@ -67,9 +70,9 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_bytes", "num_blocks", "max_num_seqs",
                      "max_num_batched_tokens", "max_model_len"):
             positive(name)
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], "
-                             f"got {self.kv_cache_memory_fraction!r}")
+        for name in ("kv_cache_memory_fraction", "accelerator_share"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
         if self.quantization is not None:
             from optgptq.models.quantization import QUANT_METHODS
 

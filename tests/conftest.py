@@ -14,9 +14,7 @@ if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CP
 
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig
 
-from optgptq.models.hub import resolve_model
-
-TOKENIZER_SOURCE = "smollm2"  # tiny models borrow the default model's tokenizer
+from optgptq.models.hub import default_tokenizer_path, resolve_model
 
 
 def _save_tiny(config, path, seed: int):
@@ -29,7 +27,8 @@ def _save_tiny(config, path, seed: int):
     model.save_pretrained(str(path))
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(str(resolve_model(TOKENIZER_SOURCE))).save_pretrained(str(path))
+    # tiny models borrow the default model's tokenizer (shipped without the model package)
+    AutoTokenizer.from_pretrained(str(default_tokenizer_path())).save_pretrained(str(path))
     return path
 
 

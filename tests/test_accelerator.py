@@ -38,3 +38,16 @@ def test_bfloat16_on_device_tracks_float32(tiny_models, name):
     low = LLM(path, device="cuda", dtype="bfloat16", num_blocks=64).generate(prompts, params)
     for a, b in zip(ref, low):
         assert a.token_ids[:2] == b.token_ids[:2]
+
+
+def test_kv_pool_is_sized_from_the_engines_share_of_the_device(tiny_models):
+    path = str(tiny_models["llama-gqa"])
+    whole = LLM(path, device="cuda", kv_cache_memory_fraction=0.1).engine.runner
+    blocks_whole = whole.num_blocks
+    del whole
+    torch.cuda.empty_cache()
+    half = LLM(path, device="cuda", kv_cache_memory_fraction=0.1,
+               accelerator_share=0.5).engine.runner
+    free, total = torch.cuda.mem_get_info()
+    assert half.num_blocks * half.bytes_per_block <= 0.1 * 0.5 * total
+    assert 0.3 * blocks_whole < half.num_blocks < 0.7 * blocks_whole

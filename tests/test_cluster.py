@@ -327,9 +327,9 @@ def test_render_serve_config_validates_against_the_app():
 
     base, replicas = _shipped_replicas()
     out = deploy.render_serve_config(base, 4, 4, "0.0.0.0", 8100, 9100)
-    assert out["http_options"] == {"host": "0.0.0.0", "port": 8100}
-    assert out["grpc_options"]["port"] == 9100
     config = parse_config(out["applications"][0]["args"])
+    assert (config.ingress.host, config.ingress.http_port, config.ingress.grpc_port) == (
+        "0.0.0.0", 8100, 9100)
     assert config.replicas.num_replicas == 4 and config.replicas.num_gpus == 1
     assert base["applications"][0]["args"]["replicas"] == replicas  # input left unchanged
     base["applications"][0]["args"]["engine"]["device"] = "cpu"  # an app pinned to the CPU

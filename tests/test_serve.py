@@ -1,5 +1,7 @@
 """The deployment end to end: a real Ray Serve on loopback, two engine replicas of a tiny model.
 
+The replicas run on the CPU, or where a GPU is visible, both on it (``num_gpus: 0.5``).
+
 Ray and Serve start once for the module. Tests run in file order; the replica-kill test is last.
 """
 
@@ -15,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
@@ -24,6 +27,7 @@ from optgptq.client import ClientError, GRPCClient, HTTPClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONTEXT = 512  # the tiny models' max_position_embeddings
 BS = 16
 
@@ -36,21 +40,21 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_models):
-    from deployments.app import build_app
+    from deployments.app import deploy
 
     http_port, grpc_port = _free_port(), _free_port()
     path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                        "optgptq.serving.optgptq_pb2_grpc.add_OptGPTQServicer_to_server"]})
-        serve.run(build_app({
+        deploy({
             "model": str(tiny_models["llama-gqa"]), "served_model_name": MODEL,
-            "engine": {"device": "cpu", "num_blocks": 96, "max_num_seqs": 16},
-            "replicas": {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 2},
+            "engine": {"device": DEVICE, "num_blocks": 96, "max_num_seqs": 16},
+            "replicas": {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 2,
+                         # on a GPU machine both replicas share its first GPU
+                         **({"num_gpus": 0.5} if DEVICE == "cuda" else {})},
             "router": {"load_token_cost": 64, "stats_period_s": 0.5},
-        }), name="optgptq", route_prefix="/")
+            "ingress": {"http_port": http_port, "grpc_port": grpc_port},
+        })
         yield {"http": HTTPClient(f"http://127.0.0.1:{http_port}", model=MODEL, timeout=120),
                "grpc": GRPCClient(f"127.0.0.1:{grpc_port}", model=MODEL, timeout=120),
                "port": http_port, "grpc_target": f"127.0.0.1:{grpc_port}"}
@@ -272,7 +276,7 @@ def test_disconnect_aborts_the_request_and_frees_its_blocks(server, rng):
 @pytest.mark.slow
 def test_overload_is_rejected_with_429_not_queued_without_bound(server, rng):
     def attempt(_):
-        conn, r = _open_stream(server["port"], {"prompt": _ids(rng, 30), "max_tokens": 120,
+        conn, r = _open_stream(server["port"], {"prompt": _ids(rng, 30), "max_tokens": 450,
                                                 "ignore_eos": True})
         status = r.status
         body = r.readline() if status == 200 else r.read()

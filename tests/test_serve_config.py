@@ -18,10 +18,11 @@ YAML = Path(__file__).resolve().parent.parent / "deployments" / "optgptq.yaml"
 
 def test_shipped_yaml_is_valid_and_serves_on_loopback():
     doc = yaml.safe_load(YAML.read_text())
-    assert doc["http_options"] == {"host": "127.0.0.1", "port": 8000}
-    assert doc["grpc_options"]["port"] == 9000
+    assert doc["proxy_location"] == "Disabled"  # the ingress replicas serve both APIs
     (app,) = doc["applications"]
     config = parse_config(app["args"])
+    assert (config.ingress.host, config.ingress.http_port, config.ingress.grpc_port) == (
+        "127.0.0.1", 8000, 9000)
     assert config.router.policy == "prefix_aware"
     assert config.replicas.num_cpus < 1 and config.replicas.autoscaling_config["min_replicas"] == 2
 

@@ -13,26 +13,11 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Repl
 
 from deployments.router import OptGPTQRouter  # noqa: E402
 from optgptq.engine.sampling_params import SamplingParams  # noqa: E402
-from optgptq.serving.protocol import EngineRequest  # noqa: E402
-from optgptq.serving.router_index import PrefixIndex, RouterParams, prompt_block_hashes  # noqa: E402
+from optgptq.serving.protocol import EngineRequest, Subscription  # noqa: E402
+from optgptq.serving.router_index import prompt_block_hashes  # noqa: E402
 
 BS = 16
 DEPLOYMENT = DeploymentID(name="EngineReplica", app_name="app")
-
-
-class FakeIndexHandle:
-    """Stands in for the router actor's DeploymentHandle: ``handle.route.remote(...)``."""
-
-    def __init__(self, index: PrefixIndex | None) -> None:
-        self.index = index
-        self.removed: list[str] = []
-        self.route = SimpleNamespace(remote=self._route)
-        self.remove_replica = SimpleNamespace(remote=self.removed.append)
-
-    async def _route(self, *args):
-        if self.index is None:
-            raise ConnectionError("router actor is gone")
-        return self.index.route(*args)
 
 
 def _replica(name: str, stats: dict | None = None):
@@ -40,16 +25,15 @@ def _replica(name: str, stats: dict | None = None):
                            routing_stats=stats or {})
 
 
-def _router(policy: str, index: PrefixIndex | None = None) -> tuple[OptGPTQRouter, FakeIndexHandle]:
+def _router(policy: str, **params) -> OptGPTQRouter:
     router = OptGPTQRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN)
-    router.initialize_state(policy=policy, block_size=BS)
-    handle = FakeIndexHandle(index)
-    router._index = handle
-    return router, handle
+    router.initialize_state(policy=policy, block_size=BS, **params)
+    router._follow = asyncio.Future  # no router actor here: the index is fed by the test
+    return router
 
 
-def _pending(token_ids: list[int], internal_id: str):
-    return SimpleNamespace(args=[EngineRequest(internal_id, token_ids, SamplingParams())],
+def _pending(token_ids: list[int], internal_id: str, arg=None):
+    return SimpleNamespace(args=[arg or EngineRequest(internal_id, token_ids, SamplingParams())],
                            kwargs={}, metadata=SimpleNamespace(internal_request_id=internal_id),
                            routing_context=SimpleNamespace(should_backoff=False))
 
@@ -59,23 +43,22 @@ def _first(ranks) -> str:
 
 
 def test_round_robin_takes_replicas_in_turn():
-    router, _ = _router("round_robin")
+    router = _router("round_robin")
     replicas = [_replica(n) for n in random.sample(["a", "b", "c"], 3)]
     firsts = [_first(asyncio.run(router.choose_replicas(replicas, None))) for _ in range(6)]
     assert firsts == ["a", "b", "c", "a", "b", "c"]
 
 
 def test_pow2_offers_two_distinct_replicas():
-    router, _ = _router("pow2")
+    router = _router("pow2")
     ranks = asyncio.run(router.choose_replicas([_replica(n) for n in "abcd"], None))
     assert len(ranks) == 1 and len({r.replica_id.unique_id for r in ranks[0]}) == 2
 
 
 def test_prefix_aware_follows_the_index_and_counts_in_flight_load():
     rng = random.Random()
-    index = PrefixIndex(RouterParams(block_size=BS, load_token_cost=64, balance_abs=2),
-                        rng=rng)
-    router, _ = _router("prefix_aware", index)
+    router = _router("prefix_aware", load_token_cost=64, balance_abs=2)
+    index = router.index
     replicas = [_replica("a"), _replica("b")]
     prefix = [rng.randrange(100, 49152) for _ in range(12 * BS)]
     index.apply_events("b", [("add", h) for h in prompt_block_hashes(prefix + [1], BS)])
@@ -93,27 +76,45 @@ def test_prefix_aware_follows_the_index_and_counts_in_flight_load():
 
 
 def test_reported_engine_queue_counts_as_load():
-    router, _ = _router("prefix_aware", PrefixIndex(RouterParams(block_size=BS)))
+    router = _router("prefix_aware")
     replicas = [_replica("a", {"waiting": 9, "running": 3}), _replica("b", {"running": 1})]
     pending = _pending([random.randrange(100, 49152) for _ in range(40)], "r")
     assert _first(asyncio.run(router.choose_replicas(replicas, pending))) == "b"
-
-
-def test_unreachable_index_falls_back_to_least_loaded():
-    router, _ = _router("prefix_aware", None)
-    replicas = [_replica("a", {"running": 2}), _replica("b", {"running": 0})]
-    pending = _pending([random.randrange(100, 49152) for _ in range(40)], "r")
-    ranks = asyncio.run(router.choose_replicas(replicas, pending))
-    assert [r[0].replica_id.unique_id for r in ranks] == ["b", "a"]
     assert pending.routing_context.should_backoff
 
 
+def test_a_call_completed_before_it_is_reported_routed_leaves_no_load():
+    router = _router("prefix_aware")
+    a = _replica("a")
+    router.on_request_completed(a.replica_id, "quick")  # Serve's order for a short call
+    router.on_request_routed(_pending([1, 2], "quick"), a.replica_id, None)
+    assert router._in_flight.get("a", 0) == 0
+
+
+def test_token_channels_go_to_their_replica_and_are_no_load():
+    router = _router("prefix_aware")
+    replicas = [_replica(n) for n in "abc"]
+    target = random.choice("abc")
+    channel = _pending([], "ch", Subscription("ingress-1", target))
+    assert [[r.replica_id.unique_id for r in rank]
+            for rank in asyncio.run(router.choose_replicas(replicas, channel))] == [[target]]
+    router.on_request_routed(channel, _replica(target).replica_id, None)
+    assert router._in_flight.get(target, 0) == 0
+    gone = _pending([], "ch2", Subscription("ingress-1", "gone"))  # any replica, which refuses
+    assert len(asyncio.run(router.choose_replicas(replicas, gone))[0]) == 1
+
+
 def test_dead_replica_leaves_the_index():
-    router, handle = _router("prefix_aware", PrefixIndex(RouterParams(block_size=BS)))
+    router = _router("prefix_aware")
     dead = _replica("dead")
+    router.index.apply_events("dead", [("add", 7)])
     router.on_request_routed(_pending([1, 2], "x"), dead.replica_id, None)
-    router.on_replica_actor_died(dead.replica_id)
-    assert handle.removed == ["dead"] and "dead" not in router._in_flight
+
+    async def die():  # Serve calls the hook on its event loop
+        router.on_replica_actor_died(dead.replica_id)
+
+    asyncio.run(die())
+    assert "dead" not in router._in_flight and "dead" not in router.index.replicas
 
 
 def test_unknown_policy_is_rejected():

@@ -247,7 +247,8 @@ def test_batch_script_serves_on_two_nodes(slurm, tmp_path, tiny_models):
         answer = _complete(port)
         assert answer["model"] == "tiny" and answer["usage"]["completion_tokens"] == 4
         rendered = yaml.safe_load((tmp_path / "job" / "serve.yaml").read_text())
-        assert rendered["http_options"] == {"host": "127.0.0.1", "port": port}
+        ingress = rendered["applications"][0]["args"]["ingress"]
+        assert (ingress["host"], ingress["http_port"]) == ("127.0.0.1", port)
 
         # the worker dies: reported, and the head keeps serving
         subprocess.run(["scancel", f"{job}.1"], env=slurm, check=True)

@@ -184,20 +184,20 @@ def server(folders):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy
 
     port = _free_port()
     path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({
+        deploy({
             "model": str(folders["gqa"]), "served_model_name": "tiny", "backend": "vllm",
             "engine": {"block_size": BS, "kv_cache_bytes": 64 << 20, "max_model_len": 512},
             "vllm": {"enforce_eager": True},
             "replicas": {"num_replicas": 1, "num_cpus": 1},
             "router": {"stats_period_s": 0.5, "load_token_cost": 64},
-        }), name="optgptq", route_prefix="/")
+            "ingress": {"http_port": port, "grpc_port": _free_port()},
+        })
         yield {"port": port, "index": serve.get_deployment_handle("PrefixIndex", "optgptq")}
     finally:
         serve.shutdown()

@@ -1,86 +1,173 @@
-"""``AsyncLLMEngine``: the engine core in a background thread, streamed to asyncio callers.
+"""``AsyncLLMEngine``: an engine core stepping off the caller's event loop, for asyncio callers.
 
-The serving layer calls ``async for out in engine.generate(prompt, params, request_id)`` and
-receives one :class:`RequestOutput` per step that produced text (``delta_text``,
-``delta_token_ids``) until ``finished``. One thread owns the engine: requests and aborts reach it
-through a queue, outputs go back to each caller's event loop. Invalid requests raise
-``ValueError`` to their caller only; a failing step fails the requests of that batch and the loop
-goes on. A caller that stops iterating (client gone, task cancelled) aborts its request, which
-frees its blocks at once.
+The core runs its loop (:mod:`optgptq.engine.core_loop`) in a background thread of this process,
+or with ``process=True`` in a child process (:mod:`optgptq.engine.core_process`), which is how
+the serving replicas run it: there the core never waits for the serving process's interpreter
+lock, nor it for the core's. Two ways to follow a request:
+
+- ``async for out in engine.generate(prompt, params, request_id)``: :class:`RequestOutput`
+  deltas (``delta_text``, ``delta_token_ids``; ``text`` and ``token_ids`` so far) until
+  ``finished``. A delta arriving before its consumer took the previous one is merged into it, so
+  a slow consumer gets larger deltas, never a growing queue, and never holds the core back.
+- ``sub = engine.submit(prompt, params, request_id, on_delta)``: ``on_delta`` receives every raw
+  :data:`~optgptq.engine.core_loop.Delta` on the caller's loop; ``await sub.accepted`` (raises
+  the core's ValueError for an invalid request), ``await sub.done``. For callers that forward
+  many requests' outputs together (the serving replicas' token channels).
+
+The core sends one batch per step; it reaches each caller's event loop in one
+``call_soon_threadsafe`` per loop. A failing step fails the requests of that batch
+(``RuntimeError``) and the loop goes on. Leaving ``generate`` early, or :meth:`abort`, aborts a
+request, which frees its blocks at once. If the child process dies, every request fails and
+:attr:`alive` turns false.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
-import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
 from optgptq.config import EngineConfig
-from optgptq.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from optgptq.engine import core_loop
+from optgptq.engine.block_pool import PoolStats
+from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
 
-log = logging.getLogger(__name__)
 
+class Submission:
+    """One request in flight: ``accepted`` and ``done`` futures, its deltas to ``on_delta``."""
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    __slots__ = ("request_id", "loop", "on_delta", "accepted", "done")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
+                 on_delta: Callable[[tuple], None]) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.on_delta = on_delta
+        self.accepted: asyncio.Future = loop.create_future()
+        self.done: asyncio.Future = loop.create_future()
+
+    def _accept(self) -> None:
+        if not self.accepted.done():
+            self.accepted.set_result(None)
+
+    def _put(self, delta: tuple) -> None:
+        self._accept()
+        self.on_delta(delta)
+        if delta[3] and not self.done.done():
+            self.done.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        for fut in (self.accepted, self.done):
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: nobody need await both to avoid a warning
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, record_cache_events: bool = False) -> None:
-        self.engine = LLMEngine(config, record_cache_events=record_cache_events)
-        self.tokenizer = self.engine.tokenizer
-        self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+    def __init__(self, config: EngineConfig, record_cache_events: bool = False,
+                 core: str = "native", core_options: dict | None = None,
+                 process: bool = False) -> None:
+        self._subs: dict[str, Submission] = {}
         self._ids = itertools.count()
-        self._stopped = threading.Event()
-        self._cache_events: collections.deque[tuple[str, int]] = collections.deque()
-        self._thread = threading.Thread(target=self._loop, name="optgptq-engine", daemon=True)
-        self._thread.start()
+        self._in_transit = 0          # adds sent that no batch has answered yet
+        self._lock = threading.Lock()
+        self._cache_events: deque[tuple[str, int]] = deque()
+        self._closed = False
+        self.alive = True
+        if process:
+            from optgptq.engine.core_process import CoreProcess
+
+            self._process = CoreProcess(core, config, core_options, record_cache_events,
+                                        self._on_batch)
+            self._send = self._process.send
+            self._info = self._process.model_info
+            self.tokenizer = None
+        else:
+            engine = core_loop.build_core(core, config, core_options, record_cache_events)
+            self._process = None
+            self._inbox: queue.Queue = queue.Queue()
+            self._send = self._inbox.put
+            self._info = core_loop.model_info(engine)
+            self.tokenizer = engine.tokenizer
+            self._thread = threading.Thread(target=self._run_thread, args=(engine,),
+                                            name="optgptq-engine", daemon=True)
+            self._thread.start()
+        n = self._info["num_blocks"]
+        self._stats = EngineStats(0, 0, 0, PoolStats(n, n, 0, 0, 0, 0, 0))
 
     # -- caller side (any event loop) ----------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None,
+               request_id: str, on_delta: Callable[[tuple], None]) -> Submission:
+        """Queue a request whose deltas go to ``on_delta`` (on the calling loop)."""
+        if self._closed or not self.alive:
+            raise RuntimeError("engine is shut down" if self._closed else "engine process died")
+        if request_id in self._subs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        sub = Submission(request_id, asyncio.get_running_loop(), on_delta)
+        self._subs[request_id] = sub
+        with self._lock:
+            self._in_transit += 1
+        self._send(("add", request_id, prompt, params or SamplingParams()))
+        sub.done.add_done_callback(lambda _: self._subs.pop(request_id, None))
+        return sub
+
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        if self._stopped.is_set():
-            raise RuntimeError("engine is shut down")
         request_id = request_id or f"async-{next(self._ids)}"
-        loop = asyncio.get_running_loop()
-        accepted: asyncio.Future = loop.create_future()
-        stream = _Stream(loop, asyncio.Queue())
-        self._inbox.put(("add", request_id, prompt, params or SamplingParams(), stream, accepted))
-        finished = False
+        pending: list[list] = []  # at most one merged delta not yet taken
+        wake: list[asyncio.Future] = []
+
+        def on_delta(delta: tuple) -> None:
+            if pending:
+                _merge(pending[0], delta)
+            else:
+                pending.append(list(delta))
+            if wake and not wake[0].done():
+                wake[0].set_result(None)
+
+        sub = self.submit(prompt, params, request_id, on_delta)
+        text, token_ids, logprobs, prompt_ids = "", [], [], []
         try:
-            await accepted  # raises the request's ValueError, if any
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
+                if not pending:
+                    wake[:] = [sub.loop.create_future()]
+                    await asyncio.wait([wake[0], sub.done], return_when=asyncio.FIRST_COMPLETED)
+                    if not pending:
+                        sub.done.result()  # raises the request's error
+                        continue
+                d = pending.pop()
+                text += d[1]
+                token_ids += d[2]
+                if d[6] is not None:
+                    logprobs += d[6]
+                if d[7] is not None:
+                    prompt_ids = d[7]
+                yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None,
+                                    prompt_ids, text, list(token_ids), d[1], d[2], d[3], d[4],
+                                    d[5], list(logprobs) if d[6] is not None else None, d[8])
+                if d[3]:
                     return
         finally:
-            if not finished:
-                self.abort(request_id)
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        """Stop a request (no-op once it finished); its blocks are freed at once."""
+        sub = self._subs.pop(request_id, None)
+        if sub is not None and not sub.done.done() and not self._closed and self.alive:
+            self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """The core's stats after its last turn; requests still in transit count as waiting."""
+        s = self._stats
+        return EngineStats(s.waiting + self._in_transit, s.running, s.preemptions, s.pool)
 
     def model_info(self) -> dict:
         """What requests are validated against: context length, pool size, vocabulary."""
-        e = self.engine
-        return {"max_model_len": e.max_model_len, "num_blocks": e.pool.num_blocks,
-                "vocab_size": e.runner.hf_config.vocab_size}
+        return dict(self._info)
 
     def drain_cache_events(self) -> list[tuple[str, int]]:
         """Block-pool ``("add" | "evict", hash)`` events since the last call, in order (needs
@@ -91,60 +178,71 @@ class AsyncLLMEngine:
         return events
 
     def shutdown(self) -> None:
-        self._stopped.set()
-        self._inbox.put(("stop",))
-        self._thread.join(timeout=30)
+        if self._closed:
+            return
+        self._closed = True
+        if self._process is not None:
+            self._process.close()
+        else:
+            self._send(("stop",))
+            self._thread.join(timeout=30)
 
-    # -- engine thread ---------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stopped.is_set():
-            block = not self.engine.has_unfinished_requests()
+    # -- batches from the core (its thread, or the child's reader thread) ------------------
+    def _run_thread(self, engine) -> None:
+        def receive(block: bool) -> list[tuple]:
+            commands = [self._inbox.get()] if block else []
+            while True:
+                try:
+                    commands.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    return commands
+
+        core_loop.run(engine, receive, self._on_batch)
+
+    def _on_batch(self, batch: tuple | None) -> None:
+        items: list[tuple[Submission, str, object]] = []
+        if batch is None:  # the child process is gone
+            self.alive = False
+            error = RuntimeError("engine is shut down" if self._closed else "engine process died")
+            items = [(s, "fail", error) for s in list(self._subs.values())]
+        else:
+            accepted, deltas, errors, stats, events = batch
+            with self._lock:
+                self._in_transit -= len(accepted) + sum(e[1] == "invalid" for e in errors)
+            self._stats = stats
+            self._cache_events.extend(events)
+            subs = self._subs
+            items += [(s, "accept", None) for rid in accepted if (s := subs.get(rid))]
+            items += [(s, "put", d) for d in deltas if (s := subs.get(d[0]))]
+            items += [(s, "fail", (ValueError if kind == "invalid" else RuntimeError)(message))
+                      for rid, kind, message in errors if (s := subs.get(rid))]
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item in items:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, group in by_loop.items():
             try:
-                self._handle(self._inbox.get(block=block, timeout=0.5 if block else None))
-                while True:
-                    self._handle(self._inbox.get_nowait())
-            except queue.Empty:
+                loop.call_soon_threadsafe(_apply, group)
+            except RuntimeError:  # that loop is closed: nobody is waiting there any more
                 pass
-            if not self.engine.has_unfinished_requests():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # keep serving: fail only the requests in flight
-                log.exception("engine step failed; failing in-flight requests")
-                for rid in list(self._streams):
-                    self.engine.abort_request(rid)
-                    self._send(rid, RuntimeError(f"engine step failed: {exc}"), final=True)
-                continue
-            self._cache_events.extend(self.engine.pool.drain_events())
-            for out in outputs:
-                self._send(out.request_id, out, final=out.finished)
-        for rid in list(self._streams):
-            self._send(rid, RuntimeError("engine is shut down"), final=True)
-
-    def _handle(self, msg: tuple) -> None:
-        if msg[0] == "add":
-            _, rid, prompt, params, stream, accepted = msg
-            try:
-                self.engine.add_request(prompt, params, rid)
-            except ValueError as exc:
-                stream.loop.call_soon_threadsafe(_resolve, accepted, exc)
-                return
-            self._streams[rid] = stream
-            stream.loop.call_soon_threadsafe(_resolve, accepted, None)
-        elif msg[0] == "abort":
-            self.engine.abort_request(msg[1])
-            self._streams.pop(msg[1], None)
-
-    def _send(self, rid: str, item, final: bool) -> None:
-        stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
 
-def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(exc)
+def _apply(items: list) -> None:
+    for sub, what, arg in items:
+        if what == "put":
+            sub._put(arg)
+        elif what == "accept":
+            sub._accept()
+        else:
+            sub._fail(arg)
+
+
+def _merge(into: list, delta: tuple) -> None:
+    """Append ``delta`` to an undelivered delta of the same request."""
+    into[1] += delta[1]
+    into[2] = into[2] + delta[2]
+    into[3:6] = delta[3:6]
+    into[8] = delta[8]
+    if delta[6] is not None:
+        into[6] = (into[6] or []) + delta[6]
+    if into[7] is None:
+        into[7] = delta[7]

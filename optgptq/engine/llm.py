@@ -8,7 +8,8 @@ from dataclasses import fields
 from tqdm import tqdm
 
 from optgptq.config import EngineConfig
-from optgptq.engine.llm_engine import LLMEngine, RequestOutput
+from optgptq.engine.llm_engine import LLMEngine
+from optgptq.engine.outputs import RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
 
 

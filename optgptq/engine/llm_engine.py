@@ -9,44 +9,18 @@ appends sampled tokens, applies the stop conditions and retires finished sequenc
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
 from optgptq.config import EngineConfig
-from optgptq.engine.block_pool import BlockPool, PoolStats
+from optgptq.engine.block_pool import BlockPool
 from optgptq.engine.detokenizer import IncrementalDetokenizer
 from optgptq.engine.model_runner import ModelRunner
+from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.engine.scheduler import Scheduler
 from optgptq.engine.sequence import Sequence
 from optgptq.models.hub import resolve_model
-
-
-@dataclass
-class RequestOutput:
-    """A request's state after a step: the new part (delta) and everything so far."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    delta_text: str
-    delta_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    logprobs: list[float] | None = None
-    num_cached_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    waiting: int
-    running: int
-    preemptions: int
-    pool: PoolStats
 
 
 class _Request:
@@ -67,6 +41,7 @@ class LLMEngine:
                           AutoTokenizer.from_pretrained(str(path), local_files_only=True))
         self.runner = ModelRunner(config, path)
         self.max_model_len = self.runner.max_model_len
+        self.vocab_size = int(self.runner.hf_config.vocab_size)
         self.pool = BlockPool(self.runner.num_blocks, config.block_size,
                               config.enable_prefix_caching, record_events=record_cache_events)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
@@ -106,7 +81,7 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, list(prompt)
-            vocab = self.runner.hf_config.vocab_size
+            vocab = self.vocab_size
             if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if not ids:

@@ -7,6 +7,7 @@ flat forward pass, and samples the next token of every sequence whose prompt is 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ def pick_dtype(name: str, device: torch.device, hf_config) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path) -> None:
+        t0 = time.perf_counter()
         self.config = config
         self.device = pick_device(config.device)
         self.hf_config = load_config(model_path, config.quantization)
@@ -54,6 +56,7 @@ class ModelRunner:
                                 self.max_model_len, dummy=config.load_format == "dummy")
         if self.device.type == "cpu":
             use_cpu_linears(self.model)  # faster small-batch products (see cpu_linear.py)
+        t1 = time.perf_counter()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
@@ -69,10 +72,15 @@ class ModelRunner:
         self.graphs = None
         probe = self.kv_caches[0][0]
         ops.native_cpu(probe)  # on a CPU, build the native kernels now, not mid-request
+        t2 = time.perf_counter()
         # Graphs need the Triton kernels: the PyTorch references synchronise with the host.
         if probe.is_cuda and ops.use_triton(probe) and not config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.device, config.max_num_seqs,
                                        self.max_model_len, self.block_size)
+        self.startup = {"load_s": t1 - t0, "kv_cache_s": t2 - t1,
+                        "cuda_graphs_s": time.perf_counter() - t2}
+        """Seconds spent loading the weights, allocating the KV cache (and building the native
+        CPU kernels there), capturing the decode graphs."""
 
     def _cache_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A zeroed cache tensor; on a CPU backed by huge pages where the kernel allows, as the
@@ -111,8 +119,10 @@ class ModelRunner:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cpu":
             budget = _CPU_DEFAULT_KV_BYTES
-        else:
-            free, _ = torch.cuda.mem_get_info(self.device)
+        else:  # what the device has free, within this engine's share of it
+            free, total = torch.cuda.mem_get_info(self.device)
+            mine = torch.cuda.memory_reserved(self.device)
+            free = min(free, max(0, int(cfg.accelerator_share * total) - mine))
             budget = int(free * cfg.kv_cache_memory_fraction)
         num = budget // self.bytes_per_block
         if num < 1:

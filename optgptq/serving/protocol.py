@@ -2,8 +2,8 @@
 
 HTTP bodies follow the OpenAI completions and chat completions APIs (the subset this engine
 implements; unknown fields are ignored as OpenAI clients send many). Errors carry an HTTP status
-and render as OpenAI's ``{"error": {"message", "type", "param", "code"}}``. ``EngineRequest`` and
-``EngineChunk`` are what the ingress sends to an engine replica and what streams back.
+and render as OpenAI's ``{"error": {"message", "type", "param", "code"}}``. ``EngineRequest`` is what the ingress sends to an engine replica; ``Subscription`` opens the
+token channel its outputs come back on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from optgptq.engine.sampling_params import SamplingParams
 
@@ -94,6 +94,14 @@ class ChatCompletionRequest(_Sampling):
         return params
 
 
+def invalid(exc: ValidationError) -> APIError:
+    """422 naming the top-level field (OpenAI's ``param``) and the full location."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    return APIError(422, f"{'.'.join(loc) or 'body'}: {err['msg']}",
+                    param=loc[0] if loc else None, code="invalid_value")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -129,16 +137,13 @@ class EngineRequest:
     request_id: str
     token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    ingress: str = ""
+    """The ingress whose token channel carries the outputs (deployments/token_channel.py)."""
 
 
 @dataclass
-class EngineChunk:
-    """One streamed step of a request on a replica."""
+class Subscription:
+    """An ingress's token channel from one engine replica; the router sends it to ``replica``."""
 
+    ingress: str
     replica: str
-    text: str
-    num_tokens: int
-    finished: bool
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0

@@ -98,6 +98,10 @@ class PrefixIndex:
         """Confirmed blocks the index believes ``replica`` holds."""
         return len(self._held.get(replica, ()))
 
+    def held(self, replica: str) -> set[int]:
+        """The block hashes ``replica`` holds (confirmed by its events)."""
+        return set(self._held.get(replica, ()))
+
     def apply_events(self, replica: str, events: Iterable[tuple[str, int]]) -> None:
         """Replay a replica's block-pool events, in order."""
         held = self._held.setdefault(replica, set())

@@ -26,6 +26,7 @@ engine) and bfloat16 for a GPTQ one.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -38,11 +39,9 @@ from typing import Any
 
 from optgptq.config import EngineConfig
 from optgptq.engine.block_pool import PoolStats
-from optgptq.engine.llm_engine import EngineStats, RequestOutput
+from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.models.hub import resolve_model
-from optgptq.models.loader import load_config
-from optgptq.models.quantization import method_of
 from optgptq.serving.kv_events import VLLMEventTranslator
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,9 @@ def vllm_engine_args(config: EngineConfig, extra: Mapping[str, Any] | None = Non
 
     Raises ValueError naming the setting that vLLM cannot honour.
     """
+    from optgptq.models.loader import load_config  # torch: only where vLLM runs
+    from optgptq.models.quantization import method_of
+
     path = resolve_model(config.model)
     qc = getattr(load_config(path, config.quantization), "quantization_config", None)
     method = method_of(qc if isinstance(qc, dict) or qc is None else qc.to_dict()) or "none"
@@ -153,6 +155,7 @@ class VLLMEngine:
                                                 daemon=True)
             self._subscriber.start()
         self._in_flight = 0
+        self._tasks: dict[str, asyncio.Task] = {}
         self._sched = None          # latest SchedulerStats
         self._hits = self._queries = self._preemptions = 0
         engine_args = AsyncEngineArgs(**args, disable_log_stats=True)
@@ -195,6 +198,37 @@ class VLLMEngine:
         finally:
             self._in_flight -= 1
             await stream.aclose()  # aborts in vLLM if unfinished
+
+    def submit(self, prompt: list[int], params: SamplingParams | None, request_id: str,
+               on_delta):
+        """The native engine's ``submit`` (optgptq.engine.async_engine): deltas to ``on_delta``,
+        accepted at the first output (vLLM validates as it starts the request)."""
+        from optgptq.engine.async_engine import Submission
+
+        sub = Submission(request_id, asyncio.get_running_loop(), on_delta)
+
+        async def run() -> None:
+            first = True
+            try:
+                async for out in self.generate(prompt, params, request_id):
+                    sub._put((request_id, out.delta_text, out.delta_token_ids, out.finished,
+                              out.finish_reason, out.stop_reason, None,
+                              out.prompt_token_ids if first else None, out.num_cached_tokens))
+                    first = False
+            except asyncio.CancelledError:
+                sub._fail(RuntimeError("aborted"))
+            except Exception as exc:
+                sub._fail(exc)
+
+        self._tasks[request_id] = task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
+        return sub
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (no-op once it finished); vLLM frees its blocks."""
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()
 
     # -- state -------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -1,0 +1,119 @@
+"""The engine core's loop, wherever it runs (a thread or a child process), and what crosses it.
+
+An engine core (:class:`~optgptq.engine.llm_engine.LLMEngine`, or the model-free
+:class:`~optgptq.engine.synthetic_core.SyntheticCore`) is synchronous; :func:`run` drives it for
+asynchronous callers, who talk to it only through messages, so the same loop serves a thread of
+the caller's process and a child process (:mod:`optgptq.engine.core_process`).
+
+Commands in (plain tuples): ``("add", request_id, prompt, SamplingParams)``,
+``("abort", request_id)``, ``("stop",)``.
+
+Out, once per turn of the loop in which anything happened (commands taken or a step run), one
+:data:`Batch` tuple ``(accepted, deltas, errors, stats, cache_events)``:
+
+- ``accepted``: the ids of the requests the core took this turn;
+
+- ``deltas``: one :data:`Delta` per request that produced tokens or finished in the step:
+  ``(request_id, text, token_ids, finished, finish_reason, stop_reason, logprobs,
+  prompt_token_ids, num_cached_tokens)``, the new part only (``prompt_token_ids`` in a
+  request's first delta only, else None);
+- ``errors``: ``(request_id, kind, message)``; kind ``invalid`` (the core refused the request:
+  its ValueError), ``failed`` (a step raised: every request in flight fails, the loop goes on)
+  or ``stopped`` (the engine shut down);
+- ``stats``: :class:`~optgptq.engine.llm_engine.EngineStats` after the turn;
+- ``cache_events``: the block pool's ``("add" | "evict", hash)`` events of the turn.
+
+One message per step, whatever the batch size: the cost of crossing to the callers does not grow
+with the number of requests, and the loop never waits for its consumers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from optgptq.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+CORES = ("native", "synthetic")
+Delta = tuple
+Batch = tuple
+
+
+def build_core(kind: str, config: EngineConfig, options: dict[str, Any] | None = None,
+               record_cache_events: bool = False):
+    """The engine core ``kind`` (``native``: the engine; ``synthetic``: no model)."""
+    if kind == "native":
+        from optgptq.engine.llm_engine import LLMEngine
+
+        if options:
+            raise ValueError(f"the native engine takes no core options, got {sorted(options)}")
+        return LLMEngine(config, record_cache_events=record_cache_events)
+    if kind == "synthetic":
+        from optgptq.engine.synthetic_core import SyntheticCore
+
+        return SyntheticCore(config, **(options or {}))
+    raise ValueError(f"engine core must be one of {', '.join(CORES)}, got {kind!r}")
+
+
+def model_info(core) -> dict:
+    """What requests are validated against: context length, pool size, vocabulary."""
+    info = {"max_model_len": core.max_model_len, "num_blocks": core.pool.num_blocks,
+            "vocab_size": core.vocab_size}
+    runner = getattr(core, "runner", None)
+    if runner is not None:
+        info["startup"] = dict(runner.startup)
+    return info
+
+
+def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], None]) -> None:
+    """Take commands and step ``core`` until a stop command; ``receive(block)`` returns the
+    commands waiting (blocking for one when ``block``), ``emit`` sends a batch out."""
+    live: dict[str, bool] = {}  # request id -> whether its first delta went out
+    while True:
+        commands = receive(not core.has_unfinished_requests())
+        errors: list[tuple[str, str, str]] = []
+        accepted: list[str] = []
+        for cmd in commands:
+            if cmd[0] == "add":
+                _, rid, prompt, params = cmd
+                try:
+                    core.add_request(prompt, params, rid)
+                    live[rid] = False
+                    accepted.append(rid)
+                except ValueError as exc:
+                    errors.append((rid, "invalid", str(exc)))
+            elif cmd[0] == "abort":
+                core.abort_request(cmd[1])
+                live.pop(cmd[1], None)
+            elif cmd[0] == "stop":
+                for rid in live:
+                    core.abort_request(rid)
+                errors += [(rid, "stopped", "engine is shut down") for rid in live]
+                emit((accepted, [], errors, core.stats(), core.pool.drain_events()))
+                return
+        deltas: list[Delta] = []
+        if core.has_unfinished_requests():
+            try:
+                outputs = core.step()
+            except Exception as exc:  # keep serving: fail only the requests in flight
+                log.exception("engine step failed; failing in-flight requests")
+                for rid in live:
+                    core.abort_request(rid)
+                errors += [(rid, "failed", f"engine step failed: {exc}") for rid in live]
+                live.clear()
+                outputs = []
+            for out in outputs:
+                n = len(out.delta_token_ids)
+                first = not live.get(out.request_id, True)
+                live[out.request_id] = True
+                deltas.append((out.request_id, out.delta_text, out.delta_token_ids, out.finished,
+                               out.finish_reason, out.stop_reason,
+                               out.logprobs[len(out.logprobs) - n:] if out.logprobs else None,
+                               out.prompt_token_ids if first else None, out.num_cached_tokens))
+                if out.finished:
+                    live.pop(out.request_id, None)
+        if commands or deltas or errors:
+            emit((accepted, deltas, errors, core.stats(), core.pool.drain_events()))
