@@ -37,9 +37,12 @@ vllm: .make/vllm
 
 # Ray Serve on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray off eth0); the repository
 # root on PYTHONPATH makes `deployments` importable by every Ray worker. Ctrl-C stops it.
+# SERVE_CONFIG: deployments/optgptq-gpu.yaml where torch sees a GPU, else deployments/optgptq.yaml.
 serve: install
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
-		$(PYTHON) -m ray.serve.scripts run deployments/optgptq.yaml
+		$(PYTHON) -m ray.serve.scripts run $${SERVE_CONFIG:-$$($(PYTHON) -c "import torch; \
+		print('deployments/optgptq-gpu.yaml' if torch.cuda.is_available() else \
+		'deployments/optgptq.yaml')")}
 
 # Regenerate the committed gRPC stubs (optgptq/serving/optgptq_pb2*.py) from the .proto.
 proto:

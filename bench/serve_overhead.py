@@ -13,7 +13,10 @@ tokens with EOS ignored:
 - ``ceiling``: the same deployment with ``backend: synthetic`` (no model; every request's tokens
   at once): what the serving path itself can pass, HTTP streaming;
 - ``serve-floor``: Ray Serve's own floor, a one-replica FastAPI deployment that answers at once,
-  behind Serve's HTTP proxy (``--floor-requests`` sequential POSTs).
+  behind Serve's HTTP proxy (``--floor-requests`` sequential POSTs);
+- ``engine_beside_idle_serve`` (``--beside``, default on CPU): the engine alone again while the
+  deployment sits idle: on a machine with few cores, the slowdown that Ray's and Serve's own
+  processes cause the engine by sharing its cores, whatever the request path does.
 
 Clients are ``--clients`` processes (this script re-invoked with ``--client``), asyncio with
 aiohttp or grpc.aio, started before the clock and released together. Per path and concurrency:
@@ -400,6 +403,9 @@ def main() -> None:
     p.add_argument("--engine", default="{}", help="extra engine settings (JSON)")
     p.add_argument("--floor-requests", type=int, default=200)
     p.add_argument("--skip-ceiling", action="store_true")
+    p.add_argument("--beside", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the engine alone beside the idle deployment (default: on "
+                        "CPU, where Ray's own processes share the engine's cores)")
     p.add_argument("--out", default=None)
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -416,6 +422,8 @@ def main() -> None:
     from optgptq.models.hub import resolve_model
 
     args.gpu = torch.cuda.is_available()
+    if args.beside is None:
+        args.beside = not args.gpu
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="serve-overhead-"))
@@ -456,6 +464,10 @@ def main() -> None:
             print(f"startup ({attempt}): {seconds:.1f} s", flush=True)
         results["startup"] = startup
         results["serve"], serve_texts = serve_paths(args, ports, levels, checks, modes)
+        if args.beside:  # the engine alone again, with the deployment idle beside it
+            print("engine alone, the deployment idle beside it", flush=True)
+            results["engine_beside_idle_serve"], _, _ = run_engine(
+                args, config, tokenizer, levels["engine"], all_checks[:1])
         serve.delete("optgptq")
         results["checks"] = {m: {"prompts": len(serve_texts[m]),
                                  "equal": sum(engine_texts.get(t) == v
@@ -480,6 +492,14 @@ def write(args, results: dict, report) -> None:
     import platform
 
     eng, http = results["engine"], results["serve"]["http-stream"]
+    results["http_stream_over_engine"] = {
+        c: http[c]["output_tok_s"] / eng[c]["output_tok_s"] for c in eng if c in http}
+    if "engine_beside_idle_serve" in results:
+        beside = results["engine_beside_idle_serve"]
+        results["http_stream_over_engine_beside_idle_serve"] = {
+            c: http[c]["output_tok_s"] / beside[c]["output_tok_s"] for c in beside if c in http}
+        results["engine_beside_idle_serve_over_engine"] = {
+            c: beside[c]["output_tok_s"] / eng[c]["output_tok_s"] for c in beside if c in eng}
     targets = []
     for c in (64, 256):
         if c in eng and c in http:

@@ -30,7 +30,7 @@ from optgptq.config import EngineConfig
 from optgptq.engine.async_engine import AsyncLLMEngine
 from optgptq.engine.core_loop import CORES
 from optgptq.serving.vllm_engine import VLLMEngine
-from deployments.serve_calls import background
+from deployments.serve_calls import TRANSPORT, background
 from deployments.token_channel import ATTACH_TIMEOUT_S, Outboxes
 from optgptq.serving.protocol import APIError, EngineRequest, Subscription
 
@@ -55,7 +55,7 @@ class EngineReplica:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.max_waiting = max_waiting
-        self._index = index
+        self._index = index.options(**TRANSPORT)
         self._period = publish_period_s
         self._produced: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s
         self.outboxes = Outboxes()
@@ -146,11 +146,12 @@ class EngineReplica:
                 "channels": float(self.outboxes.attached)}
 
     async def _publish_loop(self) -> None:
-        last, sent = None, 0.0
-        while True:
-            await asyncio.sleep(self._period)
+        last, sent, busy = None, 0.0, True
+        while True:  # an idle engine is looked at every heartbeat / 4 (a CPU replica shares cores)
+            await asyncio.sleep(self._period if busy else HEARTBEAT_S / 4)
             events = self.engine.drain_cache_events()
             stats = self.stats()
+            busy = bool(events or stats["waiting"] or stats["running"])
             if events or stats != last or time.monotonic() - sent > HEARTBEAT_S:
                 try:
                     await self._index.update.remote(self.replica, events, stats)

@@ -27,6 +27,15 @@ def test_shipped_yaml_is_valid_and_serves_on_loopback():
     assert config.replicas.num_cpus < 1 and config.replicas.autoscaling_config["min_replicas"] == 2
 
 
+def test_shipped_gpu_yaml_is_valid_one_replica_per_gpu():
+    doc = yaml.safe_load(YAML.with_name("optgptq-gpu.yaml").read_text())
+    assert doc["proxy_location"] == "Disabled"
+    (app,) = doc["applications"]
+    config = parse_config(app["args"])
+    assert config.replicas.num_gpus == 1 and config.engine["device"] == "cuda"
+    assert config.replicas.max_ongoing_requests >= config.engine["max_num_seqs"]
+
+
 @pytest.mark.parametrize("args,field", [
     ({"engine": {"block_size": 0}}, "block_size"),
     ({"engine": {"blok_size": 16}}, "blok_size"),
