@@ -18,15 +18,16 @@ tokens with EOS ignored:
   deployment sits idle: on a machine with few cores, the slowdown that Ray's and Serve's own
   processes cause the engine by sharing its cores, whatever the request path does.
 
-Clients are ``--clients`` processes (this script re-invoked with ``--client``), asyncio with
-aiohttp or grpc.aio, started before the clock and released together. Per path and concurrency:
-output tok/s (output tokens / wall time from the first send to the last answer), time to first
-token (send to first non-empty chunk) and inter-chunk latency p50/p99 per request stream, and
-errors. Before timing, each path's outputs are checked: every request must end with
-``finish_reason: length`` and its output tokens (engine and gRPC: counted; HTTP: the usage of the
-unary path, the chunk texts of the streamed one), and ``--check`` prompts per path must give the
-engine's greedy text exactly. Startup: seconds from deploying the app to its first answer, twice
-(cold, then warm: compiled kernels cached), with the engine's own breakdown.
+Clients are ``--clients`` processes (bench/load_client.py), released together. Per path and
+concurrency: output tok/s (output tokens / wall time from the first send to the last answer),
+time to first token and inter-chunk latency p50/p99, errors. Before timing, the engine alone
+runs every level once with 8 output tokens (kernels compiled for every batch shape, as the
+Serve paths find them after it), and each path's outputs are checked: every request must end
+with ``finish_reason: length`` and its output tokens (engine and gRPC: counted; HTTP: the usage
+of the unary path, the chunk texts of the streamed one), and ``--check`` prompts per path must
+give the engine's greedy text exactly. Startup: seconds from deploying the app to its first
+answer, twice (cold, then warm: compiled kernels cached), with the engine's own breakdown. The
+results file is written after the Serve paths and again at the end.
 
 Models: ``--model`` (a folder, or ``smollm2``) or ``--shape llama3-8b`` (Llama-3-8B's shape with
 random weights, ``load_format: dummy``, and the default model's tokenizer, the vocabulary
@@ -39,9 +40,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,10 +49,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-WORDS = ("harbour town winter light hills bakers shutters bread quay fishermen weather nets "
-         "lantern children wall school gulls edge library clerk letters answer ledgers market "
-         "square farmers apples cheese tinker knives travellers lighthouse tide evening boats "
-         "river north yellow engine grain seven tower signal maple quiet paged cache block").split()
+from load_client import prompts, run_clients, summary  # noqa: E402
+
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
@@ -76,164 +72,6 @@ def shaped_model(shape: str, folder: Path) -> Path:
                                                     "vocab_size": len(tokenizer)}))
     tokenizer.save_pretrained(str(folder))
     return folder
-
-
-def prompts(tokenizer, n: int, length: int, seed: int) -> list[str]:
-    """``n`` distinct texts of exactly ``length`` tokens (as the ingress tokenizes them)."""
-    rng, out = random.Random(seed), []
-    while len(out) < n:
-        words = " ".join(rng.choice(WORDS) for _ in range(length * 2))
-        text = tokenizer.decode(tokenizer.encode(words, add_special_tokens=True)[:length],
-                                skip_special_tokens=True)
-        if len(tokenizer.encode(text, add_special_tokens=True)) == length:
-            out.append(text)
-    return out
-
-
-def summary(records: list[dict], wall: float, max_tokens: int) -> dict:
-    """One path at one concurrency: throughput, TTFT and inter-chunk latency."""
-    ok = [r for r in records if r.get("error") is None]
-    ttft = sorted(r["ttft"] for r in ok)
-    gaps = sorted(g for r in ok for g in r["gaps"])
-    tokens = sum(r["tokens"] for r in ok)
-
-    def q(xs, p):
-        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
-
-    return {"requests": len(records), "errors": len(records) - len(ok),
-            "error_samples": [r["error"] for r in records if r.get("error")][:3],
-            "bad_outputs": sum(1 for r in ok if r["tokens"] != max_tokens
-                               or r.get("finish_reason") != "length"),
-            "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
-            "ttft_p50_ms": q(ttft, 0.5) * 1e3 if ttft else None,
-            "ttft_p99_ms": q(ttft, 0.99) * 1e3 if ttft else None,
-            "itl_p50_ms": q(gaps, 0.5) * 1e3 if gaps else None,
-            "itl_p99_ms": q(gaps, 0.99) * 1e3 if gaps else None,
-            "chunks_per_request": statistics.mean(len(r["gaps"]) + 1 for r in ok) if ok else 0}
-
-
-# -- client processes -------------------------------------------------------------------------
-async def _http_one(session, url: str, model: str, text: str, max_tokens: int,
-                    stream: bool) -> dict:
-    body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
-    t0 = time.perf_counter()
-    rec = {"gaps": [], "tokens": 0, "text": "", "error": None, "finish_reason": None}
-    async with session.post(url + "/v1/completions", json=body) as r:
-        if r.status != 200:
-            return {**rec, "error": f"{r.status}: {(await r.text())[:200]}"}
-        if not stream:
-            data = await r.json()
-            rec["ttft"] = time.perf_counter() - t0
-            c = data["choices"][0]
-            return {**rec, "text": c["text"], "finish_reason": c["finish_reason"],
-                    "tokens": data["usage"]["completion_tokens"]}
-        last, parts = None, []
-        async for line in r.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return {**rec, "error": chunk["error"]["message"]}
-            now = time.perf_counter()
-            if last is None:
-                rec["ttft"] = now - t0
-            else:
-                rec["gaps"].append(now - last)
-            last = now
-            c = chunk["choices"][0]
-            parts.append(c["text"])
-            rec["finish_reason"] = c["finish_reason"] or rec["finish_reason"]
-    rec["text"] = "".join(parts)
-    rec["tokens"] = max_tokens if rec["finish_reason"] == "length" else len(parts)
-    return rec
-
-
-async def _grpc_one(stub, pb, model: str, text: str, max_tokens: int) -> dict:
-    t0 = time.perf_counter()
-    rec = {"gaps": [], "tokens": 0, "text": "", "error": None, "finish_reason": None}
-    last, parts = None, []
-    try:
-        async for m in stub.GenerateStream(pb.GenerateRequest(
-                model=model, prompt=text, max_tokens=max_tokens, temperature=0,
-                ignore_eos=True)):
-            now = time.perf_counter()
-            if last is None:
-                rec["ttft"] = now - t0
-            else:
-                rec["gaps"].append(now - last)
-            last = now
-            parts.append(m.text)
-            rec["tokens"], rec["finish_reason"] = m.completion_tokens, m.finish_reason or None
-    except Exception as exc:  # grpc.aio.AioRpcError
-        return {**rec, "error": str(exc)[:200]}
-    return {**rec, "text": "".join(parts)}
-
-
-async def _client(spec: dict) -> list[dict]:
-    """Run ``spec['slots']`` request loops over ``spec['texts']`` from ``spec['start_at']``."""
-    texts, mode, out = list(spec["texts"]), spec["mode"], []
-    if mode.startswith("grpc"):
-        import grpc
-
-        from optgptq.serving import optgptq_pb2 as pb, optgptq_pb2_grpc
-
-        channel = grpc.aio.insecure_channel(spec["grpc"])
-        stub = optgptq_pb2_grpc.OptGPTQStub(channel)
-        call = lambda t: _grpc_one(stub, pb, spec["model"], t, spec["max_tokens"])  # noqa: E731
-    else:
-        import aiohttp
-
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                        timeout=aiohttp.ClientTimeout(total=1800))
-        call = lambda t: _http_one(session, spec["url"], spec["model"], t,  # noqa: E731
-                                   spec["max_tokens"], mode != "http-unary")
-
-    async def loop():
-        while texts:
-            text = texts.pop()
-            try:
-                rec = await call(text)
-            except Exception as exc:
-                rec = {"error": f"{type(exc).__name__}: {exc}"[:200]}
-            out.append({**rec, "prompt": text, "end": time.time()})
-
-    await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
-    await asyncio.gather(*[loop() for _ in range(spec["slots"])])
-    if mode.startswith("grpc"):
-        await channel.close()
-    else:
-        await session.close()
-    return out
-
-
-def run_clients(mode: str, texts: list[str], concurrency: int, args, ports) -> tuple[list, float]:
-    """``texts`` through ``mode`` at ``concurrency``, split over client processes."""
-    n = max(1, min(args.clients, concurrency))
-    with tempfile.TemporaryDirectory() as tmp:
-        procs, start_at = [], time.time() + 2.0 + 0.2 * n
-        for i in range(n):
-            spec = {"mode": mode, "texts": texts[i::n], "model": "bench",
-                    "slots": concurrency // n + (i < concurrency % n),
-                    "url": f"http://127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}",
-                    "max_tokens": args.max_tokens, "start_at": start_at}
-            path = Path(tmp) / f"client{i}.json"
-            path.write_text(json.dumps(spec))
-            procs.append((subprocess.Popen([sys.executable, __file__, "--client", str(path)]),
-                          path))
-        records = []
-        for p, path in procs:
-            if p.wait() != 0:
-                raise RuntimeError(f"client process exited {p.returncode}")
-            records += json.loads(path.with_suffix(".out").read_text())
-    ends = [r["end"] for r in records if "end" in r]
-    return records, (max(ends) if ends else time.time()) - start_at
-
-
-def client_main(path: str) -> None:
-    spec = json.loads(Path(path).read_text())
-    out = asyncio.run(_client(spec))
-    Path(path).with_suffix(".out").write_text(json.dumps(out))
 
 
 # -- the engine alone ----------------------------------------------------------------------------
@@ -276,7 +114,8 @@ def run_engine(args, config, tokenizer, levels, checks) -> tuple[dict, dict, dic
     startup = {"total_s": time.perf_counter() - t0, **engine.model_info().get("startup", {})}
     try:
         async def main():
-            await _engine_level(engine, tokenizer, [checks[0]], 1, 4)  # warm-up
+            for c, level_texts in levels.items():  # warm-up: every batch shape compiled
+                await _engine_level(engine, tokenizer, level_texts[:c], c, 8)
             texts, _ = await _engine_level(engine, tokenizer, checks, 1, args.max_tokens)
             out = {}
             for c, level_texts in levels.items():
@@ -407,10 +246,7 @@ def main() -> None:
                    help="also time the engine alone beside the idle deployment (default: on "
                         "CPU, where Ray's own processes share the engine's cores)")
     p.add_argument("--out", default=None)
-    p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.client:
-        return client_main(args.client)
 
     import ray
     import torch
@@ -473,6 +309,8 @@ def main() -> None:
                                  "equal": sum(engine_texts.get(t) == v
                                               for t, v in serve_texts[m].items())}
                              for m in modes}
+        print(f"greedy checks (equal / prompts): {results['checks']}", flush=True)
+        write(args, results, report)
         if not args.skip_ceiling:
             deploy_timed(app_args(args, model, engine, ports, backend="synthetic"), ports)
             ceiling, _ = serve_paths(args, ports, {"http-stream": levels["ceiling"]},
@@ -480,7 +318,9 @@ def main() -> None:
             results["ceiling"] = ceiling["http-stream"]
             serve.delete("optgptq")
         serve.shutdown()
+        write(args, results, report)
         results["serve_floor"] = serve_floor(args, free_port())
+        print(f"Serve's floor: {results['serve_floor']}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -513,7 +353,7 @@ def write(args, results: dict, report) -> None:
         targets.append(report.target("inter-token latency p50 / engine's, c=16",
                                      http[16]["itl_p50_ms"] / eng[16]["itl_p50_ms"], 1.05,
                                      "lower"))
-    if args.gpu and "ceiling" in results and 256 in eng:
+    if args.gpu and "ceiling" in results and 256 in eng and 256 in results["ceiling"]:
         targets.append(report.target("no-cost engine ceiling / engine alone tok/s, c=256",
                                      results["ceiling"][256]["output_tok_s"]
                                      / eng[256]["output_tok_s"], 10.0))
@@ -526,6 +366,8 @@ def write(args, results: dict, report) -> None:
                 for c, s in per.items() if s["errors"] or s["bad_outputs"]]
     problems += [f"{m}: {v['equal']} of {v['prompts']} check prompts equal the engine's text"
                  for m, v in results["checks"].items() if v["equal"] != v["prompts"]]
+    if "serve_floor" not in results:
+        problems.append("incomplete: written before the last phase (Serve's floor)")
     import torch
 
     doc = {"machine": {"platform": platform.platform(), "cores": os.cpu_count(),

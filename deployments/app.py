@@ -94,7 +94,9 @@ class IngressConfig(_Strict):
 
     num_replicas: int = Field(1, ge=1)
     """Ingress processes; on one host they share the ports (SO_REUSEPORT)."""
-    num_cpus: float = Field(0.1, ge=0)
+    num_cpus: float = Field(0.0, ge=0)
+    """CPUs Ray reserves per ingress replica. None by default: pinned to the head node, an
+    ingress that reserved CPUs could wait forever behind engine replicas holding them all."""
     max_request_bytes: int = Field(1 << 20, ge=1024)
     """Largest HTTP body or gRPC message accepted (413 / INVALID_ARGUMENT beyond)."""
     host: str = "127.0.0.1"

@@ -1,19 +1,22 @@
-"""Engine replica: one engine (one accelerator or a CPU share, one paged KV pool).
+"""Engine replica: one engine (one accelerator, a share of one, or a CPU share; one KV pool).
 
-The engine is this project's :class:`~optgptq.engine.async_engine.AsyncLLMEngine` (``backend:
-native``, stepping in a background thread) or vLLM's async engine
-(:class:`~optgptq.serving.vllm_engine.VLLMEngine`, ``backend: vllm``, its engine core in a child
-process); both offer the same calls, so everything below holds for either. With vLLM, cache
-events are vLLM's KV cache events mapped onto the router's block hashes, and the stats come from
-vLLM's scheduler. :meth:`EngineReplica.generate` streams one
-request's text deltas as :class:`~optgptq.serving.protocol.EngineChunk`. A request that stops
-being consumed (client gone, caller cancelled) is aborted by the engine and its blocks freed.
-Admission is bounded: beyond ``max_waiting`` requests queued in the engine the replica answers
-503 instead of growing its queue (Serve's ``max_ongoing_requests`` and ``max_queued_requests``
-bound the layers above). Every ``publish_period_s`` a background task sends the block pool's
-cache events and the engine stats to the router actor; the same stats feed Serve's routing stats
-(:meth:`record_routing_stats`) and the KV-pressure autoscaling policy
-(:meth:`record_autoscaling_stats`).
+The engine is this project's :class:`~optgptq.engine.async_engine.AsyncLLMEngine` with its core
+in a child process (``backend: native``, or ``synthetic``: no model, tokens at no cost), or
+vLLM's async engine (:class:`~optgptq.serving.vllm_engine.VLLMEngine`, ``backend: vllm``, its
+engine core in a child process too); both offer the same calls, so everything below holds for
+either. With vLLM, cache events are vLLM's KV cache events mapped onto the router's block
+hashes, and the stats come from vLLM's scheduler.
+
+:meth:`EngineReplica.generate` admits one request and ends with it; its tokens go to the token
+channel of the ingress that sent it (:meth:`subscribe`, deployments/token_channel.py). A request
+whose call is cancelled (client gone) is aborted by the engine and its blocks freed. Admission
+is bounded: beyond ``max_waiting`` requests queued in the engine the replica answers 503
+instead of growing its queue (Serve's ``max_ongoing_requests`` and ``max_queued_requests`` bound
+the layers above). A background task sends the block pool's cache events and the engine stats
+to the router actor (every ``publish_period_s`` while the engine works, every 0.5 s when idle);
+the same stats feed Serve's routing stats (:meth:`record_routing_stats`) and the KV-pressure
+autoscaling policy (:meth:`record_autoscaling_stats`). A replica whose engine process died fails
+Serve's health check and is replaced.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ class EngineReplica:
                 "used_blocks": pool.used_blocks, "num_blocks": pool.num_blocks,
                 "prefix_hit_tokens": pool.prefix_hit_tokens,
                 "prefix_miss_tokens": pool.prefix_miss_tokens, "cancelled": self.cancelled,
+                "channels": self.outboxes.attached,
                 "tokens_per_s": sum(n for _, n in self._produced) / RATE_WINDOW_S}
 
     def record_routing_stats(self) -> dict:
@@ -143,7 +147,7 @@ class EngineReplica:
         s = self.stats()
         return {"kv_used_fraction": s["used_blocks"] / s["num_blocks"],
                 "waiting": float(s["waiting"]), "running": float(s["running"]),
-                "channels": float(self.outboxes.attached)}
+                "channels": float(s["channels"])}
 
     async def _publish_loop(self) -> None:
         last, sent, busy = None, 0.0, True

@@ -22,8 +22,8 @@ def native():
     return cpu_native.ops()
 
 
-def close(out: torch.Tensor, expect: torch.Tensor) -> None:
-    torch.testing.assert_close(out, expect, rtol=4 * EPS, atol=EPS)
+def close(out: torch.Tensor, expect: torch.Tensor, ulps: int = 4) -> None:
+    torch.testing.assert_close(out, expect, rtol=ulps * EPS, atol=EPS)
 
 
 @pytest.mark.parametrize("n", [576, 200, 4096])
@@ -40,7 +40,9 @@ def test_add_rms_norm(native, n, with_residual):
         assert torch.equal(total, expect_total)
     else:
         assert total.numel() == 0  # the caller has x
-    close(out, expect)
+    # the sum of squares is added in the vector width's order (16 lanes with AVX-512, 8 with
+    # AVX2), PyTorch's in its own: over 4096 terms the two land a few ulp apart
+    close(out, expect, ulps=8)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 24)])

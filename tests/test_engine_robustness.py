@@ -133,3 +133,76 @@ def test_async_engine_streams_aborts_and_survives_bad_requests(tiny_models):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_engine_core_in_a_child_process_streams_what_the_engine_computes(tiny_models):
+    path = str(tiny_models["llama-gqa"])
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    prompts = [random_prompt(g, n) for n in (5, 17, 33)]
+    greedy = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(path, device="cpu", num_blocks=64).generate(prompts,
+                                                                                    greedy)]
+    engine = AsyncLLMEngine(EngineConfig(model=path, device="cpu", num_blocks=64),
+                            record_cache_events=True, process=True)
+    assert engine.model_info()["num_blocks"] == 64
+    assert set(engine.model_info()["startup"]) >= {"process_s", "load_s"}
+
+    async def consume(prompt, stop_after=None):
+        outs = []
+        async for out in engine.generate(prompt, greedy):
+            outs.append(out)
+            if stop_after is not None and len(out.token_ids) >= stop_after:
+                break
+        return outs
+
+    async def main():
+        runs = await asyncio.gather(*[consume(p) for p in prompts], consume(prompts[0], 2))
+        for outs, want in zip(runs, expected):
+            assert outs[-1].token_ids == want and outs[-1].finished
+            assert sum(len(o.delta_token_ids) for o in outs) == len(want)
+        with pytest.raises(ValueError, match="max_model_len"):
+            await consume([1] * 600)
+        for _ in range(100):  # the abandoned stream's blocks come back
+            if engine.stats().pool.used_blocks == 0 and engine.stats().waiting == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().pool.used_blocks == 0 and engine.stats().waiting == 0
+        assert any(kind == "add" for kind, _ in engine.drain_cache_events())
+        # the child dies: what is in flight fails, and so does what comes after
+        long = engine.generate([7] * 20, SamplingParams(max_tokens=450, ignore_eos=True))
+        await long.__anext__()
+        engine._process.proc.kill()
+        with pytest.raises(RuntimeError, match="engine process died"):
+            async for _ in long:
+                pass
+        assert not engine.alive
+        with pytest.raises(RuntimeError, match="died"):
+            await consume(prompts[0])
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_synthetic_core_streams_its_phrase_and_honours_stops(tiny_models):
+    from optgptq.engine.synthetic_core import PHRASE, SyntheticCore
+
+    config = EngineConfig(model=str(tiny_models["llama-gqa"]), num_blocks=8, block_size=16,
+                          max_num_seqs=2)
+    core = SyntheticCore(config, step_time_s=0.0)  # every token at once
+    core.add_request([5] * 10, SamplingParams(max_tokens=6), "a")
+    core.add_request([5] * 10, SamplingParams(max_tokens=50, stop=["brown"]), "b")
+    core.add_request([5] * 10, SamplingParams(max_tokens=3), "c")  # waits: two seqs at most
+    outs = {o.request_id: o for o in core.step()}
+    assert set(outs) == {"a", "b"} and all(o.finished for o in outs.values())
+    assert len(outs["a"].token_ids) == 6 and outs["a"].finish_reason == "length"
+    assert outs["b"].finish_reason == "stop" and outs["b"].text == PHRASE[:PHRASE.index("brown")]
+    assert PHRASE.startswith(outs["a"].text)
+    assert [o.request_id for o in core.step()] == ["c"] and not core.has_unfinished_requests()
+    with pytest.raises(ValueError, match="KV blocks"):
+        core.add_request([5] * 10, SamplingParams(max_tokens=200), "d")
+    stepped = SyntheticCore(config, step_time_s=0.01)  # one token per request per step
+    stepped.add_request([5] * 4, SamplingParams(max_tokens=3), "e")
+    lens = [len(stepped.step()[0].token_ids) for _ in range(3)]
+    assert lens == [1, 2, 3] and stepped.stats().pool.used_blocks == 0

@@ -287,7 +287,9 @@ def test_overload_is_rejected_with_429_not_queued_without_bound(server, rng):
     try:
         statuses = [s for _, s, _ in results]
         assert set(statuses) <= {200, 429}, [b for _, s, b in results if s != 200][:3]
-        assert statuses.count(429) >= 24 - 2 * 4 - 2  # 2 replicas x 4 ongoing + 2 queued
+        # 2 replicas x 4 ongoing + 2 queued, and a few more where some of the first requests
+        # (480 tokens of a tiny model: well under a second) finish while the burst is answered
+        assert statuses.count(429) >= 24 - 2 * 4 - 2 - 4
         rejected = next(json.loads(b) for _, s, b in results if s == 429)
         assert rejected["error"]["code"] == "queue_full"
     finally:
@@ -310,7 +312,7 @@ def test_killed_replica_fails_only_its_requests(server, rng):
     ray.kill(ray.get_actor(f"SERVE_REPLICA::optgptq#EngineReplica#{victim}", namespace="serve"),
              no_restart=True)
     for conn, r, replica in streams:
-        events = [json.loads(line[len(b"data: "):]) for line in r.read().split(b"\n\n")
+        events = [json.loads(line[len(b"data: "):]) for line in r.read().split(b"\n")
                   if line.startswith(b"data: {")]
         if replica == victim:
             assert events[-1]["error"]["code"] == "replica_died"

@@ -117,7 +117,6 @@ def _serve_config(tiny: Path, path: Path, replicas: dict) -> Path:
     args.update(model=str(tiny), served_model_name="tiny",
                 engine={"device": "cpu", "num_blocks": 64, "max_num_seqs": 8},
                 replicas={"max_ongoing_requests": 4, **replicas})
-    args["ingress"]["num_cpus"] = 0.1
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -272,12 +271,12 @@ def test_node_autoscaling_through_slurm(slurm, tmp_path, tiny_models):
     auto.update(cluster_name="optgptq-test", max_workers=1, idle_timeout_minutes=0.25)
     auto["available_node_types"] = {
         "head": auto["available_node_types"]["head"],
-        "cpu_worker": {"resources": {"CPU": 1}, "min_workers": 0, "max_workers": 1,
-                       "node_config": {"sbatch_args": ["--nodes=1", "--cpus-per-task=1"]}}}
+        "cpu_worker": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 1,
+                       "node_config": {"sbatch_args": ["--nodes=1", "--cpus-per-task=2"]}}}
     (tmp_path / "autoscaler.yaml").write_text(yaml.safe_dump(auto))
-    # two replicas of one CPU each, the ingress 0.1: the head's 2 CPUs hold one replica
+    # two replicas of 1.5 CPUs each (the ingress reserves none): the head's 2 CPUs hold one
     config = _serve_config(tiny_models["llama-gqa"], tmp_path / "serve.yaml",
-                           {"num_replicas": 2, "num_cpus": 1})
+                           {"num_replicas": 2, "num_cpus": 1.5})
     env = _job_env(slurm, tmp_path, OPTGPTQ_CONFIG=str(config),
                    OPTGPTQ_AUTOSCALER=str(tmp_path / "autoscaler.yaml"))
     out = tmp_path / "job.out"

@@ -26,6 +26,19 @@ def test_default_model_folder_is_a_standard_hf_folder(smollm2_path):
     assert tok.chat_template and (smollm2_path / "model.safetensors").is_file()
 
 
+def test_shipped_tokenizer_is_the_default_models(smollm2_path):
+    from optgptq.models.hub import default_tokenizer_path
+
+    shipped = AutoTokenizer.from_pretrained(str(default_tokenizer_path()))
+    model = AutoTokenizer.from_pretrained(str(smollm2_path))
+    assert len(shipped) == len(model) and shipped.special_tokens_map == model.special_tokens_map
+    for text in PROMPTS + ["<|im_start|>user\nnaïve café 東京 🙂<|im_end|>", "  spaces\t\n"]:
+        assert shipped.encode(text) == model.encode(text)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    assert shipped.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        model.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
 @pytest.mark.slow
 def test_smollm2_batched_greedy_equals_transformers(smollm2_path):
     llm = LLM("smollm2", device="cpu")

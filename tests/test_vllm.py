@@ -42,7 +42,7 @@ from transformers import LlamaConfig  # noqa: E402
 from optgptq import cli  # noqa: E402
 from optgptq.engine.llm import LLM  # noqa: E402
 from optgptq.engine.sampling_params import SamplingParams  # noqa: E402
-from optgptq.serving.router_index import prompt_block_hashes  # noqa: E402
+from optgptq.serving.router_index import PrefixIndex, RouterParams, prompt_block_hashes  # noqa: E402
 from tests.conftest import _save_tiny, random_prompt  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -251,13 +251,20 @@ def test_vllm_cache_events_reach_the_router_under_its_hashes(server, prompts):
                   "vLLM's cache events or its prefix hits never reached the index")
     assert stats["backend"] == "vllm"
     (replica,) = server["index"].replica_stats.remote().result()
+    # what a router copies from the router actor: a snapshot of each replica's blocks first
+    watch = server["index"].options(stream=True).watch.remote()
+    kind, who, hashes = next(watch)
+    watch.cancel()
+    assert (kind, who) == ("snapshot", replica)
+    index = PrefixIndex(RouterParams(block_size=BS, load_token_cost=64))
+    index.apply_events(replica, [("add", h) for h in hashes])
     # cost = uncached prompt tokens + 64 x load: with one queued request more than an idle
-    # "other", the replica ranks first only if the index credits it with >= 3 held blocks
+    # "other", the replica ranks first only if the index credits it with >= 5 held blocks
     loads = {replica: 1, "other": 0}
     held = prompt_block_hashes(prompt, BS)
-    assert server["index"].route.remote(len(prompt), held, loads).result()[0] == replica
+    assert index.route(len(prompt), held, loads)[0] == replica
     unrelated = prompt_block_hashes(prompts[1] + prompts[0] + prompts[3], BS)
-    assert server["index"].route.remote(133, unrelated, loads).result()[0] == "other"
+    assert index.route(133, unrelated, loads)[0] == "other"
 
 
 def test_disconnect_aborts_the_vllm_request(server, prompts):

@@ -19,7 +19,7 @@ from optgptq.engine.model_runner import ModelRunner
 from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.engine.scheduler import Scheduler
-from optgptq.engine.sequence import Sequence
+from optgptq.engine.sequence import Sequence, check_request
 from optgptq.models.hub import resolve_model
 
 
@@ -81,24 +81,9 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, list(prompt)
-            vocab = self.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context "
-                             f"(max_model_len) is {self.max_model_len}, leaving no room to generate")
-        room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens "
-                             f"exceeds max_model_len={self.max_model_len}")
-        max_tokens = params.max_tokens or room
-        need = -(-(len(ids) + max_tokens) // self.pool.block_size)
-        if need > self.pool.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks for {len(ids)} prompt + {max_tokens} "
-                             f"output tokens but the pool has {self.pool.num_blocks}; lower "
-                             f"max_tokens or enlarge the KV cache")
+        max_tokens = check_request(ids, params, self.vocab_size, self.max_model_len,
+                                   self.pool.block_size, self.pool.num_blocks,
+                                   check_ids=text is None)
         seq = Sequence(request_id, ids, params, next(self._arrivals), max_tokens, text)
         if params.seed is not None:
             seq.generator = self.runner.make_generator(params.seed)

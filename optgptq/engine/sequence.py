@@ -7,6 +7,31 @@ from enum import Enum, auto
 from optgptq.engine.sampling_params import SamplingParams
 
 
+def check_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                  block_size: int, num_blocks: int, check_ids: bool = True) -> int:
+    """The request's ``max_tokens`` (``params.max_tokens``, else the context left); ValueError
+    naming what is wrong: an empty prompt, ids outside the vocabulary (``check_ids``), a prompt
+    or a prompt + max_tokens beyond the context, more KV blocks than the pool has."""
+    if check_ids and not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if not ids:
+        raise ValueError("prompt is empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; the model's context "
+                         f"(max_model_len) is {max_model_len}, leaving no room to generate")
+    room = max_model_len - len(ids)
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens "
+                         f"exceeds max_model_len={max_model_len}")
+    max_tokens = params.max_tokens or room
+    need = -(-(len(ids) + max_tokens) // block_size)
+    if need > num_blocks:
+        raise ValueError(f"request needs {need} KV blocks for {len(ids)} prompt + {max_tokens} "
+                         f"output tokens but the pool has {num_blocks}; lower max_tokens or "
+                         f"enlarge the KV cache")
+    return max_tokens
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()

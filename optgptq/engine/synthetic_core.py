@@ -30,6 +30,7 @@ from optgptq.config import EngineConfig
 from optgptq.engine.block_pool import PoolStats
 from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
+from optgptq.engine.sequence import check_request
 from optgptq.models.hub import resolve_model
 from optgptq.models.loader import load_config
 
@@ -76,23 +77,10 @@ class SyntheticCore:
         params = params or SamplingParams()
         ids = (self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str)
                else list(prompt))
-        if not ids:
-            raise ValueError("prompt is empty")
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context "
-                             f"(max_model_len) is {self.max_model_len}, leaving no room to generate")
-        room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens "
-                             f"exceeds max_model_len={self.max_model_len}")
+        max_tokens = check_request(ids, params, self.vocab_size, self.max_model_len,
+                                   self.pool.block_size, self.pool.num_blocks)
         if request_id in self._running or any(s.request_id == request_id for s in self._waiting):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        max_tokens = params.max_tokens or room
-        if self.pool.blocks_for(len(ids) + max_tokens) > self.pool.num_blocks:
-            raise ValueError(f"request needs {self.pool.blocks_for(len(ids) + max_tokens)} KV "
-                             f"blocks but the pool has {self.pool.num_blocks}")
         self._waiting.append(_Seq(request_id, ids, params, max_tokens))
         return request_id
 
