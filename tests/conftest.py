@@ -88,3 +88,20 @@ def _hf_model(path: str):
 
 def random_prompt(rng: torch.Generator, length: int, vocab: int = 49152) -> list[int]:
     return torch.randint(100, vocab, (length,), generator=rng).tolist()
+
+
+def poison_rows(monkeypatch, is_bad) -> None:
+    """The sampler sees NaN logits for every sequence ``is_bad(seq)`` picks (a model gone wrong
+    for that request alone); the other rows are untouched."""
+    from optgptq.engine.sampler import Sampler
+
+    real = Sampler.__call__
+
+    def call(self, logits, seqs):
+        rows = [i for i, seq in enumerate(seqs) if is_bad(seq)]
+        if rows:
+            logits = logits.clone()
+            logits[rows] = float("nan")
+        return real(self, logits, seqs)
+
+    monkeypatch.setattr(Sampler, "__call__", call)

@@ -10,14 +10,17 @@ from optgptq.config import EngineConfig
 from optgptq.engine.async_engine import AsyncLLMEngine
 from optgptq.engine.llm import LLM
 from optgptq.engine.llm_engine import LLMEngine
+from optgptq.engine.sampler import Sampler
 from optgptq.engine.sampling_params import SamplingParams
+from optgptq.engine.sequence import Sequence
 from optgptq.models.hub import resolve_model
-from tests.conftest import random_prompt
+from tests.conftest import poison_rows, random_prompt
 
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
     ({"top_k": 1.5}, "top_k"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
@@ -206,3 +209,113 @@ def test_synthetic_core_streams_its_phrase_and_honours_stops(tiny_models):
     stepped.add_request([5] * 4, SamplingParams(max_tokens=3), "e")
     lens = [len(stepped.step()[0].token_ids) for _ in range(3)]
     assert lens == [1, 2, 3] and stepped.stats().pool.used_blocks == 0
+
+
+def _rows(sampler: Sampler, specs: list[tuple[SamplingParams, int | None]]) -> list[Sequence]:
+    seqs = [Sequence(f"s{i}", [1], params, i, 4) for i, (params, _) in enumerate(specs)]
+    for seq, (_, seed) in zip(seqs, specs):
+        if seed is not None:
+            seq.generator = sampler.generator_for(seed)
+    return seqs
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])  # not a number; no mass
+def test_sampler_fails_only_the_row_it_cannot_sample(bad_value, device):
+    """Row 1 cannot be sampled: it gets -1 and draws nothing; rows 0 and 2 get what they get
+    without it (their generators, seeded or shared, advance as if it were absent). Logprobs: None
+    unless a row asks; else one per row, a float only for a row that asked and got a token."""
+    logits = (torch.randn(3, 64, generator=torch.Generator().manual_seed(3)) * 2).to(device)
+    logits[1] = bad_value
+    hot, hot_lp = SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, logprobs=True)
+    greedy_lp = SamplingParams(temperature=0, logprobs=True)
+    cases = [  # (params, seed) per row; the logprobs pattern expected
+        ([(hot, 1), (hot, 2), (hot, 3)], None),
+        ([(hot, None), (hot, None), (hot, None)], None),
+        ([(greedy_lp, None), (hot_lp, 2), (hot, 3)], [float, None, None]),
+        ([(hot, 1), (hot_lp, None), (hot_lp, None)], [None, None, float]),
+    ]
+    for specs, pattern in cases:
+        sampler = Sampler(torch.device(device), seed=0)
+        seqs = _rows(sampler, specs)
+        tokens, logprobs = sampler(logits, seqs)
+        ref = Sampler(torch.device(device), seed=0)
+        alone = _rows(ref, [specs[0], specs[2]])
+        ref_tokens, _ = ref(logits[[0, 2]], alone)
+        assert tokens == [ref_tokens[0], -1, ref_tokens[1]], specs
+        assert torch.equal(sampler.generator.get_state(), ref.generator.get_state())
+        for seq, ref_seq in zip([seqs[0], seqs[2]], alone):
+            if seq.generator is not None:
+                assert torch.equal(seq.generator.get_state(), ref_seq.generator.get_state())
+        if pattern is None:
+            assert logprobs is None
+        else:
+            assert [type(v) if v is not None else None for v in logprobs] == pattern
+            for i, v in enumerate(logprobs):
+                if v is not None:
+                    assert v == pytest.approx(torch.log_softmax(logits[i], -1)[tokens[i]].item())
+    sampler = Sampler(torch.device(device), seed=0)  # a bad row alone: no error either
+    assert sampler(logits[1:2], _rows(sampler, [(hot_lp, None)])) == ([-1], [None])
+
+
+def test_async_engine_fails_the_request_that_cannot_be_sampled_alone(tiny_models, monkeypatch):
+    """Through the core loop (as the serving replicas run it): the bad request's stream raises,
+    the others in its batch complete with the tokens they get without it, the loop goes on."""
+    path = str(tiny_models["llama-gqa"])
+    g = torch.Generator().manual_seed(21)
+    good = [random_prompt(g, n) for n in (6, 15, 9)]
+    bad_prompt = random_prompt(g, 11)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(path, device="cpu", num_blocks=64, block_size=4)
+                .generate(good, greedy)]
+    poison_rows(monkeypatch, lambda seq: seq.token_ids[:seq.num_prompt_tokens] == bad_prompt)
+    engine = AsyncLLMEngine(EngineConfig(model=path, device="cpu", num_blocks=64, block_size=4))
+
+    async def consume(prompt, params):
+        ids = []
+        async for out in engine.generate(prompt, params):
+            ids.extend(out.delta_token_ids)
+        return ids
+
+    async def main():
+        bad = SamplingParams(max_tokens=10, temperature=0.7, ignore_eos=True)
+        runs = await asyncio.gather(*[consume(p, greedy) for p in good], consume(bad_prompt, bad),
+                                    return_exceptions=True)
+        assert runs[:3] == expected
+        assert isinstance(runs[3], RuntimeError) and "sampling failed" in str(runs[3])
+        assert await consume(good[0], greedy) == expected[0]  # the loop goes on
+        for _ in range(100):
+            if engine.stats().pool.used_blocks == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().pool.used_blocks == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_core_loop_reports_each_failed_request_once(tiny_models):
+    """A request the core failed alone in a step that then raised gets one error, not two."""
+    from optgptq.engine import core_loop
+    from optgptq.engine.synthetic_core import SyntheticCore
+
+    class Core(SyntheticCore):
+        def step(self):
+            self.abort_request("a")
+            self.failures = [("a", "sampling failed")]
+            raise RuntimeError("boom")
+
+        def take_failures(self):
+            failures, self.failures = getattr(self, "failures", []), []
+            return failures
+
+    core = Core(EngineConfig(model=str(tiny_models["llama-gqa"]), num_blocks=8, block_size=16))
+    inbox = [[("add", "a", [5] * 4, SamplingParams()), ("add", "b", [5] * 4, SamplingParams())],
+             [("stop",)]]
+    batches = []
+    core_loop.run(core, lambda block: inbox.pop(0), batches.append)
+    errors = [e for batch in batches for e in batch[2]]
+    assert sorted(errors) == [("a", "failed", "engine step failed: boom"),
+                              ("b", "failed", "engine step failed: boom")]

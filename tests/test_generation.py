@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from optgptq.config import EngineConfig
 from optgptq.engine.llm import LLM
+from optgptq.engine.llm_engine import LLMEngine
 from optgptq.engine.sampling_params import SamplingParams
-from tests.conftest import hf_greedy, random_prompt
+from tests.conftest import hf_greedy, poison_rows, random_prompt
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -123,3 +125,50 @@ def test_eos_stops_unless_ignored(tiny_models):
     llm.engine.eos_token_ids = {full.token_ids[2]}
     out = llm.generate([p], SamplingParams(max_tokens=12, temperature=0))[0]
     assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[2]) + 1]
+
+
+def test_denormal_temperature_and_top_p_are_greedy(tiny_models):
+    """A temperature below GREEDY_BELOW is greedy (dividing by 1e-39 overflowed every logit), and
+    top-p keeps the top token even where p rounds to 0 in float32; the batch does not fail."""
+    llm = LLM(str(tiny_models["llama-gqa"]), device="cpu", num_blocks=96, block_size=4)
+    ps = prompts(12, [6, 11, 17])
+    greedy = [o.token_ids for o in llm.generate(ps, GREEDY)]
+    for kwargs in ({"temperature": 1e-39}, {"temperature": 1e-6},
+                   {"top_p": 1e-320}, {"top_p": 1e-46}, {"top_p": 1e-45}):
+        odd = SamplingParams(max_tokens=12, ignore_eos=True, **{"temperature": 1.0, **kwargs})
+        outs = llm.generate(ps, [odd, GREEDY, odd])  # mixed with plain greedy rows
+        assert [o.token_ids for o in outs] == greedy, kwargs
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone(tiny_models, monkeypatch):
+    """A request whose logits are NaN fails and is aborted (blocks freed); the others in its
+    batch, greedy and seeded, get exactly the tokens they get without it."""
+    path = str(tiny_models["llama-mha"])
+    ps = prompts(13, [7, 13, 5, 21])
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    bad = SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True)
+    params = [GREEDY, seeded, bad, GREEDY]
+    llm = LLM(path, device="cpu", num_blocks=96, block_size=4)
+    expected = [o.token_ids for o in llm.generate(ps[:2] + ps[3:], params[:2] + params[3:])]
+
+    poison_rows(monkeypatch, lambda seq: seq.token_ids[:seq.num_prompt_tokens] == ps[2])
+    engine = LLMEngine(EngineConfig(model=path, device="cpu", num_blocks=96, block_size=4))
+    free = engine.pool.stats().free_blocks
+    ids = [engine.add_request(p, sp, f"r{i}", stream=False)
+           for i, (p, sp) in enumerate(zip(ps, params))]
+    done, failures = {}, []
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+        failures += engine.take_failures()
+        if failures:
+            assert not any(s.request_id == "r2" for s in engine.scheduler.running)
+    assert [rid for rid, _ in failures] == ["r2"] and "sampling failed" in failures[0][1]
+    assert [done[rid] for rid in ids if rid != "r2"] == expected and "r2" not in done
+    assert engine.take_failures() == []
+    stats = engine.pool.stats()
+    assert stats.free_blocks == free and stats.used_blocks == 0
+
+    with pytest.raises(RuntimeError, match=r"1 of 4 requests failed \(prompt 2: sampling failed"):
+        llm.generate(ps, params)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.pool.stats().free_blocks == llm.engine.pool.num_blocks

@@ -18,8 +18,8 @@ Out, once per turn of the loop in which anything happened (commands taken or a s
   prompt_token_ids, num_cached_tokens)``, the new part only (``prompt_token_ids`` in a
   request's first delta only, else None);
 - ``errors``: ``(request_id, kind, message)``; kind ``invalid`` (the core refused the request:
-  its ValueError), ``failed`` (a step raised: every request in flight fails, the loop goes on)
-  or ``stopped`` (the engine shut down);
+  its ValueError), ``failed`` (the core failed it alone, ``take_failures``; or a step raised:
+  every request in flight fails, the loop goes on) or ``stopped`` (the engine shut down);
 - ``stats``: :class:`~optgptq.engine.llm_engine.EngineStats` after the turn;
 - ``cache_events``: the block pool's ``("add" | "evict", hash)`` events of the turn.
 
@@ -105,6 +105,9 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
                 errors += [(rid, "failed", f"engine step failed: {exc}") for rid in live]
                 live.clear()
                 outputs = []
+            for rid, message in core.take_failures():  # one request's own failure
+                if live.pop(rid, None) is not None:  # (not already failed by a raising step)
+                    errors.append((rid, "failed", message))
             for out in outputs:
                 n = len(out.delta_token_ids)
                 first = not live.get(out.request_id, True)

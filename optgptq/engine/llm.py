@@ -47,12 +47,17 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         done: dict[str, RequestOutput] = {}
+        failed: list[tuple[str, str]] = []
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
+                failed += self.engine.take_failures()
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(ids)} requests failed (prompt "
+                               f"{ids.index(failed[0][0])}: {failed[0][1]})")
         return [done[rid] for rid in ids]
 
     def chat_prompt(self, message: str) -> list[int]:

@@ -47,6 +47,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = self._eos_ids(path)
         self._requests: dict[str, _Request] = {}
+        self._failures: list[tuple[str, str]] = []
         self._arrivals = itertools.count()
         self._ids = itertools.count()
 
@@ -104,6 +105,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
+    def take_failures(self) -> list[tuple[str, str]]:
+        """``(request_id, message)`` of the requests that failed alone since the last call (the
+        step went on for the others); they are already aborted."""
+        failures, self._failures = self._failures, []
+        return failures
+
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that finished, and for every
@@ -119,6 +126,11 @@ class LLMEngine:
         for i, token, logprob in samples:
             seq = batch.seqs[i]
             req = self._requests[seq.request_id]
+            if token < 0:  # its distribution could not be sampled: it fails alone
+                self.abort_request(seq.request_id)
+                self._failures.append((seq.request_id, "sampling failed: the request's "
+                                       "next-token distribution has no mass or is not a number"))
+                continue
             seq.token_ids.append(token)
             if logprob is not None and seq.params.logprobs:
                 seq.logprobs.append(logprob)

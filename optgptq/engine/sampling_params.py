@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily (vLLM's threshold too)."""
 
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` disable those filters.
+    ``temperature`` below :data:`GREEDY_BELOW` (0 included) is greedy: dividing logits by a
+    smaller one overflows them (a denormal temperature made every row of a batch NaN).
+    ``top_k <= 0`` and ``top_p == 1`` disable those filters; the most likely token always stays.
     ``max_tokens=None`` means up to the model's context. Stop strings are not included in the
     output text; stop token ids are (as the model produced them), EOS is not.
     """
@@ -33,8 +39,8 @@ class SamplingParams:
                                             or isinstance(self.max_tokens, bool)
                                             or self.max_tokens <= 0):
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
@@ -49,4 +55,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW

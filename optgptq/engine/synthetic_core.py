@@ -3,8 +3,8 @@
 The serving layer's own ceiling is what it passes on when the engine costs nothing
 (bench/serve_overhead.py). :class:`SyntheticCore` offers the engine-core calls that
 :class:`~optgptq.engine.async_engine.AsyncLLMEngine` drives (``add_request``, ``abort_request``,
-``step``, ``has_unfinished_requests``, ``stats``, ``pool``), so it is served through exactly the
-same stream machinery as the real engine; only the model is gone:
+``step``, ``take_failures``, ``has_unfinished_requests``, ``stats``, ``pool``), so it is served
+through exactly the same stream machinery as the real engine; only the model is gone:
 
 - the model folder gives the tokenizer, the context length and the vocabulary; no weights load;
 - output tokens cycle through a fixed English phrase (their text decoded once at start), so the
@@ -97,6 +97,10 @@ class SyntheticCore:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting)
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """None here: the phrase never fails (the engine core's interface)."""
+        return []
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
