@@ -150,7 +150,8 @@ def deploy(policy: str, args) -> None:
         "replicas": {"num_replicas": args.replicas, "num_cpus": 2 / (args.replicas + 1),
                      "max_ongoing_requests": 64, "max_queued_requests": 1000},
         "router": {"policy": policy, "stats_period_s": 0.5},
-        "ingress": {"http_port": args.ports[0], "grpc_port": args.ports[1]},
+        "ingress": {"http_port": args.ports[0], "grpc_port": args.ports[1],
+                    "replica_header": True},
     })
 
 

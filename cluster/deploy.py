@@ -16,7 +16,9 @@ The config written (``--out``, default serve.yaml in $OPTGPTQ_JOB_DIR) is deploy
   accelerators, or for an app whose ``engine.device`` is ``cpu``, the YAML's replica settings
   stay as they are.
 - the endpoint's host and ports (``args.ingress``: the ingress replicas serve HTTP and gRPC, on
-  the head node) from ``--http-host`` / OPTGPTQ_HTTP_PORT / OPTGPTQ_GRPC_PORT.
+  the head node) from ``--http-host`` / OPTGPTQ_HTTP_PORT / OPTGPTQ_GRPC_PORT, and its API keys
+  file from ``--api-keys-file`` / OPTGPTQ_API_KEYS_FILE (or keys in $OPTGPTQ_API_KEYS): the
+  default host, every interface, is refused without keys (deployments/auth.py).
 
 ``--stop`` shuts Serve down (replicas drain their requests); the batch script calls it when the
 job ends. Exit status: 0 deployed, 1 the cluster or the app failed, 2 bad arguments.
@@ -66,16 +68,20 @@ def plan_replicas(replicas: dict[str, Any], gpus_now: int, gpus_max: int) -> dic
 
 
 def render_serve_config(base: dict[str, Any], gpus_now: int, gpus_max: int, http_host: str,
-                        http_port: int, grpc_port: int) -> dict[str, Any]:
-    """The Serve config for this cluster (``base`` is left unchanged)."""
+                        http_port: int, grpc_port: int,
+                        api_keys_file: str | None = None) -> dict[str, Any]:
+    """The Serve config for this cluster (``base`` is left unchanged); ``api_keys_file`` sets
+    ``ingress.api_keys_file`` (a host other than loopback needs keys)."""
     config = copy.deepcopy(base)
     if not isinstance(config.get("applications"), list):
         raise ValueError("serve config: applications: a list of applications is required")
     for app in config["applications"]:
         if app.get("import_path") == BUILDER:
             args = app.setdefault("args", {})
-            args.setdefault("ingress", {}).update(host=http_host, http_port=http_port,
-                                                  grpc_port=grpc_port)
+            ingress = args.setdefault("ingress", {})
+            ingress.update(host=http_host, http_port=http_port, grpc_port=grpc_port)
+            if api_keys_file:
+                ingress["api_keys_file"] = api_keys_file
             on_cpu = (args.get("engine") or {}).get("device") == "cpu"
             args["replicas"] = plan_replicas(args.get("replicas") or {},
                                              0 if on_cpu else gpus_now, 0 if on_cpu else gpus_max)
@@ -125,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-host", default=env.get("OPTGPTQ_HTTP_HOST") or "0.0.0.0")
     p.add_argument("--http-port", type=int, default=int(env.get("OPTGPTQ_HTTP_PORT") or 8000))
     p.add_argument("--grpc-port", type=int, default=int(env.get("OPTGPTQ_GRPC_PORT") or 9000))
+    p.add_argument("--api-keys-file", default=env.get("OPTGPTQ_API_KEYS_FILE"),
+                   help="API keys, one per line (KEY [TENANT]); or $OPTGPTQ_API_KEYS")
     p.add_argument("--stop", action="store_true", help="shut Serve down instead")
     return p
 
@@ -147,7 +155,7 @@ def deploy(args: argparse.Namespace) -> str:
     nodes = wait_for_nodes(ray, args.nodes, args.wait_s)
     gpus_now = int(ray.cluster_resources().get("GPU", 0))
     config = render_serve_config(base, gpus_now, gpus_now + max_added, args.http_host,
-                                 args.http_port, args.grpc_port)
+                                 args.http_port, args.grpc_port, args.api_keys_file)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -16,6 +16,7 @@ two replicas fit on a 2-core machine.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
 import ray
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
+from deployments.auth import ENV_VAR, collect_keys
 from deployments.ingress import Ingress
 from deployments.prefix_index import PrefixIndexService
 from deployments.replica import EngineReplica
@@ -105,12 +107,42 @@ class IngressConfig(_Strict):
     grpc_port: int = Field(9000, ge=1, le=65535)
     on_head_node: bool = True
     """Place the ingress replicas on the Ray head node, where clients find the endpoint."""
+    api_keys: list[str] = Field(default_factory=list)
+    """API keys (deployments/auth.py; also ``api_keys_file`` and $OPTGPTQ_API_KEYS). None
+    configured: no authentication, allowed only when ``host`` is a loopback address."""
+    api_keys_file: str | None = None
+    """A file of keys, one per line: ``KEY [TENANT]`` (keys of one tenant share its cache)."""
+    auth_health: bool = False
+    """Whether /health needs a key too (load balancers usually probe without one)."""
+    auth_metrics: bool = True
+    """Whether /metrics needs a key (when keys are configured)."""
+    replica_header: bool = False
+    """Name the serving engine replica in an ``x-optgptq-replica`` response header (debugging
+    and tests; off, no internal id leaves the cluster)."""
 
     @model_validator(mode="after")
     def _ports(self):
         if self.http_port == self.grpc_port:
             raise ValueError("http_port and grpc_port must differ")
         return self
+
+    def keys(self) -> dict[str, str]:
+        """Digest -> tenant of every configured key; ValueError if the endpoint would listen
+        beyond this machine without any."""
+        keys = collect_keys(self.api_keys, self.api_keys_file)
+        if not keys and not _loopback(self.host):
+            raise ValueError(f"host {self.host!r} is reachable from other machines: set API keys "
+                             f"(ingress.api_keys_file, ingress.api_keys or ${ENV_VAR})")
+        return keys
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 class SyntheticConfig(_Strict):
@@ -182,6 +214,10 @@ def parse_config(args: dict[str, Any]) -> AppConfig:
         resolve_model(config.model)
     except ValueError as exc:
         raise ValueError(f"optgptq app config: model: {exc}") from None
+    try:
+        config.ingress.keys()
+    except ValueError as exc:
+        raise ValueError(f"optgptq app config: ingress: {exc}") from None
     return config
 
 
@@ -222,8 +258,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": dict(ONE_LOOP)},
                            **placement},
     ).bind(replicas, index, config.served_model_name or config.model,
-           str(resolve_model(config.model)), ing.max_request_bytes, ing.host, ing.http_port,
-           ing.grpc_port)
+           str(resolve_model(config.model)),
+           ing.model_copy(update={"api_keys": [], "api_keys_file": None}), ing.keys())
 
 
 def deploy(args: dict[str, Any], name: str = "optgptq") -> None:

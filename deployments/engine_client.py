@@ -13,7 +13,9 @@ frees its blocks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -26,6 +28,11 @@ from deployments.token_channel import RequestStream, TokenChannels
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.serving.metrics import ServingMetrics
 from optgptq.serving.protocol import APIError, EngineRequest
+
+log = logging.getLogger("ray.serve")
+INLINE_CHARS = 8192
+"""Prompts up to this many characters are tokenized on the event loop (well under a
+millisecond); longer ones on a worker thread."""
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -42,7 +49,16 @@ def api_error(exc: BaseException) -> APIError:
                         code="replica_died")
     if isinstance(exc, DeploymentUnavailableError):
         return APIError(503, "no engine replica is available", code="unavailable")
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    return internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """A 500 whose body says nothing of the internals (paths, processes, actors): the detail
+    goes to the log under an id that the body gives."""
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s: %s", incident, "".join(traceback.format_exception(exc)))
+    return APIError(500, f"internal error (incident {incident}; the server log has the detail)",
+                    code="internal_error")
 
 
 class Chunk(NamedTuple):
@@ -109,6 +125,17 @@ class EngineClient:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self._info: dict | None = None
+
+    async def prompt_ids(self, body, chat: bool) -> list[int]:
+        """The prompt of a validated request as token ids; a long text is tokenized on a worker
+        thread, so that it does not hold up the other requests of this event loop."""
+        if chat:
+            size = sum(len(m.content) for m in body.messages)
+        else:
+            size = len(body.prompt) if isinstance(body.prompt, str) else 0
+        if size <= INLINE_CHARS:
+            return self.token_ids(body, chat)
+        return await asyncio.to_thread(self.token_ids, body, chat)
 
     def token_ids(self, body, chat: bool) -> list[int]:
         """The prompt of a validated completions or chat request, as token ids."""

@@ -1,9 +1,14 @@
 """The gRPC service of an ingress replica (``optgptq.OptGPTQ``: Generate, GenerateStream).
 
-Served by the replica's ``grpc.aio`` server (:mod:`deployments.ingress`). Requests are validated
-as their HTTP twins are; errors end the call with INVALID_ARGUMENT (400, 413, 422), NOT_FOUND
-(404), RESOURCE_EXHAUSTED (429, or 503 for a full engine queue) or UNAVAILABLE (503), with the
-message as the status details. Each response names the replica that served the request.
+Served by the replica's ``grpc.aio`` server (:mod:`deployments.ingress`), which refuses a
+message over ``max_request_bytes`` before decoding it. The handlers take the request's raw bytes
+and decode them here, so a malformed message is INVALID_ARGUMENT (gRPC's own decoding would
+answer UNKNOWN). With API keys configured the call's ``authorization`` metadata must hold
+``Bearer <key>`` (UNAUTHENTICATED otherwise). Requests are validated as their HTTP twins are;
+errors end the call with INVALID_ARGUMENT (400, 413, 415, 422), NOT_FOUND (404),
+RESOURCE_EXHAUSTED (429, or 503 for a full engine queue), UNAVAILABLE (503) or INTERNAL (500,
+without internal detail), with the message as the status details. With
+``ingress.replica_header`` each response names the replica that served the request.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
+from deployments.engine_client import internal_error
 from optgptq.serving import optgptq_pb2 as pb
 from optgptq.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       invalid, new_id)
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-          413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED}
+SERVICE = "optgptq.OptGPTQ"
 
 
 def status_code(exc: APIError) -> grpc.StatusCode:
@@ -36,26 +45,37 @@ async def _fail(context: grpc.aio.ServicerContext, exc: APIError) -> NoReturn:
     await context.abort(status_code(exc), exc.message)
 
 
+def grpc_handlers(service: "GRPCService") -> grpc.GenericRpcHandler:
+    """The service's methods, taking raw request bytes (decoded by the servicer)."""
+    encode = pb.GenerateResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            service.Generate, request_deserializer=None, response_serializer=encode),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            service.GenerateStream, request_deserializer=None, response_serializer=encode)})
+
+
 class GRPCService:
-    """The servicer: ``ingress`` gives the engine client and the served model's name."""
+    """The servicer: ``ingress`` gives the engine client, keys, served model name, settings."""
 
     def __init__(self, ingress) -> None:
         self.client = ingress.client
+        self.keys = ingress.keys
         self.model_name = ingress.model_name
+        self.replica_field = ingress.config.replica_header
 
-    async def Generate(self, request: pb.GenerateRequest,
+    async def Generate(self, raw: bytes,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        stream = await self._open(request, context)
+        stream = await self._open(raw, context)
         try:
             text = "".join([chunk.text async for chunk in stream])
         except APIError as exc:
             await _fail(context, exc)
         return self._response(stream, text)
 
-    async def GenerateStream(self, request: pb.GenerateRequest,
-                             context: grpc.aio.ServicerContext
+    async def GenerateStream(self, raw: bytes, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateResponse]:
-        stream = await self._open(request, context)
+        stream = await self._open(raw, context)
         try:
             async for chunk in stream:
                 if chunk.text or chunk.finished:
@@ -63,8 +83,14 @@ class GRPCService:
         except APIError as exc:
             await _fail(context, exc)
 
-    async def _open(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _open(self, raw: bytes, context: grpc.aio.ServicerContext):
         try:
+            metadata = dict(context.invocation_metadata() or ())
+            tenant = self.keys.tenant(metadata.get("authorization"))
+            try:
+                request = pb.GenerateRequest.FromString(raw)
+            except DecodeError as exc:
+                raise APIError(400, f"malformed GenerateRequest: {exc}") from None
             if request.model != self.model_name:
                 raise APIError(404, f"model {request.model!r} does not exist; this server "
                                f"serves {self.model_name!r}", param="model",
@@ -73,25 +99,27 @@ class GRPCService:
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             params = {name: getattr(request, name) for name in
-                      ("max_tokens", "temperature", "top_p", "top_k", "seed")
+                      ("max_tokens", "temperature", "top_p", "top_k", "seed", "cache_salt")
                       if request.HasField(name)}
             params.update(stop=list(request.stop), ignore_eos=request.ignore_eos)
             body = (ChatCompletionRequest(model=request.model, messages=messages, **params)
                     if messages else
                     CompletionRequest(model=request.model, prompt=request.prompt, **params))
-            ids = self.client.token_ids(body, chat=bool(messages))
-            stream = await self.client.open(ids, body.sampling_params())
+            ids = await self.client.prompt_ids(body, chat=bool(messages))
+            stream = await self.client.open(ids, body.sampling_params(tenant))
         except ValidationError as exc:
             await _fail(context, invalid(exc))
         except APIError as exc:
             await _fail(context, exc)
+        except Exception as exc:  # a bug: no detail to the caller, all of it to the log
+            await _fail(context, internal_error(exc))
         stream.request_id = new_id("grpc")
         return stream
 
-    @staticmethod
-    def _response(stream, text: str) -> pb.GenerateResponse:
+    def _response(self, stream, text: str) -> pb.GenerateResponse:
         return pb.GenerateResponse(id=stream.request_id, text=text,
                                    finish_reason=stream.finish_reason or "",
                                    prompt_tokens=stream.prompt_tokens,
                                    completion_tokens=stream.completion_tokens,
-                                   cached_tokens=stream.cached_tokens, replica=stream.replica)
+                                   cached_tokens=stream.cached_tokens,
+                                   replica=stream.replica if self.replica_field else "")

@@ -1,15 +1,23 @@
 """The OpenAI-compatible HTTP API of an ingress replica (FastAPI, served by its uvicorn).
 
 POST /v1/completions and /v1/chat/completions (``stream: true`` as server-sent events), GET
-/v1/models, /health, /metrics (Prometheus text). Errors are OpenAI bodies with 400 (malformed
-JSON, bad values), 404 (unknown model or path), 413 (body or prompt too large), 422 (missing or
-wrong-typed fields), 429 (engine deployment's queue full), 503 (replica queue full, replica died,
-nothing to serve yet). The ``x-optgptq-replica`` header names the replica that served the
+/v1/models, /health, /metrics (Prometheus text), /openapi.json (the request bodies' schemas
+included). With API keys configured every route but /health (``ingress.auth_health``) and
+/metrics (``ingress.auth_metrics``) needs ``Authorization: Bearer <key>`` (401 otherwise).
+
+A body is checked before anything else reads it: its Content-Type must be JSON (415), its size
+at most ``max_request_bytes`` (413), its JSON well formed and nested at most
+:data:`MAX_DEPTH` levels (400); a large one is parsed on a worker thread. Errors are OpenAI
+bodies: 400 (malformed JSON, bad values), 401, 404 (unknown model or path), 413, 415, 422
+(missing or wrong-typed fields), 429 (engine deployment's queue full), 503 (replica queue full,
+replica died, nothing to serve yet) and 500 without internal detail (the log has it). With
+``ingress.replica_header`` the ``x-optgptq-replica`` header names the replica that served the
 request. A client that disconnects cancels the engine request, which frees its blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -17,12 +25,40 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from deployments.engine_client import internal_error
 from optgptq.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       completion_body, invalid, new_id, usage)
+
+MAX_DEPTH = 32
+"""Deepest JSON nesting accepted; the APIs' bodies need 4."""
+THREAD_BYTES = 64 << 10
+"""Bodies larger than this are parsed and validated on a worker thread."""
 
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def load_json(raw: bytes):
+    """Parsed JSON, APIError 400 if malformed or nested deeper than MAX_DEPTH."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, f"JSON nested deeper than {MAX_DEPTH} levels",
+                       code="invalid_json") from None
+    except ValueError as exc:
+        raise APIError(400, f"malformed JSON: {exc}", code="invalid_json") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # only then can it be too deep
+        level = [(data, 1)]
+        while level:
+            value, depth = level.pop()
+            if depth > MAX_DEPTH:
+                raise APIError(400, f"JSON nested deeper than {MAX_DEPTH} levels",
+                               code="invalid_json")
+            children = value.values() if isinstance(value, dict) else (
+                value if isinstance(value, list) else ())
+            level += [(c, depth + 1) for c in children if isinstance(c, (dict, list))]
+    return data
 
 
 class EventEncoder:
@@ -43,48 +79,77 @@ class EventEncoder:
         return f"data: {json.dumps(body)}\n\n"
 
 
+def _body_schema(model: type[BaseModel]) -> dict:
+    """OpenAPI ``requestBody`` for a route that parses its body itself."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {k: v for k, v in schema.items() if k != "$defs"}}}},
+        "x-components": schema.get("$defs", {})}
+
+
 def build_http_app(ingress) -> FastAPI:
-    """The app of one ingress (:class:`deployments.ingress.Ingress`): its client, model name,
-    metrics and request size limit."""
-    app = FastAPI(title="optgptq", docs_url=None, redoc_url=None)
+    """The app of one ingress (:class:`deployments.ingress.Ingress`): its client, keys, model
+    name, metrics and settings."""
+    app = FastAPI(title="optgptq", docs_url=None, redoc_url=None, openapi_url=None)
     client, metrics, model_name = ingress.client, ingress.metrics, ingress.model_name
+    keys, settings = ingress.keys, ingress.config
+
+    def authorize(request: Request) -> str | None:
+        return keys.tenant(request.headers.get("authorization"))
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc) -> JSONResponse:
         return error_response(APIError(404, f"no route {request.method} {request.url.path}",
                                        code="not_found"))
 
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(internal_error(exc))
+
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
+        if settings.auth_health:
+            authorize(request)
         if not ingress.ready:
             return error_response(APIError(503, "no engine replica is ready yet",
                                            code="unavailable"))
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        authorize(request)
         return {"object": "list", "data": [{"id": model_name, "object": "model",
                                             "created": 0, "owned_by": "optgptq"}]}
 
     @app.get("/metrics")
-    async def metrics_text() -> Response:
-        metrics.update_replicas(await ingress.index.replica_stats.remote())
+    async def metrics_text(request: Request) -> Response:
+        if settings.auth_metrics:
+            authorize(request)
+        metrics.update_replicas(await ingress.replica_stats())
         return PlainTextResponse(metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, got {kind!r}",
+                           code="unsupported_media_type")
         raw = await request.body()
         if len(raw) > ingress.max_request_bytes:
             raise APIError(413, f"request body is {len(raw)} bytes; the limit is "
                            f"{ingress.max_request_bytes}", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise APIError(400, f"malformed JSON: {exc}", code="invalid_json") from None
-        try:
-            body = schema.model_validate(data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
+
+        def validate() -> BaseModel:
+            try:
+                return schema.model_validate(load_json(raw))
+            except ValidationError as exc:
+                raise invalid(exc) from None
+
+        body = validate() if len(raw) <= THREAD_BYTES else await asyncio.to_thread(validate)
         if body.model != model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
                            f"{model_name!r}", param="model", code="model_not_found")
@@ -104,14 +169,15 @@ def build_http_app(ingress) -> FastAPI:
     async def generate(request: Request, schema: type[BaseModel], chat: bool) -> Response:
         endpoint = request.url.path
         try:
+            tenant = authorize(request)
             body = await parse(request, schema)
-            ids = client.token_ids(body, chat)
-            stream = await client.open(ids, body.sampling_params())
+            ids = await client.prompt_ids(body, chat)
+            stream = await client.open(ids, body.sampling_params(tenant))
         except APIError as exc:
             metrics.observe_request(endpoint, exc.status)
             return error_response(exc)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        headers = {"x-optgptq-replica": stream.replica}
+        headers = {"x-optgptq-replica": stream.replica} if settings.replica_header else None
         if body.stream:
             metrics.observe_request(endpoint, 200)
             return StreamingResponse(sse(stream, rid, chat), headers=headers,
@@ -127,12 +193,30 @@ def build_http_app(ingress) -> FastAPI:
                                                   stream.cached_tokens)),
                             headers=headers)
 
-    @app.post("/v1/completions")
+    completion_doc, chat_doc = _body_schema(CompletionRequest), _body_schema(ChatCompletionRequest)
+
+    @app.post("/v1/completions", openapi_extra=completion_doc)
     async def completions(request: Request) -> Response:
         return await generate(request, CompletionRequest, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=chat_doc)
     async def chat_completions(request: Request) -> Response:
         return await generate(request, ChatCompletionRequest, chat=True)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(_openapi(app))
+
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema with the request bodies' shared definitions under components."""
+    if app.openapi_schema is None:
+        schema = app.openapi()
+        shared = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path in schema["paths"].values():
+            for operation in path.values():
+                shared.update(operation.pop("x-components", {}))
+    return app.openapi_schema

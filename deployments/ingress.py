@@ -9,10 +9,13 @@ the engine replica and the client's socket instead of two, and the per-token wor
 (measured as the serving path's largest cost, bench/results/serve-overhead-*.json) is gone. Serve
 still owns the ingress replicas' lifecycle (placement, health checks, restarts, scaling).
 
-Both APIs validate and tokenize here, then send an
-:class:`~optgptq.serving.protocol.EngineRequest` through the engine deployment's handle, whose
-router (:mod:`deployments.router`) picks the replica (:mod:`deployments.engine_client`).
-``/health`` answers 503 until an engine replica has answered, then 200.
+Both APIs check the caller's API key (:mod:`deployments.auth`), validate and tokenize here (a
+large body is parsed and tokenized on a worker thread, so that it never stalls the other
+requests of the loop), then send an :class:`~optgptq.serving.protocol.EngineRequest` through the
+engine deployment's handle, whose router (:mod:`deployments.router`) picks the replica
+(:mod:`deployments.engine_client`). Both servers refuse a request larger than
+``max_request_bytes`` before decoding it. ``/health`` answers 503 until an engine replica has
+answered, then 200.
 """
 
 from __future__ import annotations
@@ -20,44 +23,67 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import grpc
 import uvicorn
 from transformers import AutoTokenizer
 
+from deployments.auth import APIKeys
 from deployments.engine_client import EngineClient
-from deployments.grpc_api import GRPCService
+from deployments.grpc_api import GRPCService, grpc_handlers
 from deployments.http_api import build_http_app
 from deployments.serve_calls import background
-from optgptq.serving import optgptq_pb2_grpc
 from optgptq.serving.metrics import ServingMetrics
 from optgptq.serving.protocol import APIError
 
+if TYPE_CHECKING:
+    from deployments.app import IngressConfig
+
 log = logging.getLogger("ray.serve")
+STATS_TIMEOUT_S = 0.5
 
 
 class Ingress:
-    def __init__(self, engine, index, model_name: str, model_path: str, max_request_bytes: int,
-                 host: str, http_port: int, grpc_port: int) -> None:
+    def __init__(self, engine, index, model_name: str, model_path: str,
+                 config: IngressConfig, keys: dict[str, str]) -> None:
+        """``config``: the YAML's ``ingress`` settings (without keys); ``keys``: API key
+        digest -> tenant (:func:`deployments.auth.collect_keys`)."""
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.metrics = ServingMetrics()
         self.client = EngineClient(engine, tokenizer, self.metrics)
         self.index = index
         self.model_name = model_name
-        self.max_request_bytes = max_request_bytes
+        self.config = config
+        self.keys = APIKeys(keys)
+        self.max_request_bytes = config.max_request_bytes
         self.ready = False
+        self._replica_stats: dict[str, dict] = {}
+        host = config.host
         self._http = uvicorn.Server(uvicorn.Config(
             build_http_app(self), log_level="warning", access_log=False, lifespan="off",
-            timeout_keep_alive=30, h11_max_incomplete_event_size=max_request_bytes))
-        self._http_task = background(self._http.serve(sockets=[_listen(host, http_port)]))
+            timeout_keep_alive=30, h11_max_incomplete_event_size=config.max_request_bytes))
+        self._http_task = background(self._http.serve(
+            sockets=[_listen(host, config.http_port)]))
         self._grpc = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", 64 << 20)])
-        optgptq_pb2_grpc.add_OptGPTQServicer_to_server(GRPCService(self), self._grpc)
-        if self._grpc.add_insecure_port(f"{_grpc_host(host)}:{grpc_port}") == 0:
-            raise RuntimeError(f"ingress: cannot listen for gRPC on {host}:{grpc_port}")
+        self._grpc.add_generic_rpc_handlers((grpc_handlers(GRPCService(self)),))
+        if self._grpc.add_insecure_port(f"{_grpc_host(host)}:{config.grpc_port}") == 0:
+            raise RuntimeError(f"ingress: cannot listen for gRPC on {host}:{config.grpc_port}")
         self._grpc_task = background(self._grpc.start())
         self._ready_task = background(self._wait_for_engine())
+
+    async def replica_stats(self) -> dict[str, dict]:
+        """The router actor's per-replica stats, or the last ones it gave when it does not
+        answer within STATS_TIMEOUT_S (restarting: /metrics must not wait for it)."""
+        try:
+            self._replica_stats = await asyncio.wait_for(
+                self.index.replica_stats.remote(), STATS_TIMEOUT_S)
+        except Exception as exc:  # gone or slow: serve what is known
+            log.warning("router actor did not give replica stats: %r", exc)
+        return self._replica_stats
 
     async def _wait_for_engine(self) -> None:
         """Health turns 200 once an engine replica answers (its model info is then cached)."""

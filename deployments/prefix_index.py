@@ -6,8 +6,9 @@ handle to the engine deployment) keeps its own copy of the index and ranks repli
 :meth:`watch` feeds that copy: a snapshot of every replica's blocks, then each update's events
 as they arrive, and the removal of replicas that stopped publishing. Being a Serve deployment,
 it lives and dies with the application (no detached global actor). If it restarts, its index
-starts empty and refills from new cache events; routers keep their copies meanwhile and
-reconnect.
+starts empty; each replica's next update learns so and sends a snapshot of its blocks, so the
+index is whole again within one publish period. Routers keep their copies meanwhile (routing
+never waits for this actor) and reconnect.
 """
 
 from __future__ import annotations
@@ -35,13 +36,25 @@ class PrefixIndexService:
         self._watchers: list[list] = []       # per watch stream: messages not yet sent
         self._wake = asyncio.Event()
 
-    def update(self, replica: str, events: list[tuple[str, int]], stats: dict) -> None:
-        """A replica's cache events since its last update, and its current engine stats."""
+    def update(self, replica: str, events: list[tuple[str, int]], stats: dict,
+               snapshot: list[int] | None = None) -> bool:
+        """A replica's cache events since its last update, and its current engine stats; with
+        ``snapshot``, every block hash it holds, replacing what the index had. Returns False
+        when the index knows nothing of the replica (new, restarted, or the replica was pruned):
+        the replica then sends a snapshot, so that a restarted index rebuilds at once."""
+        if snapshot is not None:
+            self.index.remove_replica(replica)
+            self.index.apply_events(replica, [("add", h) for h in snapshot])
+            self._send(("snapshot", replica, sorted(snapshot)))
+        elif replica not in self.stats:
+            self.stats[replica] = (time.monotonic(), stats)
+            return False
         self.index.apply_events(replica, events)
         self.stats[replica] = (time.monotonic(), stats)
         if events:
             self._send(("events", replica, events))
         self._prune()
+        return True
 
     def _prune(self) -> None:
         now = time.monotonic()

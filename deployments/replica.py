@@ -14,7 +14,8 @@ is bounded: beyond ``max_waiting`` requests queued in the engine the replica ans
 instead of growing its queue (Serve's ``max_ongoing_requests`` and ``max_queued_requests`` bound
 the layers above). A background task sends the block pool's cache events and the engine stats
 to the router actor (every ``publish_period_s`` while the engine works, every 0.5 s when idle);
-the same stats feed Serve's routing stats (:meth:`record_routing_stats`) and the KV-pressure
+a restarted router actor gets a snapshot of the replica's blocks at once; the same stats feed
+Serve's routing stats (:meth:`record_routing_stats`) and the KV-pressure
 autoscaling policy (:meth:`record_autoscaling_stats`). A replica whose engine process died fails
 Serve's health check and is replaced.
 """
@@ -151,17 +152,23 @@ class EngineReplica:
 
     async def _publish_loop(self) -> None:
         last, sent, busy = None, 0.0, True
+        held: set[int] = set()  # this replica's cached blocks, as its events tell
+        snapshot = True         # the index has not had our blocks yet
         while True:  # an idle engine is looked at every heartbeat / 4 (a CPU replica shares cores)
             await asyncio.sleep(self._period if busy else HEARTBEAT_S / 4)
             events = self.engine.drain_cache_events()
+            for kind, h in events:
+                (held.add if kind == "add" else held.discard)(h)
             stats = self.stats()
             busy = bool(events or stats["waiting"] or stats["running"])
-            if events or stats != last or time.monotonic() - sent > HEARTBEAT_S:
+            if snapshot or events or stats != last or time.monotonic() - sent > HEARTBEAT_S:
                 try:
-                    await self._index.update.remote(self.replica, events, stats)
-                    last, sent = stats, time.monotonic()
-                except Exception as exc:  # index restarting: its entry refills from new events
+                    known = await self._index.update.remote(
+                        self.replica, events, stats, sorted(held) if snapshot else None)
+                    last, sent, snapshot = stats, time.monotonic(), not known
+                except Exception as exc:  # index restarting: send all we hold once it is back
                     log.warning("could not publish cache events: %s", exc)
+                    snapshot = True
 
     def __del__(self) -> None:
         self._publisher.cancel()

@@ -88,7 +88,8 @@ class OptGPTQRouter(RequestRouter):
         else:
             if self._follow is None:  # a process that sends requests: follow the index
                 self._follow = background(self._follow_index())
-            hashes = prompt_block_hashes(request.token_ids, self.index.params.block_size)
+            hashes = prompt_block_hashes(request.token_ids, self.index.params.block_size,
+                                         request.params.cache_salt)
             ranked = self.index.route(len(request.token_ids), hashes, loads)
         return [[by_id[i]] for i in ranked]
 

@@ -85,7 +85,7 @@ def _client(a: argparse.Namespace) -> int:
     params = {"max_tokens": a.max_tokens, "temperature": a.temperature}
     try:
         if a.grpc:
-            client = GRPCClient(a.grpc, model=a.model)
+            client = GRPCClient(a.grpc, model=a.model, api_key=a.api_key)
             if a.stream:
                 for part in client.stream(a.prompt, chat=not a.raw, **params):
                     print(part.text, end="", flush=True)
@@ -93,7 +93,7 @@ def _client(a: argparse.Namespace) -> int:
             else:
                 print(client.generate(a.prompt, chat=not a.raw, **params).text)
             return 0
-        client = HTTPClient(a.url, model=a.model)
+        client = HTTPClient(a.url, model=a.model, api_key=a.api_key)
         send = client.complete if a.raw else client.chat
         if a.stream:
             for delta in send(a.prompt, stream=True, **params):
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--stream", action="store_true")
     cli.add_argument("--max-tokens", type=int, default=64)
     cli.add_argument("--temperature", type=float, default=0.0)
+    cli.add_argument("--api-key", default=None, help="default: $OPTGPTQ_API_KEY")
     cli.set_defaults(func=_client)
     add_convert_parser(sub)
     register_compress(sub)

@@ -2,18 +2,23 @@
 
 ``HTTPClient("http://127.0.0.1:8000").chat("Hi")`` returns the OpenAI response body;
 ``stream=True`` yields text deltas as they arrive (server-sent events).
-``GRPCClient("127.0.0.1:9000")`` calls ``optgptq.OptGPTQ/Generate`` and ``GenerateStream``. HTTP needs only the standard library;
-gRPC needs ``grpcio`` (the ``serve`` extra). Errors raise :class:`ClientError` with the HTTP
-status (or gRPC code name) and the server's message.
+``GRPCClient("127.0.0.1:9000")`` calls ``optgptq.OptGPTQ/Generate`` and ``GenerateStream``.
+Both send an API key where one is given or set in ``$OPTGPTQ_API_KEY``. HTTP needs only the
+standard library; gRPC needs ``grpcio`` (the ``serve`` extra). Errors raise :class:`ClientError`
+with the HTTP status (or gRPC code name) and the server's message.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+
+API_KEY_ENV = "OPTGPTQ_API_KEY"
 
 
 class ClientError(Exception):
@@ -28,17 +33,25 @@ def _messages(prompt: str | list[dict]) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
+def _api_key(api_key: str | None) -> str | None:
+    return api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+
+
 class HTTPClient:
+    """``api_key`` (default: $OPTGPTQ_API_KEY) is sent as ``Authorization: Bearer``."""
+
     def __init__(self, url: str = "http://127.0.0.1:8000", model: str = "smollm2",
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
+        self.headers = {"Content-Type": "application/json"}
+        if _api_key(api_key):
+            self.headers["Authorization"] = f"Bearer {_api_key(api_key)}"
 
     def _open(self, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self.url + path, data=data, headers=self.headers)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
@@ -89,8 +102,10 @@ class HTTPClient:
 
 
 class GRPCClient:
+    """``api_key`` (default: $OPTGPTQ_API_KEY) is sent as ``authorization`` metadata."""
+
     def __init__(self, target: str = "127.0.0.1:9000", model: str = "smollm2",
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, api_key: str | None = None) -> None:
         import grpc
 
         from optgptq.serving import optgptq_pb2, optgptq_pb2_grpc
@@ -100,6 +115,8 @@ class GRPCClient:
         self.stub = optgptq_pb2_grpc.OptGPTQStub(self.channel)
         self.model = model
         self.timeout = timeout
+        key = _api_key(api_key)
+        self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
 
     def _request(self, prompt: str | list[dict], chat: bool, params: dict):
         if chat:
@@ -110,13 +127,15 @@ class GRPCClient:
     def generate(self, prompt: str | list[dict], chat: bool = False, **params: Any):
         """Generate (unary): a GenerateResponse with the whole text."""
         try:
-            return self.stub.Generate(self._request(prompt, chat, params), timeout=self.timeout)
+            return self.stub.Generate(self._request(prompt, chat, params), timeout=self.timeout,
+                                      metadata=self.metadata)
         except self._grpc.RpcError as exc:
             raise ClientError(exc.code().name, exc.details()) from None
 
     def stream(self, prompt: str | list[dict], chat: bool = False, **params: Any) -> Iterator:
         """GenerateStream: GenerateResponses with text deltas."""
-        call = self.stub.GenerateStream(self._request(prompt, chat, params), timeout=self.timeout)
+        call = self.stub.GenerateStream(self._request(prompt, chat, params), timeout=self.timeout,
+                                        metadata=self.metadata)
         try:
             yield from call
         except self._grpc.RpcError as exc:

@@ -322,12 +322,19 @@ def test_one_replica_per_accelerator():
         "initial_replicas": 1}}, 2, 6)["autoscaling_config"]["initial_replicas"] == 2
 
 
-def test_render_serve_config_validates_against_the_app():
+def test_render_serve_config_validates_against_the_app(monkeypatch, tmp_path):
     from deployments.app import parse_config
 
     base, replicas = _shipped_replicas()
     out = deploy.render_serve_config(base, 4, 4, "0.0.0.0", 8100, 9100)
+    monkeypatch.delenv("OPTGPTQ_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="set API keys"):  # every interface, no keys
+        parse_config(out["applications"][0]["args"])
+    keys = tmp_path / "keys"
+    keys.write_text("# tenant a\nsk-0123456789abcdef a\n")
+    out = deploy.render_serve_config(base, 4, 4, "0.0.0.0", 8100, 9100, str(keys))
     config = parse_config(out["applications"][0]["args"])
+    assert config.ingress.api_keys_file == str(keys)
     assert (config.ingress.host, config.ingress.http_port, config.ingress.grpc_port) == (
         "0.0.0.0", 8100, 9100)
     assert config.replicas.num_replicas == 4 and config.replicas.num_gpus == 1

@@ -26,10 +26,10 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(100, 49152) for _ in range(n)]
 
 
-def _pool_events(token_ids: list[int]) -> list[tuple[str, int]]:
+def _pool_events(token_ids: list[int], salt: str | None = None) -> list[tuple[str, int]]:
     """The events a replica's block pool logs after computing ``token_ids``."""
     pool = BlockPool(64, BS, record_events=True)
-    seq = Sequence("r", token_ids, SamplingParams(), 0, 1)
+    seq = Sequence("r", token_ids, SamplingParams(cache_salt=salt), 0, 1)
     assert pool.allocate(seq, len(token_ids))
     seq.num_computed_tokens = len(token_ids)
     pool.cache_full_blocks(seq)
@@ -47,6 +47,29 @@ def test_router_hashes_equal_the_engine_pool_hashes(rng):
     router = prompt_block_hashes(ids, BS)
     assert router == added[:len(router)]
     assert len(router) == (len(ids) - 1) // BS  # the block with the last token is never reused
+
+
+def test_salted_prompts_hash_in_their_own_namespace(rng):
+    ids = _tokens(rng, 4 * BS + 1)
+    salt = f"tenant-{rng.randrange(1000)}"
+    added = [h for kind, h in _pool_events(ids, salt) if kind == "add"]
+    router = prompt_block_hashes(ids, BS, salt)
+    assert router == added[:len(router)]  # router and engine agree under a salt too
+    others = [prompt_block_hashes(ids, BS), prompt_block_hashes(ids, BS, salt + "x")]
+    assert all(set(router).isdisjoint(o) for o in others)  # no block shared across salts
+
+
+def test_salted_blocks_are_reused_only_under_the_same_salt(rng):
+    pool = BlockPool(64, BS)
+    ids = _tokens(rng, 4 * BS + 3)
+    first = Sequence("a", ids, SamplingParams(cache_salt="t1"), 0, 1)
+    assert pool.allocate(first, len(ids))
+    first.num_computed_tokens = len(ids)
+    pool.cache_full_blocks(first)
+    pool.free(first)
+    for salt, hits in (("t2", 0), (None, 0), ("t1", 4)):
+        seq = Sequence("b", ids, SamplingParams(cache_salt=salt), 1, 1)
+        assert len(pool.find_prefix(seq)) == hits, salt
 
 
 def test_repeated_shared_prefix_goes_to_its_holder(rng):

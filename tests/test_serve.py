@@ -53,7 +53,7 @@ def server(tiny_models):
                          # on a GPU machine both replicas share its first GPU
                          **({"num_gpus": 0.5} if DEVICE == "cuda" else {})},
             "router": {"load_token_cost": 64, "stats_period_s": 0.5},
-            "ingress": {"http_port": http_port, "grpc_port": grpc_port},
+            "ingress": {"http_port": http_port, "grpc_port": grpc_port, "replica_header": True},
         })
         yield {"http": HTTPClient(f"http://127.0.0.1:{http_port}", model=MODEL, timeout=120),
                "grpc": GRPCClient(f"127.0.0.1:{grpc_port}", model=MODEL, timeout=120),

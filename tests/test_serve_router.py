@@ -120,3 +120,20 @@ def test_dead_replica_leaves_the_index():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="policy"):
         _router("fastest")
+
+
+def test_restarted_index_gets_snapshots_from_the_replicas():
+    from deployments.prefix_index import PrefixIndexService
+
+    service = PrefixIndexService.func_or_class({"block_size": BS})  # a fresh (restarted) actor
+    watched = service._watchers.append([]) or service._watchers[-1]  # a router's stream
+    held = [random.getrandbits(63) for _ in range(5)]
+    # a replica that published to the previous actor: its plain update is not taken ...
+    assert service.update("r1", [("add", held[-1])], {"running": 0}) is False
+    assert service.index.num_blocks("r1") == 0
+    # ... so it sends everything it holds, which the index and the routers' copies take whole
+    assert service.update("r1", [], {"running": 0}, snapshot=held) is True
+    assert service.index.held("r1") == set(held)
+    assert watched[-1] == ("snapshot", "r1", sorted(held))
+    assert service.update("r1", [("evict", held[0])], {"running": 1}) is True
+    assert service.index.held("r1") == set(held[1:])

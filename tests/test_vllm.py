@@ -196,7 +196,7 @@ def server(folders):
             "vllm": {"enforce_eager": True},
             "replicas": {"num_replicas": 1, "num_cpus": 1},
             "router": {"stats_period_s": 0.5, "load_token_cost": 64},
-            "ingress": {"http_port": port, "grpc_port": _free_port()},
+            "ingress": {"http_port": port, "grpc_port": _free_port(), "replica_header": True},
         })
         yield {"port": port, "index": serve.get_deployment_handle("PrefixIndex", "optgptq")}
     finally:

@@ -8,7 +8,9 @@ Algorithm
   worth keeping), *in use* (``ref_count > 0``) or *cached* (``ref_count == 0`` but holding the
   KV of a full block that a later prompt may reuse).
 - Every full block of a sequence is named by a chained hash ``hash(parent_hash, token_ids)``
-  (:func:`hash_block`, 64 bits of BLAKE2b), so equal hashes mean equal whole prefixes.
+  (:func:`hash_block`, 64 bits of BLAKE2b), so equal hashes mean equal whole prefixes. The first
+  block's parent is the sequence's root: None, or the hash of its cache salt
+  (:func:`root_hash`), so that prefixes are shared only within one salt's namespace.
   When a block fills with computed tokens it is registered under its hash (first writer wins;
   a duplicate of an already registered block stays anonymous and is freed normally).
 - Admission looks up a prompt's full blocks in order (never the block holding its last token,
@@ -42,6 +44,15 @@ def hash_block(parent_hash: int | None, token_ids: Seq[int]) -> int:
     h.update(b"root" if parent_hash is None else parent_hash.to_bytes(8, "little"))
     h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return int.from_bytes(h.digest(), "little")
+
+
+def root_hash(cache_salt: str | None) -> int | None:
+    """The parent of a sequence's first block: None (the shared root), or a hash of its cache
+    salt, so that salted prefixes never match other namespaces' blocks."""
+    if cache_salt is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(b"salt\x00" + cache_salt.encode(), digest_size=8)
+                          .digest(), "little")
 
 
 @dataclass
@@ -103,7 +114,7 @@ class BlockPool:
         bs = self.block_size
         while len(seq.block_hashes) < num_blocks:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if i else None
+            parent = seq.block_hashes[-1] if i else root_hash(seq.params.cache_salt)
             seq.block_hashes.append(self.hash_fn(parent, seq.token_ids[i * bs:(i + 1) * bs]))
         return seq.block_hashes[:num_blocks]
 
@@ -113,7 +124,7 @@ class BlockPool:
             return []
         bs = self.block_size
         hits: list[int] = []
-        parent = None
+        parent = root_hash(seq.params.cache_salt)
         for i, h in enumerate(self._hashes(seq, (seq.num_tokens - 1) // bs)):
             block_id = self._by_hash.get(h)
             if block_id is None:
@@ -184,7 +195,7 @@ class BlockPool:
             if block.hash is not None or hashes[i] in self._by_hash:
                 continue
             block.hash = hashes[i]
-            block.parent_hash = hashes[i - 1] if i else None
+            block.parent_hash = hashes[i - 1] if i else root_hash(seq.params.cache_salt)
             block.token_ids = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             self._by_hash[block.hash] = block.block_id
             self._log("add", block.hash)

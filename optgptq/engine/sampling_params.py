@@ -31,6 +31,10 @@ class SamplingParams:
     logprobs: bool = False
     """Return the log-probability (under the model, before temperature and filters) of each
     chosen token."""
+    cache_salt: str | None = None
+    """The request's prefix-cache namespace (not a sampling choice, but it travels with the
+    request's parameters to the engine and the router): blocks are shared only between requests
+    of equal salt (:func:`optgptq.engine.block_pool.root_hash`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +53,9 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not self.cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {self.cache_salt!r}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, "
                              f"got {self.stop_token_ids!r}")

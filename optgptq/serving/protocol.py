@@ -1,8 +1,13 @@
 """Wire formats of the serving layer: OpenAI request/response bodies, errors, engine messages.
 
 HTTP bodies follow the OpenAI completions and chat completions APIs (the subset this engine
-implements; unknown fields are ignored as OpenAI clients send many). Errors carry an HTTP status
-and render as OpenAI's ``{"error": {"message", "type", "param", "code"}}``. ``EngineRequest`` is what the ingress sends to an engine replica; ``Subscription`` opens the
+implements; unknown fields are ignored as OpenAI clients send many). Values are checked strictly
+before they reach the engine: text must be valid Unicode (a lone surrogate is a 400, not a
+tokenizer crash), token ids are integers (``true`` is not token 1), numbers lie in ranges the
+engine can take. ``cache_salt`` (vLLM's field) names a prefix-cache namespace: prompts share
+cached blocks only under the same salt and API-key tenant (:func:`effective_salt`). Errors carry
+an HTTP status and render as OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+``EngineRequest`` is what the ingress sends to an engine replica; ``Subscription`` opens the
 token channel its outputs come back on.
 """
 
@@ -11,18 +16,24 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from optgptq.engine.sampling_params import SamplingParams
 
 MAX_TOKENS_LIMIT = 1 << 20
 """Sanity bound on max_tokens before the model's context is known (a 422, not an allocation)."""
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                422: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled",
-                500: "internal_error", 503: "service_unavailable"}
+INT64 = (-(1 << 63), (1 << 64) - 1)
+"""The seeds a generator takes (OpenAI's seed is a 64-bit integer)."""
+MAX_SALT_CHARS = 256
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+                404: "not_found_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 422: "invalid_request_error",
+                429: "rate_limit_error", 499: "cancelled", 500: "internal_error",
+                503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -44,27 +55,44 @@ class APIError(Exception):
         return APIError, (self.status, self.message, self.param, self.code)
 
 
+def _unicode(text: str) -> str:
+    """Text the tokenizer can take: encodable as UTF-8 (JSON's ``\\ud800`` escapes can make
+    lone surrogates, which are not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode ({exc.reason} at {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=16, gt=0, le=MAX_TOKENS_LIMIT)
+    max_tokens: StrictInt | None = Field(default=16, gt=0, le=MAX_TOKENS_LIMIT)
+    """None: up to the model's context (OpenAI's meaning), bounded by the context check."""
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: StrictInt = Field(default=0, ge=-1, le=MAX_TOKENS_LIMIT)
+    seed: StrictInt | None = Field(default=None, ge=INT64[0], le=INT64[1])
+    stop: Text | list[Text] | None = None
     ignore_eos: bool = False
     n: Literal[1] = 1
     stream: bool = False
+    cache_salt: Text | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
 
-    def sampling_params(self) -> SamplingParams:
-        """The engine's parameters; APIError 400 naming the field if it rejects them."""
+    def sampling_params(self, tenant: str | None = None) -> SamplingParams:
+        """The engine's parameters (``tenant``: the API key's, for the cache salt); APIError 400
+        naming the field if it rejects them."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
                                   top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
-                                  ignore_eos=self.ignore_eos)
+                                  ignore_eos=self.ignore_eos,
+                                  cache_salt=effective_salt(tenant, self.cache_salt))
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split()[0],
                            code="invalid_value") from None
@@ -73,12 +101,12 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """POST /v1/completions: a text prompt or a list of token ids."""
 
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: Text | list[Annotated[int, Field(strict=True, ge=0)]] = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_Sampling):
@@ -87,8 +115,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0, le=MAX_TOKENS_LIMIT)
 
-    def sampling_params(self) -> SamplingParams:
-        params = super().sampling_params()
+    def sampling_params(self, tenant: str | None = None) -> SamplingParams:
+        params = super().sampling_params(tenant)
         if self.max_completion_tokens is not None:
             params.max_tokens = self.max_completion_tokens
         return params
@@ -100,6 +128,14 @@ def invalid(exc: ValidationError) -> APIError:
     loc = [str(p) for p in err["loc"]]
     return APIError(422, f"{'.'.join(loc) or 'body'}: {err['msg']}",
                     param=loc[0] if loc else None, code="invalid_value")
+
+
+def effective_salt(tenant: str | None, salt: str | None) -> str | None:
+    """The engine's cache salt: the tenant's namespace, then the request's own within it (a
+    client cannot name another tenant's namespace)."""
+    if tenant is None and salt is None:
+        return None
+    return f"{tenant or ''}\x00{salt or ''}"
 
 
 def new_id(prefix: str) -> str:

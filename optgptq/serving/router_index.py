@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from optgptq.engine.block_pool import hash_block
+from optgptq.engine.block_pool import hash_block, root_hash
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,12 @@ class RouterParams:
             raise ValueError(f"claim_ttl_s must be > 0, got {self.claim_ttl_s!r}")
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the prompt's reusable leading full blocks (step 1)."""
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int,
+                        cache_salt: str | None = None) -> list[int]:
+    """Chained hashes of the prompt's reusable leading full blocks (step 1), in the namespace
+    of ``cache_salt`` as the engine hashes them."""
     hashes: list[int] = []
-    parent = None
+    parent = root_hash(cache_salt)
     for i in range((len(token_ids) - 1) // block_size):
         parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
         hashes.append(parent)

@@ -180,7 +180,10 @@ class VLLMEngine:
             sampling = _sampling_params(params)
         except (ValueError, VLLMClientError) as exc:
             raise ValueError(str(exc)) from None
-        stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt)), sampling,
+        prompt = TokensPrompt(prompt_token_ids=list(prompt))
+        if params.cache_salt is not None:  # vLLM's own namespace; such blocks are not routed
+            prompt["cache_salt"] = params.cache_salt
+        stream = self.llm.generate(prompt, sampling,
                                    request_id)
         self._in_flight += 1
         text, ids = "", []

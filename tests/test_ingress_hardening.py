@@ -1,0 +1,251 @@
+"""The ingress's HTTP and gRPC APIs against hostile input and without keys, no Ray cluster: the
+apps are served over an engine client stand-in that records what reaches it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import types
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from deployments.app import IngressConfig  # noqa: E402
+from deployments.auth import APIKeys, collect_keys, digest, parse_keys_file  # noqa: E402
+from deployments.engine_client import Chunk  # noqa: E402
+from deployments.grpc_api import GRPCService, grpc_handlers  # noqa: E402
+from deployments.http_api import MAX_DEPTH, build_http_app  # noqa: E402
+from optgptq.serving import optgptq_pb2 as pb  # noqa: E402
+from optgptq.serving.metrics import ServingMetrics  # noqa: E402
+
+KEY, OTHER = "sk-test-" + "a" * 24, "sk-test-" + "b" * 24
+
+
+class FakeStream:
+    replica, finish_reason = "replica-1", "length"
+
+    def __init__(self, ids: list[int]) -> None:
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(ids), 2, 0
+
+    async def __aiter__(self):
+        yield Chunk("he", 1, False, None)
+        yield Chunk("llo", 1, True, "length")
+
+
+class FakeClient:
+    """What the APIs call on the engine client; keeps every opened request's parameters."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[list[int], object]] = []
+        self.fail: Exception | None = None
+
+    async def prompt_ids(self, body, chat: bool) -> list[int]:
+        if chat:
+            return [len(m.content) for m in body.messages]
+        return [ord(c) % 97 for c in body.prompt] if isinstance(body.prompt, str) else body.prompt
+
+    async def open(self, ids, params):
+        if self.fail is not None:
+            raise self.fail
+        self.opened.append((ids, params))
+        return FakeStream(ids)
+
+
+def _ingress(keys: dict[str, str], **settings) -> types.SimpleNamespace:
+    async def replica_stats():
+        return {}
+    config = IngressConfig(**settings)
+    return types.SimpleNamespace(client=FakeClient(), metrics=ServingMetrics(), model_name="m",
+                                 keys=APIKeys(keys), config=config, ready=True,
+                                 max_request_bytes=config.max_request_bytes,
+                                 replica_stats=replica_stats)
+
+
+@pytest.fixture
+def open_api():
+    ingress = _ingress({})
+    return ingress, TestClient(build_http_app(ingress), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def keyed_api():
+    ingress = _ingress({digest(KEY): "tenant-a", digest(OTHER): "tenant-b"})
+    return ingress, TestClient(build_http_app(ingress), raise_server_exceptions=False)
+
+
+def _post(client, body, path="/v1/completions", headers=None, raw: bytes | None = None):
+    headers = {"content-type": "application/json", **(headers or {})}
+    return client.post(path, content=raw if raw is not None else json.dumps(body),
+                       headers=headers)
+
+
+def _nested(depth: int) -> dict:
+    """A completions body nested ``depth`` levels deep (the body itself is level 1)."""
+    value: object = 0
+    for _ in range(depth - 1):
+        value = [value]
+    return {"model": "m", "prompt": "x", "extra": value}
+
+
+HOSTILE = [  # (raw body, status): never a 500, never a crash
+    (b"[" * 5000 + b"]" * 5000, 400),                        # deep nesting (RecursionError)
+    (json.dumps(_nested(MAX_DEPTH + 1)).encode(), 400),         # deeper than MAX_DEPTH
+    (b'{"model": "m", "prompt": "a\\ud800b"}', 422),         # lone surrogate
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', 422),
+    (b'{"model": "m", "prompt": [false]}', 422),             # a boolean is no token id
+    (b'{"model": "m", "prompt": [1.5]}', 422),
+    (b'{"model": "m", "prompt": [-1]}', 422),
+    (b'{"model": "m", "prompt": "x", "temperature": NaN}', 422),
+    (b'{"model": "m", "prompt": "x", "temperature": 1e400}', 422),
+    (b'{"model": "m", "prompt": "x", "seed": 1' + b"0" * 40 + b"}", 422),
+    (b'{"model": "m", "prompt": "x", "max_tokens": true}', 422),
+    (b'{"model": "m", "prompt": "x", "top_k": 99999999999999999999}', 422),
+    (b'{"model": "m", "prompt": "x", "cache_salt": ""}', 422),
+    (b"\xff\xfe not json", 400),
+    (b"", 400),
+]
+
+
+@pytest.mark.parametrize("raw,status", HOSTILE)
+def test_hostile_bodies_get_openai_errors(open_api, raw, status):
+    ingress, client = open_api
+    r = _post(client, None, raw=raw)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert ingress.client.opened == []
+
+
+def test_depth_limit_is_exact(open_api):
+    _, client = open_api
+    assert _post(client, _nested(MAX_DEPTH)).status_code == 200
+    assert _post(client, _nested(MAX_DEPTH + 1)).status_code == 400
+
+
+def test_content_type_is_enforced(open_api):
+    _, client = open_api
+    body = json.dumps({"model": "m", "prompt": "hi"})
+    for kind in ("text/plain", "application/x-www-form-urlencoded", ""):
+        r = client.post("/v1/completions", content=body, headers={"content-type": kind})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = client.post("/v1/completions", content=body,
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_no_replica_header_unless_asked(open_api):
+    ingress, client = open_api
+    r = _post(client, {"model": "m", "prompt": "hi"})
+    assert r.status_code == 200 and "x-optgptq-replica" not in r.headers
+    debug = _ingress({}, replica_header=True)
+    r = _post(TestClient(build_http_app(debug)), {"model": "m", "prompt": "hi"})
+    assert r.headers["x-optgptq-replica"] == "replica-1"
+
+
+def test_internal_errors_carry_no_detail(open_api):
+    ingress, client = open_api
+    ingress.client.fail = RuntimeError("/secret/path/engine.py pid 4242 actor abc")
+    r = _post(client, {"model": "m", "prompt": "hi"})
+    assert r.status_code == 500
+    message = r.json()["error"]["message"]
+    assert "secret" not in message and "4242" not in message and "incident" in message
+
+
+def test_keys_guard_every_route_but_health(keyed_api):
+    ingress, client = keyed_api
+    body = {"model": "m", "prompt": "hi"}
+    for headers in ({}, {"authorization": "Bearer sk-wrong-" + "c" * 24},
+                    {"authorization": KEY}, {"authorization": "Basic " + KEY}):
+        r = _post(client, body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/metrics", "/openapi.json"):
+            assert client.get(path, headers=headers).status_code == 401
+    assert ingress.client.opened == []
+    assert client.get("/health").status_code == 200  # auth_health: false
+    ok = {"authorization": f"Bearer {KEY}"}
+    assert _post(client, body, headers=ok).status_code == 200
+    assert client.get("/v1/models", headers=ok).status_code == 200
+    assert client.get("/metrics", headers=ok).status_code == 200
+
+
+def test_tenants_get_their_own_cache_namespace(keyed_api):
+    ingress, client = keyed_api
+    salt = f"s{random.randrange(1000)}"
+    for key, body_salt in ((KEY, None), (OTHER, None), (KEY, salt), (OTHER, salt)):
+        body = {"model": "m", "prompt": "hi", **({"cache_salt": body_salt} if body_salt else {})}
+        assert _post(client, body, headers={"authorization": f"Bearer {key}"}).status_code == 200
+    salts = [params.cache_salt for _, params in ingress.client.opened]
+    assert len(set(salts)) == 4  # a tenant cannot name another's namespace with a salt
+    assert salts[0].startswith("tenant-a") and salts[2].endswith(salt)
+
+
+def test_openapi_describes_the_request_bodies(open_api):
+    _, client = open_api
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    ref = body["content"]["application/json"]["schema"]
+    assert "messages" in ref["properties"]
+    assert "ChatMessage" in schema["components"]["schemas"]
+
+
+def test_keys_file_and_environment(tmp_path, monkeypatch):
+    path = tmp_path / "keys"
+    path.write_text(f"# comment\n{KEY} team-a\n\n{OTHER}  # no tenant\n")
+    assert parse_keys_file(str(path)) == [(KEY, "team-a"), (OTHER, None)]
+    monkeypatch.setenv("OPTGPTQ_API_KEYS", "sk-env-" + "d" * 20)
+    keys = collect_keys([], str(path))
+    assert len(keys) == 3 and keys[digest(KEY)] == "team-a"
+    assert keys[digest(OTHER)].startswith("key-")  # its own tenant
+    with pytest.raises(ValueError, match="16 characters"):
+        collect_keys(["short"], None)
+    path.write_text("a b c\n")
+    with pytest.raises(ValueError, match="keys:1"):
+        parse_keys_file(str(path))
+    monkeypatch.delenv("OPTGPTQ_API_KEYS")
+    with pytest.raises(ValueError, match="set API keys"):
+        IngressConfig(host="0.0.0.0").keys()
+    assert IngressConfig(host="::1").keys() == {}
+    assert len(IngressConfig(host="10.1.2.3", api_keys=[KEY]).keys()) == 1
+
+
+# -- gRPC ------------------------------------------------------------------------------------
+def _grpc_call(ingress, method: str, raw: bytes, metadata=()):
+    """One call to a real grpc.aio server (loopback) serving GRPCService over ``ingress``."""
+    async def run():
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+        server.add_generic_rpc_handlers((grpc_handlers(GRPCService(ingress)),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(f"/optgptq.OptGPTQ/{method}",
+                                           response_deserializer=pb.GenerateResponse.FromString)
+                try:
+                    return grpc.StatusCode.OK, await call(raw, metadata=metadata)
+                except grpc.aio.AioRpcError as err:
+                    return err.code(), err.details()
+        finally:
+            await server.stop(0)
+    return asyncio.run(run())
+
+
+def test_grpc_malformed_oversized_and_unauthenticated():
+    ingress = _ingress({digest(KEY): "tenant-a"})
+    good = pb.GenerateRequest(model="m", prompt="hi", cache_salt="s").SerializeToString()
+    auth = (("authorization", f"Bearer {KEY}"),)
+    code, reply = _grpc_call(ingress, "Generate", good, auth)
+    assert code == grpc.StatusCode.OK and reply.text == "hello" and reply.replica == ""
+    assert ingress.client.opened[-1][1].cache_salt == "tenant-a\x00s"
+    for raw in (b"\xff\xff\xff\xff", b"\x12\x05ab", b"\x0a\x02\xc3\x28"):  # bad tag, short, bad utf-8
+        code, details = _grpc_call(ingress, "Generate", raw, auth)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (raw, details)
+    code, _ = _grpc_call(ingress, "Generate", good + b"\x12" + bytes([0x80, 0x40]) + b"x" * 8192,
+                         auth)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # over the size limit, never decoded
+    code, _ = _grpc_call(ingress, "Generate", good)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert len(ingress.client.opened) == 1
