@@ -6,8 +6,9 @@ replica) and waits for the replica to accept it, so that every error a request c
 its first token becomes an HTTP status rather than a broken stream. Its tokens then arrive on
 the ingress's token channel from that replica (:mod:`deployments.token_channel`). The returned
 :class:`Stream` records time to first token and inter-token latency, and cancels the engine
-request if its consumer stops early (client disconnect), which aborts it on the replica and
-frees its blocks.
+request if its consumer stops early (client disconnect) or closes it, which aborts it on the
+replica and frees its blocks. A response of several prompts reads its streams through
+:func:`merged`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from deployments.serve_calls import TRANSPORT
 from deployments.token_channel import RequestStream, TokenChannels
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.serving.metrics import ServingMetrics
+from optgptq.serving.openai_responses import add_usage, usage
 from optgptq.serving.protocol import APIError, EngineRequest
 
 log = logging.getLogger("ray.serve")
@@ -66,6 +68,8 @@ class Chunk(NamedTuple):
     num_tokens: int
     finished: bool
     finish_reason: str | None
+    logprobs: list[tuple[int, float]] | None = None
+    """``(token_id, logprob)`` of this chunk's tokens, where the request asked for them."""
 
 
 class Stream:
@@ -78,6 +82,7 @@ class Stream:
         self._metrics = metrics
         self._forget = forget
         self._watch = asyncio.get_running_loop().create_task(self._watch_call())
+        self._done = False
         self.request_id = ""
 
     def __getattr__(self, name: str):  # replica, prompt_tokens, completion_tokens, ...
@@ -105,14 +110,24 @@ class Stream:
                 else:
                     self._metrics.itl.observe(now - last)
                 last, finished = now, c[3]
-                yield Chunk(c[1], c[2], c[3], c[4])
+                yield Chunk(c[1], c[2], c[3], c[4], c[7])
+            self._done = True
             self._metrics.observe_finished(state.replica, state.prompt_tokens,
                                            state.cached_tokens, state.completion_tokens)
         finally:
             self._forget(state.request_id)
             if not finished:
-                state.response.cancel()
-                self._watch.cancel()
+                self.close()
+
+    def close(self) -> None:
+        """Give up on the request unless it finished (its consumer is gone): the replica aborts
+        it. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        self._forget(self._state.request_id)
+        self._state.response.cancel()
+        self._watch.cancel()
 
 
 class EngineClient:
@@ -126,27 +141,31 @@ class EngineClient:
         self.metrics = metrics
         self._info: dict | None = None
 
-    async def prompt_ids(self, body, chat: bool) -> list[int]:
-        """The prompt of a validated request as token ids; a long text is tokenized on a worker
-        thread, so that it does not hold up the other requests of this event loop."""
-        if chat:
-            size = sum(len(m.content) for m in body.messages)
+    async def prompt_ids(self, prompt: str | list[int] | list) -> list[int]:
+        """One prompt of a validated request (a text, token ids, or chat messages) as token ids;
+        a long text is tokenized on a worker thread, so that it does not hold up the other
+        requests of this event loop."""
+        if isinstance(prompt, str):
+            size = len(prompt)
+        elif prompt and not isinstance(prompt[0], int):
+            size = sum(len(m["content"]) for m in prompt)
         else:
-            size = len(body.prompt) if isinstance(body.prompt, str) else 0
+            return list(prompt)
         if size <= INLINE_CHARS:
-            return self.token_ids(body, chat)
-        return await asyncio.to_thread(self.token_ids, body, chat)
+            return self.token_ids(prompt)
+        return await asyncio.to_thread(self.token_ids, prompt)
 
-    def token_ids(self, body, chat: bool) -> list[int]:
-        """The prompt of a validated completions or chat request, as token ids."""
-        if chat:
-            messages = [m.model_dump() for m in body.messages]
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=True,
-                                                      return_dict=True)["input_ids"]
-        if isinstance(body.prompt, str):
-            return self.tokenizer.encode(body.prompt, add_special_tokens=True)
-        return list(body.prompt)
+    def token_ids(self, prompt: str | list[dict]) -> list[int]:
+        """A text (special tokens added) or rendered chat messages (the chat template, with the
+        generation prompt) as token ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs report it."""
+        return self.tokenizer.decode([token_id])
 
     async def model_info(self) -> dict:
         if self._info is None:
@@ -190,3 +209,44 @@ class EngineClient:
             raise api_error(exc) from None
         self.channels.open(state.replica)
         return Stream(state, start, self.metrics, lambda r: streams.pop(r, None))
+
+
+async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Chunk]]:
+    """The chunks of several streams as they come, each with its stream's index (one stream:
+    read directly, no tasks)."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: Stream) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((i, chunk, None))
+        except APIError as exc:
+            queue.put_nowait((i, None, exc))
+        queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.get_running_loop().create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                running -= 1
+            else:
+                yield i, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def total_usage(streams: list[Stream]) -> dict:
+    """The OpenAI usage of all of a response's streams."""
+    total = usage(0, 0, 0)
+    for s in streams:
+        total = add_usage(total, usage(s.prompt_tokens, s.completion_tokens, s.cached_tokens))
+    return total

@@ -5,7 +5,7 @@ message over ``max_request_bytes`` before decoding it. The handlers take the req
 and decode them here, so a malformed message is INVALID_ARGUMENT (gRPC's own decoding would
 answer UNKNOWN). With API keys configured the call's ``authorization`` metadata must hold
 ``Bearer <key>`` (UNAUTHENTICATED otherwise). Requests are validated as their HTTP twins are;
-errors end the call with INVALID_ARGUMENT (400, 413, 415, 422), NOT_FOUND (404),
+errors end the call with INVALID_ARGUMENT (400, 413, 415), NOT_FOUND (404),
 RESOURCE_EXHAUSTED (429, or 503 for a full engine queue), UNAVAILABLE (503) or INTERNAL (500,
 without internal detail), with the message as the status details. With
 ``ingress.replica_header`` each response names the replica that served the request.
@@ -22,12 +22,12 @@ from pydantic import ValidationError
 
 from deployments.engine_client import internal_error
 from optgptq.serving import optgptq_pb2 as pb
-from optgptq.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                      invalid, new_id)
+from optgptq.serving.openai_requests import ChatCompletionRequest, CompletionRequest
+from optgptq.serving.protocol import APIError, invalid, new_id
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+          415: grpc.StatusCode.INVALID_ARGUMENT,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED}
 SERVICE = "optgptq.OptGPTQ"
 
@@ -66,20 +66,25 @@ class GRPCService:
 
     async def Generate(self, raw: bytes,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        stream = await self._open(raw, context)
+        stream, echo = await self._open(raw, context)
+        text, tokens = echo, []
         try:
-            text = "".join([chunk.text async for chunk in stream])
+            async for chunk in stream:
+                text += chunk.text
+                tokens += chunk.logprobs or []
         except APIError as exc:
             await _fail(context, exc)
-        return self._response(stream, text)
+        return self._response(stream, text, tokens)
 
     async def GenerateStream(self, raw: bytes, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateResponse]:
-        stream = await self._open(raw, context)
+        stream, echo = await self._open(raw, context)
+        if echo:
+            yield self._response(stream, echo, [])
         try:
             async for chunk in stream:
                 if chunk.text or chunk.finished:
-                    yield self._response(stream, chunk.text)
+                    yield self._response(stream, chunk.text, chunk.logprobs or [])
         except APIError as exc:
             await _fail(context, exc)
 
@@ -102,10 +107,18 @@ class GRPCService:
                       ("max_tokens", "temperature", "top_p", "top_k", "seed", "cache_salt")
                       if request.HasField(name)}
             params.update(stop=list(request.stop), ignore_eos=request.ignore_eos)
-            body = (ChatCompletionRequest(model=request.model, messages=messages, **params)
-                    if messages else
-                    CompletionRequest(model=request.model, prompt=request.prompt, **params))
-            ids = await self.client.prompt_ids(body, chat=bool(messages))
+            if messages:
+                if request.echo:
+                    raise APIError(400, "echo: only for a prompt", param="echo")
+                body = ChatCompletionRequest(model=request.model, messages=messages,
+                                             logprobs=request.logprobs, **params)
+                prompt = [m.rendered() for m in body.messages]
+            else:
+                body = CompletionRequest(model=request.model, prompt=request.prompt,
+                                         echo=request.echo,
+                                         logprobs=0 if request.logprobs else None, **params)
+                prompt = body.prompt
+            ids = await self.client.prompt_ids(prompt)
             stream = await self.client.open(ids, body.sampling_params(tenant))
         except ValidationError as exc:
             await _fail(context, invalid(exc))
@@ -114,10 +127,13 @@ class GRPCService:
         except Exception as exc:  # a bug: no detail to the caller, all of it to the log
             await _fail(context, internal_error(exc))
         stream.request_id = new_id("grpc")
-        return stream
+        return stream, (request.prompt if request.echo else "")
 
-    def _response(self, stream, text: str) -> pb.GenerateResponse:
-        return pb.GenerateResponse(id=stream.request_id, text=text,
+    def _response(self, stream, text: str, tokens: list[tuple[int, float]]
+                  ) -> pb.GenerateResponse:
+        logprobs = [pb.TokenLogprob(token_id=t, token=self.client.token_text(t), logprob=lp)
+                    for t, lp in tokens]
+        return pb.GenerateResponse(id=stream.request_id, text=text, logprobs=logprobs,
                                    finish_reason=stream.finish_reason or "",
                                    prompt_tokens=stream.prompt_tokens,
                                    completion_tokens=stream.completion_tokens,

@@ -8,8 +8,8 @@ included). With API keys configured every route but /health (``ingress.auth_heal
 A body is checked before anything else reads it: its Content-Type must be JSON (415), its size
 at most ``max_request_bytes`` (413), its JSON well formed and nested at most
 :data:`MAX_DEPTH` levels (400); a large one is parsed on a worker thread. Errors are OpenAI
-bodies: 400 (malformed JSON, bad values), 401, 404 (unknown model or path), 413, 415, 422
-(missing or wrong-typed fields), 429 (engine deployment's queue full), 503 (replica queue full,
+bodies: 400 (malformed JSON, missing, unknown, refused or wrong-typed fields, bad values), 401,
+404 (unknown model or path), 413, 415, 429 (engine deployment's queue full), 503 (replica queue full,
 replica died, nothing to serve yet) and 500 without internal detail (the log has it). With
 ``ingress.replica_header`` the ``x-optgptq-replica`` header names the replica that served the
 request. A client that disconnects cancels the engine request, which frees its blocks.
@@ -25,9 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from deployments.engine_client import internal_error
-from optgptq.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                      completion_body, invalid, new_id, usage)
+from deployments.engine_client import internal_error, merged, total_usage
+from optgptq.serving.openai_requests import ChatCompletionRequest, CompletionRequest
+from optgptq.serving.openai_responses import (ChunkEncoder, choice, logprobs_body,
+                                              response_body)
+from optgptq.serving.protocol import APIError, invalid, new_id
 
 MAX_DEPTH = 32
 """Deepest JSON nesting accepted; the APIs' bodies need 4."""
@@ -59,24 +61,6 @@ def load_json(raw: bytes):
                 value if isinstance(value, list) else ())
             level += [(c, depth + 1) for c in children if isinstance(c, (dict, list))]
     return data
-
-
-class EventEncoder:
-    """Server-sent events of one streamed response: the chunk body is rendered once, and each
-    event only encodes its text (a JSON dump per token was the ingress's largest cost)."""
-
-    _MARK = "\u0001optgptq\u0001"
-
-    def __init__(self, rid: str, model: str, chat: bool) -> None:
-        self.rid, self.model, self.chat = rid, model, chat
-        body = json.dumps(completion_body(rid, model, chat, self._MARK, None, None))
-        self.head, _, self.tail = body.partition(json.dumps(self._MARK))
-
-    def __call__(self, text: str, finish_reason: str | None) -> str:
-        if finish_reason is None:
-            return f"data: {self.head}{json.dumps(text)}{self.tail}\n\n"
-        body = completion_body(self.rid, self.model, self.chat, text, finish_reason, None)
-        return f"data: {json.dumps(body)}\n\n"
 
 
 def _body_schema(model: type[BaseModel]) -> dict:
@@ -119,11 +103,20 @@ def build_http_app(ingress) -> FastAPI:
                                            code="unavailable"))
         return JSONResponse({"status": "ok"})
 
+    model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "optgptq"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                            "created": 0, "owned_by": "optgptq"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> dict:
+        authorize(request)
+        if model != model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                           f"{model_name!r}", param="model", code="model_not_found")
+        return model_card
 
     @app.get("/metrics")
     async def metrics_text(request: Request) -> Response:
@@ -155,43 +148,94 @@ def build_http_app(ingress) -> FastAPI:
                            f"{model_name!r}", param="model", code="model_not_found")
         return body
 
-    async def sse(stream, rid: str, chat: bool) -> AsyncIterator[str]:
-        event = EventEncoder(rid, model_name, chat)
+    async def open_all(body, chat: bool, tenant: str | None) -> tuple[list, list[str]]:
+        """One engine request per prompt (all or none: on an error the opened ones are
+        closed), and each prompt's text where ``echo`` asks for it."""
+        params = body.sampling_params(tenant)
+        streams, echoes = [], []
         try:
-            async for chunk in stream:
-                reason = chunk.finish_reason if chunk.finished else None
-                if chunk.text or reason:
-                    yield event(chunk.text, reason)
+            for prompt in body.prompts:
+                prompt = [m.rendered() for m in prompt] if chat else prompt
+                ids = await client.prompt_ids(prompt)
+                streams.append(await client.open(ids, params))
+                if not chat and body.echo:
+                    echoes.append(prompt if isinstance(prompt, str)
+                                  else client.tokenizer.decode(ids))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        return streams, echoes
+
+    async def sse(body, streams: list, echoes: list[str], rid: str, chat: bool
+                  ) -> AsyncIterator[str]:
+        encode = ChunkEncoder(rid, model_name, chat, body.include_usage)
+        offsets = [len(e) for e in echoes] or [0] * len(streams)
+        try:
+            for i in range(len(streams)):
+                if chat:
+                    yield encode.start(i)
+                if echoes:
+                    yield encode.text(i, echoes[i])
+            async for i, chunk in merged(streams):
+                logprobs = None
+                if body.wants_logprobs and chunk.logprobs:
+                    logprobs = logprobs_body(chat, chunk.logprobs, client.token_text, offsets[i])
+                offsets[i] += len(chunk.text)
+                if chunk.finished or logprobs is not None:
+                    yield encode.delta(i, chunk.text, chunk.finish_reason if chunk.finished
+                                       else None, logprobs)
+                elif chunk.text:
+                    yield encode.text(i, chunk.text)
+            if body.include_usage:
+                yield encode.usage(total_usage(streams))
         except APIError as exc:  # headers are gone: report in-band, then end the stream
             yield f"data: {json.dumps(exc.body())}\n\n"
+        finally:
+            for stream in streams:
+                stream.close()
         yield "data: [DONE]\n\n"
+
+    async def whole(body, streams: list, echoes: list[str], rid: str, chat: bool) -> dict:
+        choices = []
+        try:
+            for i, stream in enumerate(streams):
+                text, tokens = "", []
+                async for chunk in stream:
+                    text += chunk.text
+                    tokens += chunk.logprobs or []
+                prefix = echoes[i] if echoes else ""
+                logprobs = (logprobs_body(chat, tokens, client.token_text, len(prefix))
+                            if body.wants_logprobs else None)
+                choices.append(choice(chat, i, prefix + text, stream.finish_reason, logprobs))
+        finally:
+            for stream in streams:
+                stream.close()
+        return response_body(rid, model_name, chat, choices, total_usage(streams))
 
     async def generate(request: Request, schema: type[BaseModel], chat: bool) -> Response:
         endpoint = request.url.path
         try:
             tenant = authorize(request)
             body = await parse(request, schema)
-            ids = await client.prompt_ids(body, chat)
-            stream = await client.open(ids, body.sampling_params(tenant))
+            streams, echoes = await open_all(body, chat, tenant)
         except APIError as exc:
             metrics.observe_request(endpoint, exc.status)
             return error_response(exc)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        headers = {"x-optgptq-replica": stream.replica} if settings.replica_header else None
+        headers = ({"x-optgptq-replica": ",".join(s.replica for s in streams)}
+                   if settings.replica_header else None)
         if body.stream:
             metrics.observe_request(endpoint, 200)
-            return StreamingResponse(sse(stream, rid, chat), headers=headers,
+            return StreamingResponse(sse(body, streams, echoes, rid, chat), headers=headers,
                                      media_type="text/event-stream")
         try:
-            text = "".join([chunk.text async for chunk in stream])
+            result = await whole(body, streams, echoes, rid, chat)
         except APIError as exc:
             metrics.observe_request(endpoint, exc.status)
             return error_response(exc)
         metrics.observe_request(endpoint, 200)
-        return JSONResponse(completion_body(rid, model_name, chat, text, stream.finish_reason,
-                                            usage(stream.prompt_tokens, stream.completion_tokens,
-                                                  stream.cached_tokens)),
-                            headers=headers)
+        return JSONResponse(result, headers=headers)
 
     completion_doc, chat_doc = _body_schema(CompletionRequest), _body_schema(ChatCompletionRequest)
 

@@ -80,7 +80,8 @@ class EngineReplica:
             n = len(d[2])
             if n:
                 produced.append((time.monotonic(), n))
-            box.put(rid, d[1], n, d[3], d[4], None if d[7] is None else len(d[7]), d[8])
+            box.put([rid, d[1], n, d[3], d[4], None if d[7] is None else len(d[7]), d[8],
+                     None if d[6] is None else list(zip(d[2], d[6]))])
 
         box.requests.add(rid)
         try:

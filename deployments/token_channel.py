@@ -21,9 +21,11 @@ Protocol:
    the router sends to exactly that replica. The outbox keeps what arrives before the channel
    attaches. Serve counts a channel as an ongoing call: the engine deployment's
    ``max_ongoing_requests`` has one slot more per ingress replica.
-3. A channel message is a list of :data:`Chunk` tuples ``(request_id, text, num_tokens,
-   finished, finish_reason, num_prompt_tokens, num_cached_tokens)``, one per request with new
-   output, merged since the last message: a slow reader gets larger messages, not more.
+3. A channel message is a list of :data:`Chunk` lists ``[request_id, text, num_tokens,
+   finished, finish_reason, num_prompt_tokens, num_cached_tokens, logprobs]``, one per request
+   with new output, merged since the last message (:func:`merge`): a slow reader gets larger
+   messages, not more. ``logprobs`` is None unless the request asked for them, else a list of
+   ``(token_id, logprob)``.
 4. A broken channel is reopened while its replica lives or requests wait on it; a request whose
    ``generate`` call fails (replica died, engine error) fails on its own. A replica fails the requests of an
    ingress whose channel stays detached for ``ATTACH_TIMEOUT_S``.
@@ -43,7 +45,18 @@ from optgptq.serving.protocol import Subscription
 
 log = logging.getLogger("ray.serve")
 ATTACH_TIMEOUT_S = 30.0
-Chunk = tuple
+Chunk = list
+
+
+def merge(into: list, chunk: Chunk) -> None:
+    """Append ``chunk``'s output to the unread chunk ``into`` of the same request."""
+    into[1] += chunk[1]
+    into[2] += chunk[2]
+    into[3], into[4], into[6] = chunk[3], chunk[4], chunk[6]
+    if into[5] is None:
+        into[5] = chunk[5]
+    if chunk[7]:
+        into[7] = (into[7] or []) + chunk[7]
 
 
 class Outbox:
@@ -56,17 +69,12 @@ class Outbox:
         self.reader = 0           # the attached channel's number (0: none)
         self.detached_at = time.monotonic()
 
-    def put(self, rid: str, text: str, num_tokens: int, finished: bool, reason: str | None,
-            num_prompt: int | None, num_cached: int) -> None:
-        c = self.chunks.get(rid)
+    def put(self, chunk: Chunk) -> None:
+        c = self.chunks.get(chunk[0])
         if c is None:
-            self.chunks[rid] = [rid, text, num_tokens, finished, reason, num_prompt, num_cached]
+            self.chunks[chunk[0]] = chunk
         else:
-            c[1] += text
-            c[2] += num_tokens
-            c[3], c[4], c[6] = finished, reason, num_cached
-            if c[5] is None:
-                c[5] = num_prompt
+            merge(c, chunk)
         self.ready.set()
 
     def detached_for(self) -> float:
@@ -142,12 +150,7 @@ class RequestStream:
         if self.pending is None:
             self.pending = list(chunk)
         else:
-            p = self.pending
-            p[1] += chunk[1]
-            p[2] += chunk[2]
-            p[3], p[4], p[6] = chunk[3], chunk[4], chunk[6]
-            if p[5] is None:
-                p[5] = chunk[5]
+            merge(self.pending, chunk)
         self._wake()
 
     def fail(self, error: BaseException) -> None:

@@ -55,17 +55,21 @@ def _generate(a: argparse.Namespace) -> int:
     streaming = len(prompts) == 1 and not a.json
     ids = [engine.add_request(p, params, stream=streaming) for p in prompts]
     start = time.perf_counter()
-    done = {}
+    done, failed = {}, {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if streaming:
                 print(out.delta_text, end="", flush=True)
             if out.finished:
                 done[out.request_id] = out
+        failed.update(engine.take_failures())
     elapsed = time.perf_counter() - start
     if streaming:
         print()
     for text, rid in zip(a.prompt, ids):
+        if rid in failed:
+            print(f"optgptq: error: prompt {text!r}: {failed[rid]}", file=sys.stderr)
+            continue
         out = done[rid]
         if a.json:
             print(json.dumps({"prompt": text, "text": out.text, "token_ids": out.token_ids,
@@ -76,7 +80,7 @@ def _generate(a: argparse.Namespace) -> int:
     print(f"[{len(ids)} request(s), {n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tok/s, "
           f"device {engine.runner.device}, dtype {str(engine.runner.dtype).removeprefix('torch.')}]",
           file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def _client(a: argparse.Namespace) -> int:

@@ -97,6 +97,8 @@ class HTTPClient:
                 if "error" in event:
                     raise ClientError(event["error"].get("code") or "error",
                                       event["error"]["message"], event)
+                if not event["choices"]:  # the usage chunk (stream_options.include_usage)
+                    continue
                 choice = event["choices"][0]
                 yield choice["delta"].get("content", "") if "delta" in choice else choice["text"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import types
 
 import pytest
 
@@ -16,55 +15,11 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from deployments.app import IngressConfig  # noqa: E402
-from deployments.auth import APIKeys, collect_keys, digest, parse_keys_file  # noqa: E402
-from deployments.engine_client import Chunk  # noqa: E402
+from deployments.auth import collect_keys, digest, parse_keys_file  # noqa: E402
 from deployments.grpc_api import GRPCService, grpc_handlers  # noqa: E402
 from deployments.http_api import MAX_DEPTH, build_http_app  # noqa: E402
+from fake_ingress import KEY, OTHER, fake_ingress as _ingress  # noqa: E402
 from optgptq.serving import optgptq_pb2 as pb  # noqa: E402
-from optgptq.serving.metrics import ServingMetrics  # noqa: E402
-
-KEY, OTHER = "sk-test-" + "a" * 24, "sk-test-" + "b" * 24
-
-
-class FakeStream:
-    replica, finish_reason = "replica-1", "length"
-
-    def __init__(self, ids: list[int]) -> None:
-        self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(ids), 2, 0
-
-    async def __aiter__(self):
-        yield Chunk("he", 1, False, None)
-        yield Chunk("llo", 1, True, "length")
-
-
-class FakeClient:
-    """What the APIs call on the engine client; keeps every opened request's parameters."""
-
-    def __init__(self) -> None:
-        self.opened: list[tuple[list[int], object]] = []
-        self.fail: Exception | None = None
-
-    async def prompt_ids(self, body, chat: bool) -> list[int]:
-        if chat:
-            return [len(m.content) for m in body.messages]
-        return [ord(c) % 97 for c in body.prompt] if isinstance(body.prompt, str) else body.prompt
-
-    async def open(self, ids, params):
-        if self.fail is not None:
-            raise self.fail
-        self.opened.append((ids, params))
-        return FakeStream(ids)
-
-
-def _ingress(keys: dict[str, str], **settings) -> types.SimpleNamespace:
-    async def replica_stats():
-        return {}
-    config = IngressConfig(**settings)
-    return types.SimpleNamespace(client=FakeClient(), metrics=ServingMetrics(), model_name="m",
-                                 keys=APIKeys(keys), config=config, ready=True,
-                                 max_request_bytes=config.max_request_bytes,
-                                 replica_stats=replica_stats)
-
 
 @pytest.fixture
 def open_api():
@@ -95,17 +50,17 @@ def _nested(depth: int) -> dict:
 HOSTILE = [  # (raw body, status): never a 500, never a crash
     (b"[" * 5000 + b"]" * 5000, 400),                        # deep nesting (RecursionError)
     (json.dumps(_nested(MAX_DEPTH + 1)).encode(), 400),         # deeper than MAX_DEPTH
-    (b'{"model": "m", "prompt": "a\\ud800b"}', 422),         # lone surrogate
-    (b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', 422),
-    (b'{"model": "m", "prompt": [false]}', 422),             # a boolean is no token id
-    (b'{"model": "m", "prompt": [1.5]}', 422),
-    (b'{"model": "m", "prompt": [-1]}', 422),
-    (b'{"model": "m", "prompt": "x", "temperature": NaN}', 422),
-    (b'{"model": "m", "prompt": "x", "temperature": 1e400}', 422),
-    (b'{"model": "m", "prompt": "x", "seed": 1' + b"0" * 40 + b"}", 422),
-    (b'{"model": "m", "prompt": "x", "max_tokens": true}', 422),
-    (b'{"model": "m", "prompt": "x", "top_k": 99999999999999999999}', 422),
-    (b'{"model": "m", "prompt": "x", "cache_salt": ""}', 422),
+    (b'{"model": "m", "prompt": "a\\ud800b"}', 400),         # lone surrogate
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    (b'{"model": "m", "prompt": [false]}', 400),             # a boolean is no token id
+    (b'{"model": "m", "prompt": [1.5]}', 400),
+    (b'{"model": "m", "prompt": [-1]}', 400),
+    (b'{"model": "m", "prompt": "x", "temperature": NaN}', 400),
+    (b'{"model": "m", "prompt": "x", "temperature": 1e400}', 400),
+    (b'{"model": "m", "prompt": "x", "seed": 1' + b"0" * 40 + b"}", 400),
+    (b'{"model": "m", "prompt": "x", "max_tokens": true}', 400),
+    (b'{"model": "m", "prompt": "x", "top_k": 99999999999999999999}', 400),
+    (b'{"model": "m", "prompt": "x", "cache_salt": ""}', 400),
     (b"\xff\xfe not json", 400),
     (b"", 400),
 ]
@@ -122,8 +77,10 @@ def test_hostile_bodies_get_openai_errors(open_api, raw, status):
 
 def test_depth_limit_is_exact(open_api):
     _, client = open_api
-    assert _post(client, _nested(MAX_DEPTH)).status_code == 200
-    assert _post(client, _nested(MAX_DEPTH + 1)).status_code == 400
+    within = _post(client, _nested(MAX_DEPTH)).json()["error"]  # parsed, then refused
+    assert within["param"] == "extra" and "unknown parameter" in within["message"]
+    beyond = _post(client, _nested(MAX_DEPTH + 1)).json()["error"]
+    assert beyond["code"] == "invalid_json" and "nested deeper" in beyond["message"]
 
 
 def test_content_type_is_enforced(open_api):

@@ -161,17 +161,17 @@ def test_cli_client_over_http_and_grpc(server, rng, capsys):
 
 BAD_HTTP = [
     (b'{"model": "tiny", "prompt": ', 400, None),
-    (json.dumps({"model": MODEL}).encode(), 422, "prompt"),
-    (json.dumps({"model": MODEL, "prompt": 5}).encode(), 422, "prompt"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "many"}).encode(), 422, "max_tokens"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -3}).encode(), 422, "max_tokens"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 9}).encode(), 422, "max_tokens"),
+    (json.dumps({"model": MODEL}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -3}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 9}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "prompt": list(range(100, 100 + CONTEXT))}).encode(), 413, "prompt"),
     (json.dumps({"model": "gpt-17", "prompt": "hi"}).encode(), 404, "model"),
-    (json.dumps({"model": MODEL, "prompt": "hi", "top_p": 0}).encode(), 422, "top_p"),
+    (json.dumps({"model": MODEL, "prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
     (json.dumps({"model": MODEL, "prompt": "hi", "stop": [""]}).encode(), 400, "stop"),
-    (json.dumps({"model": MODEL, "messages": "hi"}).encode(), 422, "messages"),
+    (json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages"),
 ]
 
 

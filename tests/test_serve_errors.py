@@ -14,7 +14,8 @@ from ray.serve.exceptions import BackPressureError  # noqa: E402
 
 from deployments.engine_client import api_error  # noqa: E402
 from deployments.grpc_api import status_code  # noqa: E402
-from optgptq.serving.protocol import APIError, CompletionRequest  # noqa: E402
+from optgptq.serving.openai_requests import CompletionRequest  # noqa: E402
+from optgptq.serving.protocol import APIError  # noqa: E402
 
 
 def test_replica_errors_cross_processes_intact():
@@ -37,7 +38,8 @@ def test_handle_failures_map_to_statuses(exc, status, code):
 
 
 @pytest.mark.parametrize("err,code", [
-    (APIError(422, "bad", param="top_p"), grpc.StatusCode.INVALID_ARGUMENT),
+    (APIError(400, "bad", param="top_p"), grpc.StatusCode.INVALID_ARGUMENT),
+    (APIError(401, "key", code="invalid_api_key"), grpc.StatusCode.UNAUTHENTICATED),
     (APIError(413, "long", param="prompt"), grpc.StatusCode.INVALID_ARGUMENT),
     (APIError(404, "no model", param="model"), grpc.StatusCode.NOT_FOUND),
     (APIError(429, "queue full", code="queue_full"), grpc.StatusCode.RESOURCE_EXHAUSTED),

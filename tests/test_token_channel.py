@@ -24,8 +24,9 @@ def test_outbox_merges_each_requests_chunks_until_the_channel_reads():
         box = boxes.get("ingress")
         for rid, parts in texts.items():  # before any channel: kept
             for i, text in enumerate(parts):
-                box.put(rid, text, 1, i == len(parts) - 1,
-                        "length" if i == len(parts) - 1 else None, 7 if i == 0 else None, 3)
+                box.put([rid, text, 1, i == len(parts) - 1,
+                         "length" if i == len(parts) - 1 else None, 7 if i == 0 else None, 3,
+                         [(i, -0.5 * i)] if rid == "a" else None])
         channel = boxes.read("ingress")
         assert await channel.__anext__() == []  # attached
         assert boxes.attached == 1
@@ -33,8 +34,9 @@ def test_outbox_merges_each_requests_chunks_until_the_channel_reads():
         assert [c[0] for c in batch] == list(texts)  # one chunk per request, in order
         for chunk in batch:
             parts = texts[chunk[0]]
-            assert chunk[1:] == ["".join(parts), len(parts), True, "length", 7, 3]
-        box.put("d", "x", 1, False, None, 5, 0)
+            logprobs = [(i, -0.5 * i) for i in range(len(parts))] if chunk[0] == "a" else None
+            assert chunk[1:] == ["".join(parts), len(parts), True, "length", 7, 3, logprobs]
+        box.put(["d", "x", 1, False, None, 5, 0, None])
         assert (await channel.__anext__())[0][:3] == ["d", "x", 1]
         await channel.aclose()
         assert boxes.attached == 0
@@ -48,7 +50,7 @@ def test_a_newer_channel_of_the_same_ingress_replaces_the_older():
         old, new = boxes.read("i"), boxes.read("i")
         assert await old.__anext__() == []
         assert await new.__anext__() == []
-        boxes.get("i").put("r", "text", 1, True, "stop", 2, 0)
+        boxes.get("i").put(["r", "text", 1, True, "stop", 2, 0, None])
         assert (await new.__anext__())[0][1] == "text"
         with pytest.raises(StopAsyncIteration):  # the old one leaves without taking anything
             await asyncio.wait_for(old.__anext__(), 5)
@@ -70,13 +72,14 @@ def test_an_outbox_is_dropped_once_nothing_needs_it():
 def test_request_stream_merges_unread_chunks_and_raises_its_error():
     async def main():
         s = RequestStream("r")
-        s.put(["r", "ab", 2, False, None, 9, 4])
-        s.put(["r", "c", 1, False, None, None, 4])
+        s.put(["r", "ab", 2, False, None, 9, 4, [(5, -1.0), (6, -2.0)]])
+        s.put(["r", "c", 1, False, None, None, 4, [(7, -3.0)]])
         chunk = await s.next_chunk()
         assert chunk[1:3] == ["abc", 3] and (s.prompt_tokens, s.completion_tokens) == (9, 3)
+        assert chunk[7] == [(5, -1.0), (6, -2.0), (7, -3.0)]
         waiter = asyncio.ensure_future(s.next_chunk())
         await asyncio.sleep(0)
-        s.put(["r", "d", 1, True, "length", None, 4])
+        s.put(["r", "d", 1, True, "length", None, 4, None])
         assert (await waiter)[3] and s.finish_reason == "length"
         s.fail(RuntimeError("gone"))
         with pytest.raises(RuntimeError, match="gone"):

@@ -1,0 +1,226 @@
+"""The OpenAI request bodies this server takes: every field implemented or refused by name.
+
+``POST /v1/completions`` (:class:`CompletionRequest`) and ``POST /v1/chat/completions``
+(:class:`ChatCompletionRequest`) follow OpenAI's APIs, plus vLLM's extras ``top_k``,
+``ignore_eos`` and ``cache_salt``. Nothing a client sends is dropped silently:
+
+- a field this server implements is validated strictly (text must be valid Unicode, token ids
+  integers, numbers in ranges the engine can take);
+- a field of OpenAI's API that it does not implement is refused with a 400 naming it and saying
+  why (:data:`REFUSED`), unless its value asks for nothing (``n: 1``, ``presence_penalty: 0``,
+  ``response_format: {"type": "text"}``, ``tools: []``, ...), which is what the server does
+  anyway;
+- any other field is refused as unknown (400).
+
+Chat messages take the roles ``system``, ``developer`` (rendered as system, as OpenAI treats it
+for models without a developer role), ``user`` and ``assistant``; content is a string or a list
+of ``{"type": "text", "text": ...}`` parts, joined by newlines (other part types are refused).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator,
+                      model_validator)
+
+from optgptq.engine.sampling_params import SamplingParams
+from optgptq.serving.protocol import (INT64, MAX_SALT_CHARS, MAX_TOKENS_LIMIT, APIError, Text,
+                                      effective_salt)
+
+MAX_PROMPTS = 64
+"""Prompts one /v1/completions request may carry (each is its own engine request)."""
+
+
+def _none(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value == [] or value == {}
+
+
+REFUSED: dict[str, tuple[Any, str]] = {
+    # field: (the values that ask for nothing, why any other value is refused)
+    "n": (lambda v: v in (None, 1), "n > 1 is not supported yet: send the request n times"),
+    "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported"),
+    "presence_penalty": (_none, "presence_penalty is not supported yet"),
+    "frequency_penalty": (_none, "frequency_penalty is not supported yet"),
+    "logit_bias": (_none, "logit_bias is not supported yet"),
+    "top_logprobs": (_none, "top_logprobs is not supported yet (logprobs of the chosen "
+                            "tokens are: logprobs: true)"),
+    "response_format": (lambda v: v in (None, {"type": "text"}),
+                        "structured output (json_object, json_schema) is not supported yet"),
+    "tools": (_none, "tool calling is not supported yet"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
+    "parallel_tool_calls": (lambda v: True, ""),  # only meaningful with tools (refused there)
+    "functions": (_none, "function calling is not supported"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
+    "suffix": (_none, "suffix (insertion) is not supported by this server's models"),
+    "stream_options": (lambda v: v is None or (isinstance(v, dict)
+                                               and set(v) <= {"include_usage"}),
+                       "stream_options supports include_usage only"),
+    "modalities": (lambda v: v in (None, ["text"]), "text is the only output modality"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "reasoning_effort": (lambda v: v is None, "reasoning_effort needs a reasoning model"),
+    "verbosity": (lambda v: v is None, "verbosity is not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),
+    "store": (lambda v: v in (None, False), "this server stores no completions"),
+    "metadata": (_none, "metadata is stored with completions, which this server does not store"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier"),
+    "user": (lambda v: v is None, "user is not recorded by this server; omit it"),
+    "safety_identifier": (lambda v: v is None, "safety_identifier is not recorded; omit it"),
+    "prompt_cache_key": (lambda v: v is None, "use cache_salt to choose a cache namespace"),
+}
+"""OpenAI fields without an implementation here (REFUSED[name][0]: values that are no-ops)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+    """A last chunk with the usage of the whole request (and ``"usage": null`` on the others)."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: StrictInt | None = Field(default=16, gt=0, le=MAX_TOKENS_LIMIT)
+    """None: up to the model's context (OpenAI's meaning), bounded by the context check."""
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(default=0, ge=-1, le=MAX_TOKENS_LIMIT)
+    seed: StrictInt | None = Field(default=None, ge=INT64[0], le=INT64[1])
+    stop: Text | list[Text] | None = Field(default=None, max_length=16)
+    ignore_eos: StrictBool = False
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    cache_salt: Text | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data: Any) -> Any:
+        """400 for a refused field asking for something; the no-op values are dropped."""
+        if not isinstance(data, dict):
+            return data
+        kept = {}
+        for name, value in data.items():
+            rule = REFUSED.get(name)
+            if rule is None or name in cls.model_fields:
+                kept[name] = value
+            elif not rule[0](value):
+                raise APIError(400, f"{name}: {rule[1]}", param=name,
+                               code="unsupported_parameter")
+        return kept
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return False
+
+    def sampling_params(self, tenant: str | None = None) -> SamplingParams:
+        """The engine's parameters (``tenant``: the API key's, for the cache salt); APIError 400
+        naming the field if it rejects them."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                                  top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
+                                  ignore_eos=self.ignore_eos, logprobs=self.wants_logprobs,
+                                  cache_salt=effective_salt(tenant, self.cache_salt))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split()[0],
+                           code="invalid_value") from None
+
+
+TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions: a text, a list of token ids, or a list of either (one choice
+    each, in order)."""
+
+    prompt: Text | TokenIds | list[Text] | list[TokenIds] = Field(min_length=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=0)
+    """0: the chosen tokens' logprobs (top alternatives, > 0, are not supported yet)."""
+    echo: StrictBool = False
+    """The prompt's text before the completion's (prompt logprobs are not supported)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, prompt):
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(len(p) == 0 for p in prompt):
+                raise ValueError("every prompt must be non-empty")
+        return prompt
+
+    @model_validator(mode="after")
+    def _echo(self):
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo: with logprobs it needs the prompt's logprobs, which are "
+                           "not supported", param="echo", code="unsupported_parameter")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per choice."""
+        if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parts(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("content"), list):
+            for part in data["content"]:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise APIError(400, f"messages: content parts of type {kind!r} are not "
+                                   f"supported (text only)", param="messages",
+                                   code="unsupported_parameter")
+        return data
+
+    def rendered(self) -> dict[str, str]:
+        """The message as the chat template takes it."""
+        text = (self.content if isinstance(self.content, str)
+                else "\n".join(p.text for p in self.content))
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(_Request):
+    """POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, gt=0, le=MAX_TOKENS_LIMIT)
+    logprobs: StrictBool = False
+
+    @property
+    def prompts(self) -> list[list[ChatMessage]]:
+        return [self.messages]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
+
+    def sampling_params(self, tenant: str | None = None) -> SamplingParams:
+        params = super().sampling_params(tenant)
+        if self.max_completion_tokens is not None:
+            params.max_tokens = self.max_completion_tokens
+        return params

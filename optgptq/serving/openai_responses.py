@@ -1,0 +1,119 @@
+"""The OpenAI response bodies: whole responses, streamed chunks, logprobs and usage.
+
+Unary responses are ``chat.completion`` / ``text_completion`` objects with one choice per prompt
+(``index`` in prompt order) and the usage of all of them. A stream is server-sent events of
+``chat.completion.chunk`` / ``text_completion`` objects: for chat, each choice's first chunk
+carries ``delta.role``; a choice's last chunk its ``finish_reason``; with
+``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk, with no
+choices, the usage of the whole request. Logprobs, where asked, take OpenAI's two shapes: chat
+``{"content": [{"token", "logprob", "bytes", "top_logprobs": []}]}``, completions
+``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
+
+A text-only chunk, the common case, is rendered from a template made once per stream: only the
+text is encoded per event (a JSON dump per token was the ingress's largest cost).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+
+TokenText = Callable[[int], str]
+"""A token id's text (the tokenizer's decoding of it alone)."""
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def add_usage(a: dict, b: dict) -> dict:
+    """The usage of two choices together."""
+    return usage(a["prompt_tokens"] + b["prompt_tokens"],
+                 a["completion_tokens"] + b["completion_tokens"],
+                 a["prompt_tokens_details"]["cached_tokens"]
+                 + b["prompt_tokens_details"]["cached_tokens"])
+
+
+def logprobs_body(chat: bool, tokens: Sequence[tuple[int, float]], token_text: TokenText,
+                  offset: int = 0) -> dict:
+    """Logprobs of the chosen ``(token id, logprob)`` s; ``offset``: where the first token's
+    text starts in the choice's text (completions' ``text_offset``)."""
+    texts = [token_text(t) for t, _ in tokens]
+    if chat:
+        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
+                             "top_logprobs": []} for s, (_, lp) in zip(texts, tokens)]}
+    offsets = []
+    for s in texts:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": texts, "token_logprobs": [lp for _, lp in tokens],
+            "top_logprobs": None, "text_offset": offsets}
+
+
+def choice(chat: bool, index: int, text: str, finish_reason: str | None,
+           logprobs: dict | None) -> dict:
+    """One choice of a whole response."""
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def response_body(rid: str, model: str, chat: bool, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": use}
+
+
+class ChunkEncoder:
+    """The server-sent events of one streamed response (all its choices)."""
+
+    _MARK = "\u0001optgptq\u0001"
+
+    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool) -> None:
+        self.rid, self.model, self.chat, self.include_usage = rid, model, chat, include_usage
+        self._templates: dict[int, tuple[str, str]] = {}
+
+    def _body(self, choices: list[dict], use: dict | None = None) -> dict:
+        body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat
+                else "text_completion", "created": int(time.time()), "model": self.model,
+                "choices": choices}
+        if self.include_usage:
+            body["usage"] = use
+        return body
+
+    def _choice(self, index: int, delta: dict | str, finish_reason: str | None,
+                logprobs: dict | None) -> dict:
+        if self.chat:
+            return {"index": index, "delta": delta, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": delta, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    def _event(self, body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    def start(self, index: int) -> str:
+        """A chat choice's first chunk: the role."""
+        return self._event(self._body([self._choice(index, {"role": "assistant", "content": ""},
+                                                    None, None)]))
+
+    def text(self, index: int, text: str) -> str:
+        template = self._templates.get(index)
+        if template is None:
+            delta = {"content": self._MARK} if self.chat else self._MARK
+            body = json.dumps(self._body([self._choice(index, delta, None, None)]))
+            head, _, tail = body.partition(json.dumps(self._MARK))
+            template = self._templates[index] = (head, tail)
+        return f"data: {template[0]}{json.dumps(text)}{template[1]}\n\n"
+
+    def delta(self, index: int, text: str, finish_reason: str | None,
+              logprobs: dict | None) -> str:
+        """A chunk with whatever a text-only one cannot carry (the end, logprobs)."""
+        delta = ({"content": text} if text or finish_reason is None else {}) if self.chat else text
+        return self._event(self._body([self._choice(index, delta, finish_reason, logprobs)]))
+
+    def usage(self, use: dict) -> str:
+        return self._event(self._body([], use))

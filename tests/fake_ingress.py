@@ -1,0 +1,68 @@
+"""A stand-in for an ingress replica (no Ray): the APIs of deployments/http_api.py and
+grpc_api.py served over an engine client that records what reaches it and answers every
+prompt with "hello" in two chunks of one token each (ids 7 and 11, logprobs -0.5 and -1.5; a
+token's text is the letter of its id mod 26)."""
+
+from __future__ import annotations
+
+import types
+
+from deployments.app import IngressConfig
+from deployments.auth import APIKeys
+from deployments.engine_client import Chunk
+from optgptq.serving.metrics import ServingMetrics
+
+KEY, OTHER = "sk-test-" + "a" * 24, "sk-test-" + "b" * 24
+
+
+class FakeStream:
+    replica, finish_reason = "replica-1", "length"
+
+    def __init__(self, ids: list[int]) -> None:
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(ids), 2, 0
+        self.closed = False
+
+    async def __aiter__(self):
+        yield Chunk("he", 1, False, None, [(7, -0.5)])
+        yield Chunk("llo", 1, True, "length", [(11, -1.5)])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeClient:
+    """What the APIs call on the engine client; keeps every opened request's parameters."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[list[int], object]] = []
+        self.prompts: list = []
+        self.fail: Exception | None = None
+
+    tokenizer = types.SimpleNamespace(decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
+
+    async def prompt_ids(self, prompt) -> list[int]:
+        self.prompts.append(prompt)
+        if isinstance(prompt, str):
+            return [ord(c) % 97 for c in prompt]
+        if prompt and isinstance(prompt[0], dict):
+            return [len(m["content"]) for m in prompt]
+        return list(prompt)
+
+    def token_text(self, token_id: int) -> str:
+        return chr(97 + token_id % 26)
+
+    async def open(self, ids, params):
+        if self.fail is not None:
+            raise self.fail
+        self.opened.append((ids, params))
+        return FakeStream(ids)
+
+
+def fake_ingress(keys: dict[str, str], **settings) -> types.SimpleNamespace:
+    async def replica_stats():
+        return {}
+    config = IngressConfig(**settings)
+    return types.SimpleNamespace(client=FakeClient(), metrics=ServingMetrics(), model_name="m",
+                                 keys=APIKeys(keys), config=config, ready=True,
+                                 max_request_bytes=config.max_request_bytes,
+                                 replica_stats=replica_stats)

@@ -1,0 +1,154 @@
+"""The OpenAI request and response surface over a stand-in ingress (tests/fake_ingress.py): every
+field implemented or refused by name, multi-prompt choices, echo, logprobs, stream chunks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from deployments.http_api import build_http_app  # noqa: E402
+from fake_ingress import fake_ingress  # noqa: E402
+from optgptq.serving.openai_requests import REFUSED  # noqa: E402
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+PROMPT = {"model": "m", "prompt": "hi"}
+
+
+@pytest.fixture
+def api():
+    ingress = fake_ingress({})
+    return ingress, TestClient(build_http_app(ingress), raise_server_exceptions=False)
+
+
+def _post(client, path, body):
+    return client.post(path, json=body)
+
+
+def _events(response) -> list[dict]:
+    lines = [ln[len("data: "):] for ln in response.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n", 2), ("best_of", 3), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("logit_bias", {"50": 10}), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+    ("suffix", "end"), ("user", "u-1"), ("store", True), ("metadata", {"a": "b"}),
+    ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+    ("modalities", ["text", "audio"]), ("reasoning_effort", "low"), ("top_logprobs", 3),
+])
+def test_unimplemented_fields_are_refused_by_name(api, field, value):
+    ingress, client = api
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT)):
+        r = _post(client, path, {**body, field: value})
+        assert r.status_code == 400, (path, field, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and field in error["message"]
+    assert ingress.client.opened == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0.0), ("logit_bias", {}),
+    ("response_format", {"type": "text"}), ("tools", []), ("tool_choice", "none"),
+    ("store", False), ("service_tier", "auto"), ("modalities", ["text"]), ("top_logprobs", 0),
+])
+def test_values_that_ask_for_nothing_are_accepted(api, field, value):
+    _, client = api
+    assert _post(client, "/v1/chat/completions", {**CHAT, field: value}).status_code == 200
+
+
+def test_unknown_fields_and_wrong_types_are_400(api):
+    _, client = api
+    r = _post(client, "/v1/completions", {**PROMPT, "temprature": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temprature"
+    assert "unknown parameter" in r.json()["error"]["message"]
+    r = _post(client, "/v1/completions", {**PROMPT, "max_tokens": "ten"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert set(REFUSED) >= {"n", "tools", "response_format"}
+
+
+def test_content_parts_and_developer_role(api):
+    ingress, client = api
+    body = {"model": "m", "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert _post(client, "/v1/chat/completions", body).status_code == 200
+    assert ingress.client.prompts[-1] == [{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": "a\nb"}]
+    body["messages"][1]["content"].append({"type": "image_url", "image_url": {"url": "x"}})
+    r = _post(client, "/v1/chat/completions", body)
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_list_prompts_give_one_choice_each(api):
+    ingress, client = api
+    body = _post(client, "/v1/completions", {"model": "m", "prompt": ["ab", "cde"]}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(c["text"] == "hello" for c in body["choices"])
+    assert body["usage"]["prompt_tokens"] == 2 + 3 and body["usage"]["completion_tokens"] == 4
+    body = _post(client, "/v1/completions", {"model": "m", "prompt": [[5, 6], [7]]}).json()
+    assert len(body["choices"]) == 2 and ingress.client.opened[-1][0] == [7]
+    for mixed in (["ab", [5]], [[]], ["x"] * 65):
+        r = _post(client, "/v1/completions", {"model": "m", "prompt": mixed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_echo_and_completion_logprobs(api):
+    _, client = api
+    r = _post(client, "/v1/completions", {**PROMPT, "echo": True}).json()
+    assert r["choices"][0]["text"] == "hihello" and r["choices"][0]["logprobs"] is None
+    r = _post(client, "/v1/completions", {**PROMPT, "logprobs": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert lp == {"tokens": ["h", "l"], "token_logprobs": [-0.5, -1.5], "top_logprobs": None,
+                  "text_offset": [0, 1]}
+    r = _post(client, "/v1/completions", {**PROMPT, "echo": True, "logprobs": 0})
+    assert r.status_code == 400  # would need the prompt's logprobs
+
+
+def test_chat_logprobs(api):
+    ingress, client = api
+    r = _post(client, "/v1/chat/completions", {**CHAT, "logprobs": True}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], c["logprob"], c["bytes"]) for c in content] == [
+        ("h", -0.5, [104]), ("l", -1.5, [108])]
+    assert ingress.client.opened[-1][1].logprobs is True
+    r = _post(client, "/v1/chat/completions", CHAT).json()
+    assert r["choices"][0]["logprobs"] is None and ingress.client.opened[-1][1].logprobs is False
+
+
+def test_stream_role_first_and_usage_last(api):
+    _, client = api
+    events = _events(_post(client, "/v1/chat/completions",
+                           {**CHAT, "stream": True, "stream_options": {"include_usage": True}}))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "hello"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(e["usage"] is None for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    plain = _events(_post(client, "/v1/chat/completions", {**CHAT, "stream": True}))
+    assert all("usage" not in e for e in plain)
+
+
+def test_stream_of_several_prompts_with_logprobs(api):
+    _, client = api
+    events = _events(_post(client, "/v1/completions", {"model": "m", "prompt": ["a", "b"],
+                                                       "stream": True, "logprobs": 0,
+                                                       "echo": False}))
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == "hello"
+        assert [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]] == ["h", "l"]
+        assert mine[-1]["finish_reason"] == "length"
+
+
+def test_model_by_id(api):
+    _, client = api
+    assert client.get("/v1/models/m").json()["id"] == "m"
+    r = client.get("/v1/models/other")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
