@@ -3,7 +3,9 @@
 :meth:`EngineClient.open` checks the prompt against the model's context (413) and max_tokens
 (400), sends the request through the engine deployment's handle (whose router picks the
 replica) and waits for the replica to accept it, so that every error a request can meet before
-its first token becomes an HTTP status rather than a broken stream. Its tokens then arrive on
+its first token becomes an HTTP status rather than a broken stream. The wait is bounded
+(``ingress.admission_timeout_s``): a request no replica takes in time (all busy, or none ready
+yet) gets 503 with Retry-After rather than an unbounded stall. Its tokens then arrive on
 the ingress's token channel from that replica (:mod:`deployments.token_channel`). The returned
 :class:`Stream` records time to first token and inter-token latency, and cancels the engine
 request if its consumer stops early (client disconnect) or closes it, which aborts it on the
@@ -133,12 +135,14 @@ class Stream:
 class EngineClient:
     """Sends validated requests to the engine deployment through its handle."""
 
-    def __init__(self, handle, tokenizer, metrics: ServingMetrics) -> None:
+    def __init__(self, handle, tokenizer, metrics: ServingMetrics,
+                 admission_timeout_s: float) -> None:
         self.handle = handle.options(stream=True, **TRANSPORT)
         self.info_handle = handle.options(**TRANSPORT)
         self.channels = TokenChannels(self.handle)
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.admission_timeout_s = admission_timeout_s
         self._info: dict | None = None
 
     async def prompt_ids(self, prompt: str | list[int] | list) -> list[int]:
@@ -199,8 +203,13 @@ class EngineClient:
         try:  # backpressure can raise from remote() itself or from the acceptance
             state.response = self.handle.generate.remote(
                 EngineRequest(rid, list(token_ids), params, self.channels.ingress))
-            state.replica = await state.response.__anext__()
+            state.replica = await asyncio.wait_for(state.response.__anext__(),
+                                                   self.admission_timeout_s)
         except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                exc = APIError(503, f"no engine replica took the request within "
+                               f"{self.admission_timeout_s:g} s; retry shortly",
+                               code="overloaded")
             streams.pop(rid, None)
             if state.response is not None:
                 state.response.cancel()

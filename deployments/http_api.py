@@ -37,8 +37,13 @@ THREAD_BYTES = 64 << 10
 """Bodies larger than this are parsed and validated on a worker thread."""
 
 
+RETRY_AFTER_S = 1
+
+
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    """The OpenAI error body; 429 and 503 say when to retry."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def load_json(raw: bytes):

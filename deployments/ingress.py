@@ -51,7 +51,7 @@ class Ingress:
         digest -> tenant (:func:`deployments.auth.collect_keys`)."""
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.metrics = ServingMetrics()
-        self.client = EngineClient(engine, tokenizer, self.metrics)
+        self.client = EngineClient(engine, tokenizer, self.metrics, config.admission_timeout_s)
         self.index = index
         self.model_name = model_name
         self.config = config

@@ -286,10 +286,12 @@ def test_overload_is_rejected_with_429_not_queued_without_bound(server, rng):
         results = list(pool.map(attempt, range(24)))
     try:
         statuses = [s for _, s, _ in results]
-        assert set(statuses) <= {200, 429}, [b for _, s, b in results if s != 200][:3]
+        # 429: the router's queue is full; 503: queued, but no replica took it within
+        # ingress.admission_timeout_s
+        assert set(statuses) <= {200, 429, 503}, [b for _, s, b in results if s != 200][:3]
         # 2 replicas x 4 ongoing + 2 queued, and a few more where some of the first requests
         # (480 tokens of a tiny model: well under a second) finish while the burst is answered
-        assert statuses.count(429) >= 24 - 2 * 4 - 2 - 4
+        assert statuses.count(429) + statuses.count(503) >= 24 - 2 * 4 - 2 - 4
         rejected = next(json.loads(b) for _, s, b in results if s == 429)
         assert rejected["error"]["code"] == "queue_full"
     finally:

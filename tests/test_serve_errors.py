@@ -56,3 +56,41 @@ def test_values_the_engine_rejects_are_400_naming_the_field():
     with pytest.raises(APIError) as err:
         body.sampling_params()
     assert err.value.status == 400 and err.value.param == "stop"
+
+
+def test_a_request_no_replica_takes_in_time_gets_503_with_retry_after():
+    import asyncio
+    from types import SimpleNamespace
+
+    from deployments.engine_client import EngineClient
+    from deployments.http_api import error_response
+    from optgptq.engine.sampling_params import SamplingParams
+    from optgptq.serving.metrics import ServingMetrics
+
+    cancelled = []
+
+    class Pending:  # a call Serve has queued: never accepted
+        def __anext__(self):
+            return asyncio.get_running_loop().create_future()
+
+        def cancel(self):
+            cancelled.append(True)
+
+    async def info():
+        return {"max_model_len": 64, "vocab_size": 100}
+
+    handle = SimpleNamespace(generate=SimpleNamespace(remote=lambda request: Pending()))
+    handle.options = lambda **kw: handle
+
+    async def main():
+        client = EngineClient(handle, tokenizer=None, metrics=ServingMetrics(),
+                              admission_timeout_s=0.2)
+        client.model_info = info
+        with pytest.raises(APIError) as err:
+            await asyncio.wait_for(client.open([1, 2, 3], SamplingParams()), 5)
+        return err.value, client
+
+    err, client = asyncio.run(main())
+    assert (err.status, err.code) == (503, "overloaded") and cancelled == [True]
+    assert client.channels.streams == {}  # nothing left waiting for chunks
+    assert error_response(err).headers["retry-after"] == "1"
