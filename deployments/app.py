@@ -101,7 +101,7 @@ class IngressConfig(_Strict):
     ingress that reserved CPUs could wait forever behind engine replicas holding them all."""
     max_request_bytes: int = Field(1 << 20, ge=1024)
     """Largest HTTP body or gRPC message accepted (413 / INVALID_ARGUMENT beyond)."""
-    admission_timeout_s: float = Field(2.0, gt=0)
+    admission_timeout_s: float = Field(1.5, gt=0)
     """How long a request may wait for an engine replica to take it; then 503 with Retry-After
     (RESOURCE_EXHAUSTED over gRPC): clients see a bounded wait, never a stall."""
     host: str = "127.0.0.1"
