@@ -19,11 +19,15 @@ In one run it measures the ceilings (device copy bandwidth, fp16 matmul rate) an
   reduction (a small sweep of programs, block and warps). No GPTQ kernel can beat it, so
   ``fp16 time / floor`` bounds the speedup any kernel could show at that shape.
 
+With ``--cuda`` the CUDA C++ kernel (:mod:`optgptq_kernels.gptq_cuda`, where it builds) is a
+second GPTQ candidate on the same shapes: ``cuda_us`` on its own cold copies, each shape's output
+checked against the float64 product before it is timed.
+
 Every time is a median from ``triton.testing.do_bench_cudagraph`` (CUDA-graph replays, so launch
 overhead is not measured). Prints a table and writes ``bench/results/kernels-<gpu>.json``;
 the previous file's headline numbers are kept under ``history``.
 
-    python bench/kernel_speed.py [--out bench/results] [--quick]
+    python bench/kernel_speed.py [--out bench/results] [--quick] [--cuda]
 
 (Not ``kernels.py``: scripts run from ``bench/`` put it first on ``sys.path``, and
 transformers probes for Hugging Face's ``kernels`` package by that name.)
@@ -42,6 +46,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
+from optgptq_kernels import gptq_cuda
 from optgptq_kernels.gptq import dequantize_ref
 from optgptq_kernels.gptq_triton import gptq_linear_triton
 from optgptq_kernels.paged_attention_triton import paged_attention_triton
@@ -173,24 +178,38 @@ def read_floor(nbytes: int) -> dict:
     return {**best, "bytes": nbytes, "GBps": nbytes / best["us"] / 1e3}
 
 
-def gptq_gemm(k: int, n: int, m: int, g: torch.Generator, floor: dict) -> dict:
+def gptq_gemm(k: int, n: int, m: int, g: torch.Generator, floor: dict,
+              cuda: bool = False) -> dict:
     groups = k // 128
     x = torch.randn(m, k, dtype=DTYPE, device="cuda", generator=g)
     first = {}
 
-    def gptq():
+    def weights() -> tuple:
         qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // 8, n), dtype=torch.int32,
                                 device="cuda", generator=g)
         qzeros = torch.randint(-2 ** 31, 2 ** 31 - 1, (groups, n // 8), dtype=torch.int32,
                                device="cuda", generator=g)
         scales = (torch.rand(groups, n, device="cuda", generator=g) * 0.01).to(DTYPE)
-        g_idx = (torch.arange(k, device="cuda") // 128).int()
-        out = gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4)  # caches group layout
-        if not first:
-            w = dequantize_ref(qweight, qzeros, scales, g_idx, 4, torch.float64)
-            ref = x.double() @ w
-            first["rel_err"] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
-        return lambda: gptq_linear_triton(x, qweight, qzeros, scales, g_idx, 4)
+        return qweight, qzeros, scales, (torch.arange(k, device="cuda") // 128).int()
+
+    def rel_err(out: torch.Tensor, packed: tuple) -> float:
+        ref = x.double() @ dequantize_ref(*packed, 4, torch.float64)
+        return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+    def gptq():
+        packed = weights()
+        out = gptq_linear_triton(x, *packed, 4)  # caches group layout
+        if "rel_err" not in first:
+            first["rel_err"] = rel_err(out, packed)
+        return lambda: gptq_linear_triton(x, *packed, 4)
+
+    def cuda_kernel():
+        packed = weights()
+        prepared = gptq_cuda.prepare(*packed, 4)
+        if "cuda_rel_err" not in first:  # checked before anything is timed
+            first["cuda_rel_err"] = rel_err(gptq_cuda.gptq_linear_cuda(x, prepared), packed)
+            assert first["cuda_rel_err"] < 5e-3, f"CUDA kernel wrong: {first['cuda_rel_err']}"
+        return lambda: gptq_cuda.gptq_linear_cuda(x, prepared)
 
     def dense():
         w = torch.randn(k, n, dtype=DTYPE, device="cuda", generator=g)
@@ -199,19 +218,29 @@ def gptq_gemm(k: int, n: int, m: int, g: torch.Generator, floor: dict) -> dict:
     q_call, q_copies = _cold(gptq, k * n // 2 + groups * n * 3)
     f_call, f_copies = _cold(dense, k * n * 2)
     t_q, t_f = bench(q_call), bench(f_call)
-    return {"K": k, "N": n, "M": m, "gptq_us": t_q * 1e6, "fp16_us": t_f * 1e6,
-            "speedup_vs_fp16": t_f / t_q, "rel_err_vs_float64": first["rel_err"],
-            "read_floor_us": floor["us"], "speedup_bound": t_f * 1e6 / floor["us"],
-            "weight_copies": [q_copies, f_copies]}
+    row = {"K": k, "N": n, "M": m, "gptq_us": t_q * 1e6, "fp16_us": t_f * 1e6,
+           "speedup_vs_fp16": t_f / t_q, "rel_err_vs_float64": first["rel_err"],
+           "read_floor_us": floor["us"], "speedup_bound": t_f * 1e6 / floor["us"],
+           "weight_copies": [q_copies, f_copies]}
+    if cuda:
+        c_call, _ = _cold(cuda_kernel, k * n // 2 + groups * n * 4)
+        t_c = bench(c_call)
+        row.update(cuda_us=t_c * 1e6, cuda_speedup_vs_fp16=t_f / t_c, cuda_vs_triton=t_q / t_c,
+                   cuda_rel_err_vs_float64=first["cuda_rel_err"])
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, for a smoke run")
+    parser.add_argument("--cuda", action="store_true", help="also time the CUDA C++ GPTQ kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernel_speed.py needs a GPU (torch.cuda)")
+    if args.cuda and not gptq_cuda.available():
+        print("--cuda: the CUDA GPTQ kernel is unavailable here (see the warning); skipped")
+        args.cuda = False
     g = torch.Generator("cuda").manual_seed(0)
     ceil = ceilings()
     print(f"copy {ceil['copy_GBps']:.0f} GB/s (read + write), read {ceil['read_GBps']:.0f} GB/s, "
@@ -237,15 +266,19 @@ def main() -> None:
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 14336), (14336, 4096)]
     floors = {}
     print(f"{'K':>6} {'N':>6} {'M':>4} {'gptq us':>8} {'fp16 us':>8} {'x fp16':>7} "
-          f"{'floor us':>8} {'bound':>6} {'rel err':>8}")
+          f"{'floor us':>8} {'bound':>6} {'rel err':>8}" + (
+              f" {'cuda us':>8} {'x fp16':>7} {'x gptq':>7} {'rel err':>8}" if args.cuda else ""))
     for k, n in shapes:
         floors[f"{k}x{n}"] = floor = read_floor(k * n // 2 + (k // 128) * n * 5 // 2)
         for m in (1, 4, 16, 64, 256):
-            row = gptq_gemm(k, n, m, g, floor)
+            row = gptq_gemm(k, n, m, g, floor, args.cuda)
             gemm.append(row)
             print(f"{k:>6} {n:>6} {m:>4} {row['gptq_us']:>8.1f} {row['fp16_us']:>8.1f} "
                   f"{row['speedup_vs_fp16']:>7.2f} {row['read_floor_us']:>8.1f} "
-                  f"{row['speedup_bound']:>6.2f} {row['rel_err_vs_float64']:>8.1e}")
+                  f"{row['speedup_bound']:>6.2f} {row['rel_err_vs_float64']:>8.1e}" + (
+                      f" {row['cuda_us']:>8.1f} {row['cuda_speedup_vs_fp16']:>7.2f} "
+                      f"{row['cuda_vs_triton']:>7.2f} {row['cuda_rel_err_vs_float64']:>8.1e}"
+                      if args.cuda else ""))
 
     big = [r for r in attn if r["batch"] * r["context"] >= 256 * 1024]
     targets = [
