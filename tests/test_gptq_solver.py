@@ -30,10 +30,12 @@ def _dequant(r) -> torch.Tensor:
     return r.scales[g, rows] * (r.codes.float() - r.zeros[g, rows].float())
 
 
-CASES = [QuantSpec(2, 32, sym=False), QuantSpec(3, 40, sym=True, desc_act=True),
-         QuantSpec(4, -1, sym=False, desc_act=True), QuantSpec(4, 64, sym=True),
-         QuantSpec(8, 50, sym=False, desc_act=True, static_groups=True),
-         QuantSpec(3, 32, sym=False, static_groups=True),
+CASES = [QuantSpec(2, 32, sym=False, desc_act=False, mse=False),
+         QuantSpec(3, 40, sym=True, desc_act=True, mse=False),
+         QuantSpec(4, -1, sym=False, desc_act=True, mse=False),
+         QuantSpec(4, 64, sym=True, desc_act=False, mse=False),
+         QuantSpec(8, 50, sym=False, desc_act=True, static_groups=True, mse=False),
+         QuantSpec(3, 32, sym=False, static_groups=True, desc_act=False, mse=False),
          QuantSpec(4, 32, sym=False, desc_act=True, mse=True)]
 
 
@@ -93,7 +95,7 @@ def test_symmetric_update_equals_the_full_product(k):
 def test_clipping_search_in_row_chunks_equals_all_rows_at_once(monkeypatch):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(77, 64, generator=g) * torch.rand(77, 1, generator=g)   # 77: a ragged chunk
-    spec = QuantSpec(4, 64, sym=False, mse=True)
+    spec = QuantSpec(4, 64, sym=False, mse=True, desc_act=False)
     chunked = find_params(w, spec)
     monkeypatch.setattr(quantizer, "MSE_ROWS", 1000)
     whole = find_params(w, spec)
@@ -106,7 +108,7 @@ def test_clipping_search_runs_on_row_major_rows(monkeypatch):
     depend on the caller's layout), so it gets row-major rows and the same parameters."""
     g = torch.Generator().manual_seed(4)
     w = torch.randn(96, 64, generator=g) * torch.rand(96, 1, generator=g)
-    spec = QuantSpec(4, 64, sym=False, mse=True)
+    spec = QuantSpec(4, 64, sym=False, mse=True, desc_act=False)
     seen, search = [], quantizer._best_candidate
     monkeypatch.setattr(quantizer, "_best_candidate",
                         lambda rows, *a: seen.append(rows.stride()) or search(rows, *a))
@@ -124,7 +126,7 @@ def test_gptq_is_no_worse_than_exhaustive_search_allows():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(64, 6, generator=g) @ (torch.randn(6, 6, generator=g) * 0.5 + torch.eye(6))
     w = torch.randn(3, 6, generator=g)
-    spec = QuantSpec(2, -1, sym=False, static_groups=True)
+    spec = QuantSpec(2, -1, sym=False, static_groups=True, desc_act=False, mse=False)
     r = solve(w, 2 * x.t() @ x / 64, spec)
     base = rtn(w, spec)
     grid = torch.tensor(list(itertools.product(range(4), repeat=6)), dtype=torch.float32)
@@ -141,7 +143,7 @@ def test_gptq_is_no_worse_than_exhaustive_search_allows():
 def test_diagonal_hessian_means_round_to_nearest():
     w, _ = _layer(2)
     h = torch.diag(torch.rand(w.shape[1], generator=torch.Generator().manual_seed(0)) + 0.5)
-    spec = QuantSpec(4, 32, sym=False)
+    spec = QuantSpec(4, 32, sym=False, desc_act=False, mse=False)
     assert torch.equal(solve(w, h, spec).codes, rtn(w, spec).codes)
 
 
@@ -150,7 +152,7 @@ def test_dead_inputs_get_zero_weight():
     x[:, [4, 17]] = 0
     solver = GPTQ(w.shape[1])
     solver.add_batch(x)
-    r = solver.quantize(w, QuantSpec(4, 32, sym=True, desc_act=True))
+    r = solver.quantize(w, QuantSpec(4, 32, sym=True, desc_act=True, mse=False))
     assert torch.isfinite(r.weight).all()
     assert bool((r.weight[:, [4, 17]] == 0).all())
     with pytest.raises(AssertionError, match="add_batch after"):
@@ -175,7 +177,7 @@ def test_clipping_search_never_rounds_worse_and_clips_tails(sym):
     w = torch.randn(200, 64, generator=g) * torch.rand(200, 1, generator=g)
     errs, scales = [], []
     for mse in (False, True):
-        spec = QuantSpec(4, 64, sym=sym, mse=mse)
+        spec = QuantSpec(4, 64, sym=sym, mse=mse, desc_act=False)
         scale, zero = find_params(w, spec)
         q, deq = quantize_column(w, scale[:, None], zero[:, None], spec.maxq)
         assert torch.equal(scale, scale.half().float()) and int(q.min()) >= 0
@@ -192,7 +194,7 @@ def test_clipping_search_finds_the_grid_minimum():
     candidate whose float64 ``sum |e| ** 2.4`` is the grid's minimum to rounding."""
     g = torch.Generator().manual_seed(8)
     w = torch.randn(64, 64, generator=g) * torch.rand(64, 1, generator=g)
-    spec = QuantSpec(4, 64, sym=False, mse=True)
+    spec = QuantSpec(4, 64, sym=False, mse=True, desc_act=False)
     scale, zero = find_params(w, spec)
     lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
     errors = []

