@@ -6,11 +6,12 @@ replica) and waits for the replica to accept it, so that every error a request c
 its first token becomes an HTTP status rather than a broken stream. The wait is bounded
 (``ingress.admission_timeout_s``): a request no replica takes in time (all busy, or none ready
 yet) gets 503 with Retry-After rather than an unbounded stall. Its tokens then arrive on
-the ingress's token channel from that replica (:mod:`deployments.token_channel`). The returned
-:class:`Stream` records time to first token and inter-token latency, and cancels the engine
-request if its consumer stops early (client disconnect) or closes it, which aborts it on the
-replica and frees its blocks. A response of several prompts reads its streams through
-:func:`merged`.
+the ingress's token channel from that replica (:mod:`deployments.token_channel`), one
+:class:`Stream` per choice (``n`` of them: one engine request and one ``generate`` call, whose
+choices' chunks carry the ids of :func:`~optgptq.serving.protocol.choice_id`). A stream records
+time to first token and inter-token latency, and cancels the engine request if its consumer
+stops early (client disconnect) or closes it, which aborts it (every choice of it) on the
+replica and frees its blocks. A response of several streams reads them through :func:`merged`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from deployments.token_channel import RequestStream, TokenChannels
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.serving.metrics import ServingMetrics
 from optgptq.serving.openai_responses import add_usage, usage
-from optgptq.serving.protocol import APIError, EngineRequest
+from optgptq.serving.protocol import APIError, EngineRequest, choice_id
 
 log = logging.getLogger("ray.serve")
 INLINE_CHARS = 8192
@@ -65,41 +66,66 @@ def internal_error(exc: BaseException) -> APIError:
                     code="internal_error")
 
 
+TokenLogprob = tuple[int, float, list[tuple[int, float]] | None]
+"""A generated token's id, its logprob and, where asked for, its step's top ``(id, logprob)``."""
+
+
 class Chunk(NamedTuple):
     text: str
     num_tokens: int
     finished: bool
     finish_reason: str | None
-    logprobs: list[tuple[int, float]] | None = None
-    """``(token_id, logprob)`` of this chunk's tokens, where the request asked for them."""
+    logprobs: list[TokenLogprob] | None = None
+    """This chunk's tokens, where the request asked for logprobs."""
+
+
+class _Call:
+    """The ``generate`` call of one engine request, shared by its choices' streams: watched
+    once (if it fails, so do they); cancelling it aborts every choice on the replica."""
+
+    def __init__(self, states: list[RequestStream], forget) -> None:
+        self.states = states
+        self.response = states[0].response
+        self.forget = forget  # a choice's id no longer awaits chunks
+        self._watch = asyncio.get_running_loop().create_task(self._watch_call())
+
+    async def _watch_call(self) -> None:
+        """The call ends when the request does; if it fails, so do the streams."""
+        try:
+            async for _ in self.response:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(api_error(exc))
+
+    def _fail(self, error: APIError) -> None:
+        for state in self.states:
+            self.forget(state.request_id)
+            state.fail(error)
+
+    def cancel(self) -> None:
+        """Abort the request; a choice still read by someone ends with an error (499)."""
+        self.response.cancel()
+        self._watch.cancel()
+        self._fail(APIError(499, "the request was cancelled", code="cancelled"))
 
 
 class Stream:
-    """One accepted request's chunks as its consumer reads them; totals update as it goes."""
+    """One choice of an accepted request as its consumer reads it; totals update as it goes."""
 
-    def __init__(self, state: RequestStream, start: float, metrics: ServingMetrics,
-                 forget) -> None:
+    def __init__(self, state: RequestStream, index: int, call: _Call, start: float,
+                 metrics: ServingMetrics) -> None:
         self._state = state
+        self.index = index
+        self._call = call
         self._start = start
         self._metrics = metrics
-        self._forget = forget
-        self._watch = asyncio.get_running_loop().create_task(self._watch_call())
         self._done = False
         self.request_id = ""
 
     def __getattr__(self, name: str):  # replica, prompt_tokens, completion_tokens, ...
         return getattr(self._state, name)
-
-    async def _watch_call(self) -> None:
-        """The generate call ends when the request does; if it fails, so does the stream."""
-        try:
-            async for _ in self._state.response:
-                pass
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._forget(self._state.request_id)
-            self._state.fail(api_error(exc))
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         state, last, finished = self._state, None, False
@@ -114,22 +140,22 @@ class Stream:
                 last, finished = now, c[3]
                 yield Chunk(c[1], c[2], c[3], c[4], c[7])
             self._done = True
-            self._metrics.observe_finished(state.replica, state.prompt_tokens,
-                                           state.cached_tokens, state.completion_tokens)
+            first = self.index == 0  # a request's prompt counts once
+            self._metrics.observe_finished(state.replica, state.prompt_tokens if first else 0,
+                                           state.cached_tokens if first else 0,
+                                           state.completion_tokens)
         finally:
-            self._forget(state.request_id)
+            self._call.forget(state.request_id)
             if not finished:
                 self.close()
 
     def close(self) -> None:
-        """Give up on the request unless it finished (its consumer is gone): the replica aborts
-        it. Idempotent."""
+        """Give up on the request unless this choice finished (its consumer is gone): the
+        replica aborts it, every choice of it. Idempotent."""
         if self._done:
             return
         self._done = True
-        self._forget(self._state.request_id)
-        self._state.response.cancel()
-        self._watch.cancel()
+        self._call.cancel()
 
 
 class EngineClient:
@@ -179,7 +205,8 @@ class EngineClient:
                 raise api_error(exc) from None
         return self._info
 
-    async def open(self, token_ids: list[int], params: SamplingParams) -> Stream:
+    async def open(self, token_ids: list[int], params: SamplingParams) -> list[Stream]:
+        """Send one request; the streams of its ``params.n`` choices once a replica took it."""
         start = time.perf_counter()
         info = await self.model_info()
         limit = info["max_model_len"]
@@ -188,6 +215,9 @@ class EngineClient:
         if not all(isinstance(t, int) and 0 <= t < info["vocab_size"] for t in token_ids):
             raise APIError(400, f"prompt token ids must be in [0, {info['vocab_size']})",
                            param="prompt", code="invalid_value")
+        if any(t >= info["vocab_size"] for t in params.logit_bias):
+            raise APIError(400, f"logit_bias: token ids must be in [0, {info['vocab_size']})",
+                           param="logit_bias", code="invalid_value")
         if len(token_ids) >= limit:
             raise APIError(413, f"prompt has {len(token_ids)} tokens; the model's context is "
                            f"{limit}, leaving no room to generate", param="prompt",
@@ -198,8 +228,10 @@ class EngineClient:
                            param="max_tokens", code="context_length_exceeded")
         rid = uuid.uuid4().hex
         state = RequestStream(rid)
+        others = [RequestStream(choice_id(rid, j)) for j in range(1, params.n)]
         streams = self.channels.streams
-        streams[rid] = state  # before sending: the first chunks may beat the acceptance
+        for s in (state, *others):  # before sending: the first chunks may beat the acceptance
+            streams[s.request_id] = s
         try:  # backpressure can raise from remote() itself or from the acceptance
             state.response = self.handle.generate.remote(
                 EngineRequest(rid, list(token_ids), params, self.channels.ingress))
@@ -210,14 +242,18 @@ class EngineClient:
                 exc = APIError(503, f"no engine replica took the request within "
                                f"{self.admission_timeout_s:g} s; retry shortly",
                                code="overloaded")
-            streams.pop(rid, None)
+            for s in (state, *others):
+                streams.pop(s.request_id, None)
             if state.response is not None:
                 state.response.cancel()
             if isinstance(exc, asyncio.CancelledError):  # the client went away while we waited
                 raise
             raise api_error(exc) from None
         self.channels.open(state.replica)
-        return Stream(state, start, self.metrics, lambda r: streams.pop(r, None))
+        for s in others:
+            s.replica, s.response = state.replica, state.response
+        call = _Call([state, *others], lambda r: streams.pop(r, None))
+        return [Stream(s, j, call, start, self.metrics) for j, s in enumerate((state, *others))]
 
 
 async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Chunk]]:
@@ -254,8 +290,11 @@ async def merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Chunk]]:
 
 
 def total_usage(streams: list[Stream]) -> dict:
-    """The OpenAI usage of all of a response's streams."""
+    """The OpenAI usage of all of a response's streams: each request's prompt once (its first
+    choice's), every choice's completion tokens."""
     total = usage(0, 0, 0)
     for s in streams:
-        total = add_usage(total, usage(s.prompt_tokens, s.completion_tokens, s.cached_tokens))
+        first = s.index == 0
+        total = add_usage(total, usage(s.prompt_tokens if first else 0, s.completion_tokens,
+                                       s.cached_tokens if first else 0))
     return total

@@ -8,7 +8,9 @@ answer UNKNOWN). With API keys configured the call's ``authorization`` metadata 
 errors end the call with INVALID_ARGUMENT (400, 413, 415), NOT_FOUND (404),
 RESOURCE_EXHAUSTED (429, or 503 for a full engine queue), UNAVAILABLE (503) or INTERNAL (500,
 without internal detail), with the message as the status details. With
-``ingress.replica_header`` each response names the replica that served the request.
+``ingress.replica_header`` each response names the replica that served the request. With
+``n`` > 1, GenerateStream interleaves the choices' responses, each naming its choice (``index``);
+Generate, whose one response has room for one choice, refuses it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
-from deployments.engine_client import internal_error
+from deployments.engine_client import TokenLogprob, internal_error, merged
 from optgptq.serving import optgptq_pb2 as pb
 from optgptq.serving.openai_requests import ChatCompletionRequest, CompletionRequest
 from optgptq.serving.protocol import APIError, invalid, new_id
@@ -30,6 +32,9 @@ _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTI
           415: grpc.StatusCode.INVALID_ARGUMENT,
           429: grpc.StatusCode.RESOURCE_EXHAUSTED}
 SERVICE = "optgptq.OptGPTQ"
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "cache_salt", "min_tokens",
+             "presence_penalty", "frequency_penalty", "repetition_penalty", "n")
+"""GenerateRequest fields passed on where set (else the request model's default)."""
 
 
 def status_code(exc: APIError) -> grpc.StatusCode:
@@ -66,7 +71,7 @@ class GRPCService:
 
     async def Generate(self, raw: bytes,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        stream, echo = await self._open(raw, context)
+        (stream,), echo = await self._open(raw, context, unary=True)
         text, tokens = echo, []
         try:
             async for chunk in stream:
@@ -78,17 +83,21 @@ class GRPCService:
 
     async def GenerateStream(self, raw: bytes, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateResponse]:
-        stream, echo = await self._open(raw, context)
+        streams, echo = await self._open(raw, context, unary=False)
         if echo:
-            yield self._response(stream, echo, [])
+            for stream in streams:
+                yield self._response(stream, echo, [])
         try:
-            async for chunk in stream:
+            async for i, chunk in merged(streams):
                 if chunk.text or chunk.finished:
-                    yield self._response(stream, chunk.text, chunk.logprobs or [])
+                    yield self._response(streams[i], chunk.text, chunk.logprobs or [])
         except APIError as exc:
             await _fail(context, exc)
+        finally:
+            for stream in streams:
+                stream.close()
 
-    async def _open(self, raw: bytes, context: grpc.aio.ServicerContext):
+    async def _open(self, raw: bytes, context: grpc.aio.ServicerContext, unary: bool):
         try:
             metadata = dict(context.invocation_metadata() or ())
             tenant = self.keys.tenant(metadata.get("authorization"))
@@ -103,37 +112,48 @@ class GRPCService:
             if bool(request.prompt) == bool(request.messages):
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            params = {name: getattr(request, name) for name in
-                      ("max_tokens", "temperature", "top_p", "top_k", "seed", "cache_salt")
+            params = {name: getattr(request, name) for name in _OPTIONAL
                       if request.HasField(name)}
-            params.update(stop=list(request.stop), ignore_eos=request.ignore_eos)
+            params.update(stop=list(request.stop), ignore_eos=request.ignore_eos,
+                          logit_bias={str(k): v for k, v in request.logit_bias.items()})
+            top = request.top_logprobs
+            if top and not request.logprobs:
+                raise APIError(400, "top_logprobs: needs logprobs", param="top_logprobs")
+            if unary and params.get("n", 1) > 1:
+                raise APIError(400, "n: Generate answers one choice; use GenerateStream, whose "
+                               "responses name their choice (index)", param="n")
             if messages:
                 if request.echo:
                     raise APIError(400, "echo: only for a prompt", param="echo")
                 body = ChatCompletionRequest(model=request.model, messages=messages,
-                                             logprobs=request.logprobs, **params)
+                                             logprobs=request.logprobs, top_logprobs=top,
+                                             **params)
                 prompt = [m.rendered() for m in body.messages]
             else:
                 body = CompletionRequest(model=request.model, prompt=request.prompt,
                                          echo=request.echo,
-                                         logprobs=0 if request.logprobs else None, **params)
+                                         logprobs=top if request.logprobs else None, **params)
                 prompt = body.prompt
             ids = await self.client.prompt_ids(prompt)
-            stream = await self.client.open(ids, body.sampling_params(tenant))
+            streams = await self.client.open(ids, body.sampling_params(tenant))
         except ValidationError as exc:
             await _fail(context, invalid(exc))
         except APIError as exc:
             await _fail(context, exc)
         except Exception as exc:  # a bug: no detail to the caller, all of it to the log
             await _fail(context, internal_error(exc))
-        stream.request_id = new_id("grpc")
-        return stream, (request.prompt if request.echo else "")
+        rid = new_id("grpc")
+        for stream in streams:
+            stream.request_id = rid
+        return streams, (request.prompt if request.echo else "")
 
-    def _response(self, stream, text: str, tokens: list[tuple[int, float]]
-                  ) -> pb.GenerateResponse:
-        logprobs = [pb.TokenLogprob(token_id=t, token=self.client.token_text(t), logprob=lp)
-                    for t, lp in tokens]
-        return pb.GenerateResponse(id=stream.request_id, text=text, logprobs=logprobs,
+    def _response(self, stream, text: str, tokens: list[TokenLogprob]) -> pb.GenerateResponse:
+        token_text = self.client.token_text
+        logprobs = [pb.TokenLogprob(token_id=t, token=token_text(t), logprob=lp, top=[
+            pb.TopLogprob(token_id=i, token=token_text(i), logprob=v) for i, v in top or ()])
+            for t, lp, top in tokens]
+        return pb.GenerateResponse(id=stream.request_id, index=stream.index, text=text,
+                                   logprobs=logprobs,
                                    finish_reason=stream.finish_reason or "",
                                    prompt_tokens=stream.prompt_tokens,
                                    completion_tokens=stream.completion_tokens,

@@ -155,17 +155,18 @@ def build_http_app(ingress) -> FastAPI:
 
     async def open_all(body, chat: bool, tenant: str | None) -> tuple[list, list[str]]:
         """One engine request per prompt (all or none: on an error the opened ones are
-        closed), and each prompt's text where ``echo`` asks for it."""
+        closed), a stream per choice (choice ``prompt_index * n + j``), and each choice's
+        prompt text where ``echo`` asks for it."""
         params = body.sampling_params(tenant)
         streams, echoes = [], []
         try:
             for prompt in body.prompts:
                 prompt = [m.rendered() for m in prompt] if chat else prompt
                 ids = await client.prompt_ids(prompt)
-                streams.append(await client.open(ids, params))
+                streams += await client.open(ids, params)
                 if not chat and body.echo:
-                    echoes.append(prompt if isinstance(prompt, str)
-                                  else client.tokenizer.decode(ids))
+                    echoes += [prompt if isinstance(prompt, str)
+                               else client.tokenizer.decode(ids)] * params.n
         except BaseException:
             for stream in streams:
                 stream.close()
@@ -228,7 +229,7 @@ def build_http_app(ingress) -> FastAPI:
             metrics.observe_request(endpoint, exc.status)
             return error_response(exc)
         rid = new_id("chatcmpl" if chat else "cmpl")
-        headers = ({"x-optgptq-replica": ",".join(s.replica for s in streams)}
+        headers = ({"x-optgptq-replica": ",".join(s.replica for s in streams if s.index == 0)}
                    if settings.replica_header else None)
         if body.stream:
             metrics.observe_request(endpoint, 200)

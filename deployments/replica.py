@@ -7,8 +7,9 @@ engine core in a child process too); both offer the same calls, so everything be
 either. With vLLM, cache events are vLLM's KV cache events mapped onto the router's block
 hashes, and the stats come from vLLM's scheduler.
 
-:meth:`EngineReplica.generate` admits one request and ends with it; its tokens go to the token
-channel of the ingress that sent it (:meth:`subscribe`, deployments/token_channel.py). A request
+:meth:`EngineReplica.generate` admits one request and ends with it (with ``n`` choices: once
+all have ended); its tokens go to the token channel of the ingress that sent it
+(:meth:`subscribe`, deployments/token_channel.py), each choice's under its own id. A request
 whose call is cancelled (client gone) is aborted by the engine and its blocks freed. Admission
 is bounded: beyond ``max_waiting`` requests queued in the engine the replica answers 503
 instead of growing its queue (Serve's ``max_ongoing_requests`` and ``max_queued_requests`` bound
@@ -36,7 +37,7 @@ from optgptq.engine.core_loop import CORES
 from optgptq.serving.vllm_engine import VLLMEngine
 from deployments.serve_calls import TRANSPORT, background
 from deployments.token_channel import ATTACH_TIMEOUT_S, Outboxes
-from optgptq.serving.protocol import APIError, EngineRequest, Subscription
+from optgptq.serving.protocol import APIError, EngineRequest, Subscription, choice_id
 
 log = logging.getLogger("ray.serve")
 BACKENDS = (*CORES, "vllm")
@@ -80,8 +81,9 @@ class EngineReplica:
             n = len(d[2])
             if n:
                 produced.append((time.monotonic(), n))
-            box.put([rid, d[1], n, d[3], d[4], None if d[7] is None else len(d[7]), d[8],
-                     None if d[6] is None else list(zip(d[2], d[6]))])
+            box.put([choice_id(rid, d[10]), d[1], n, d[3], d[4],
+                     None if d[7] is None else len(d[7]), d[8],
+                     None if d[6] is None else list(zip(d[2], d[6], d[9] or [None] * n))])
 
         box.requests.add(rid)
         try:
@@ -177,7 +179,9 @@ class EngineReplica:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("max_tokens", "prompt", "temperature", "top_p", "top_k", "seed", "stop"):
+    for name in ("max_tokens", "min_tokens", "prompt", "temperature", "top_p", "top_k", "seed",
+                 "stop", "logit_bias", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "top_logprobs", "logprobs", "n"):
         if message.startswith(name) or f" {name}" in message:
             return name
     return None

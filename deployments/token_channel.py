@@ -23,9 +23,11 @@ Protocol:
    ``max_ongoing_requests`` has one slot more per ingress replica.
 3. A channel message is a list of :data:`Chunk` lists ``[request_id, text, num_tokens,
    finished, finish_reason, num_prompt_tokens, num_cached_tokens, logprobs]``, one per request
-   with new output, merged since the last message (:func:`merge`): a slow reader gets larger
-   messages, not more. ``logprobs`` is None unless the request asked for them, else a list of
-   ``(token_id, logprob)``.
+   (per choice of a request with ``n`` > 1, ``request_id`` then being the choice's,
+   :func:`~optgptq.serving.protocol.choice_id`) with new output, merged since the last message
+   (:func:`merge`): a slow reader gets larger messages, not more. ``logprobs`` is None unless
+   the request asked for them, else a list of ``(token_id, logprob, top)``, ``top`` the step's
+   most likely ``(token_id, logprob)`` where the request asked for them, else None.
 4. A broken channel is reopened while its replica lives or requests wait on it; a request whose
    ``generate`` call fails (replica died, engine error) fails on its own. A replica fails the requests of an
    ingress whose channel stays detached for ``ATTACH_TIMEOUT_S``.

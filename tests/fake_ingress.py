@@ -1,7 +1,8 @@
 """A stand-in for an ingress replica (no Ray): the APIs of deployments/http_api.py and
 grpc_api.py served over an engine client that records what reaches it and answers every
-prompt with "hello" in two chunks of one token each (ids 7 and 11, logprobs -0.5 and -1.5; a
-token's text is the letter of its id mod 26)."""
+choice of every prompt with "hello" in two chunks of one token each (ids 7 and 11, logprobs
+-0.5 and -1.5; with top_logprobs N, the alternatives id + k at logprob - k for k < N; a token's
+text is the letter of its id mod 26)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ KEY, OTHER = "sk-test-" + "a" * 24, "sk-test-" + "b" * 24
 class FakeStream:
     replica, finish_reason = "replica-1", "length"
 
-    def __init__(self, ids: list[int]) -> None:
+    def __init__(self, ids: list[int], index: int, top_logprobs: int) -> None:
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(ids), 2, 0
+        self.index, self.top_logprobs = index, top_logprobs
         self.closed = False
 
+    def _token(self, token: int, logprob: float) -> tuple:
+        top = [(token + k, logprob - k) for k in range(self.top_logprobs)]
+        return token, logprob, top or None
+
     async def __aiter__(self):
-        yield Chunk("he", 1, False, None, [(7, -0.5)])
-        yield Chunk("llo", 1, True, "length", [(11, -1.5)])
+        yield Chunk("he", 1, False, None, [self._token(7, -0.5)])
+        yield Chunk("llo", 1, True, "length", [self._token(11, -1.5)])
 
     def close(self) -> None:
         self.closed = True
@@ -55,7 +61,7 @@ class FakeClient:
         if self.fail is not None:
             raise self.fail
         self.opened.append((ids, params))
-        return FakeStream(ids)
+        return [FakeStream(ids, j, params.top_logprobs) for j in range(params.n)]
 
 
 def fake_ingress(keys: dict[str, str], **settings) -> types.SimpleNamespace:

@@ -122,3 +122,37 @@ def test_double_free_is_caught():
     a.block_table = table
     with pytest.raises(AssertionError):
         pool.free(a)
+
+
+@pytest.mark.parametrize("prompt_len", [8, 10])
+def test_fork_shares_full_blocks_and_copies_the_partial_one(prompt_len):
+    """A forked choice references its parent's full prompt blocks and gets its own block for a
+    partially filled one (whose KV the runner copies); freeing both returns everything."""
+    pool = BlockPool(8, BS)
+    parent = seq(range(prompt_len))
+    run_prefill(pool, parent)
+    child = Sequence("r", list(range(prompt_len)), SamplingParams(), 0, 8, index=1)
+    pairs = pool.fork(parent, child)
+    full = prompt_len // BS
+    assert child.block_table[:full] == parent.block_table[:full]
+    assert all(pool.blocks[b].ref_count == 2 for b in parent.block_table[:full])
+    if prompt_len % BS:
+        assert pairs == [(parent.block_table[-1], child.block_table[-1])]
+        assert child.block_table[-1] not in parent.block_table
+    else:
+        assert pairs == [] and len(child.block_table) == full
+    assert child.num_computed_tokens == prompt_len and child.num_hashed_blocks == full
+    assert pool.stats().used_blocks == len(parent.block_table) + (prompt_len % BS > 0)
+    pool.free(parent)
+    pool.free(child)
+    assert pool.stats().used_blocks == 0
+
+
+def test_fork_without_a_block_for_the_copy_changes_nothing():
+    pool = BlockPool(3, BS)
+    parent = seq(range(10))
+    run_prefill(pool, parent)   # 3 blocks: the pool is full
+    child = Sequence("r", list(range(10)), SamplingParams(), 0, 8, index=1)
+    assert pool.fork(parent, child) is None
+    assert child.block_table == []
+    assert [pool.blocks[b].ref_count for b in parent.block_table] == [1] * 3

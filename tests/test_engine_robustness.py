@@ -238,10 +238,10 @@ def test_sampler_fails_only_the_row_it_cannot_sample(bad_value, device):
     for specs, pattern in cases:
         sampler = Sampler(torch.device(device), seed=0)
         seqs = _rows(sampler, specs)
-        tokens, logprobs = sampler(logits, seqs)
+        tokens, logprobs, _ = sampler(logits, seqs)
         ref = Sampler(torch.device(device), seed=0)
         alone = _rows(ref, [specs[0], specs[2]])
-        ref_tokens, _ = ref(logits[[0, 2]], alone)
+        ref_tokens = ref(logits[[0, 2]], alone).tokens
         assert tokens == [ref_tokens[0], -1, ref_tokens[1]], specs
         assert torch.equal(sampler.generator.get_state(), ref.generator.get_state())
         for seq, ref_seq in zip([seqs[0], seqs[2]], alone):
@@ -255,7 +255,7 @@ def test_sampler_fails_only_the_row_it_cannot_sample(bad_value, device):
                 if v is not None:
                     assert v == pytest.approx(torch.log_softmax(logits[i], -1)[tokens[i]].item())
     sampler = Sampler(torch.device(device), seed=0)  # a bad row alone: no error either
-    assert sampler(logits[1:2], _rows(sampler, [(hot_lp, None)])) == ([-1], [None])
+    assert sampler(logits[1:2], _rows(sampler, [(hot_lp, None)])) == ([-1], [None], None)
 
 
 def test_async_engine_fails_the_request_that_cannot_be_sampled_alone(tiny_models, monkeypatch):
@@ -319,3 +319,64 @@ def test_core_loop_reports_each_failed_request_once(tiny_models):
     errors = [e for batch in batches for e in batch[2]]
     assert sorted(errors) == [("a", "failed", "engine step failed: boom"),
                               ("b", "failed", "engine step failed: boom")]
+
+
+def test_core_loop_accepts_before_it_steps(tiny_models):
+    """Acceptance goes out as soon as the request is taken: a client's wait for its status does
+    not include the step (a prefill of seconds on a busy CPU)."""
+    from optgptq.engine import core_loop
+    from optgptq.engine.synthetic_core import SyntheticCore
+
+    emitted = []
+
+    class Core(SyntheticCore):
+        def step(self):
+            emitted.append("step")
+            return super().step()
+
+    core = Core(EngineConfig(model=str(tiny_models["llama-gqa"]), num_blocks=8, block_size=16))
+    inbox = [[("add", "a", [5] * 4, SamplingParams(max_tokens=2))], [("stop",)]]
+    core_loop.run(core, lambda block: inbox.pop(0), emitted.append)
+    first = emitted[0]
+    assert first[0] == ["a"] and first[1] == [] and emitted[1] == "step"
+    assert any(d[0] == "a" for batch in emitted[2:] if batch != "step" for d in batch[1])
+
+
+def test_async_engine_streams_n_choices_and_aborts_them_all(tiny_models):
+    """Through the core loop: each choice's deltas name it, its first carries the prompt, its
+    tokens and top logprobs match the offline engine's; aborting the request frees every
+    choice's blocks."""
+    path = str(tiny_models["llama-gqa"])
+    p = random_prompt(torch.Generator().manual_seed(22), 9)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, n=3, logprobs=True,
+                            top_logprobs=2)
+    expected = LLM(path, device="cpu", num_blocks=64, block_size=4).generate([p], params)
+    engine = AsyncLLMEngine(EngineConfig(model=path, device="cpu", num_blocks=64, block_size=4))
+
+    async def main():
+        final = {}
+        async for out in engine.generate(p, params):
+            final[out.index] = out
+        assert [final[j].token_ids for j in range(3)] == [o.token_ids for o in expected]
+        for j in range(3):
+            assert [[i for i, _ in t] for t in final[j].top_logprobs] == \
+                [[i for i, _ in t] for t in expected[j].top_logprobs]
+        deltas = []
+        sub = engine.submit(p, SamplingParams(max_tokens=100, n=3, ignore_eos=True), "x",
+                            deltas.append)
+        await sub.accepted
+        while len({d[10] for d in deltas}) < 3:
+            await asyncio.sleep(0.01)
+        engine.abort("x")
+        for _ in range(100):
+            if engine.stats().pool.used_blocks == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().pool.used_blocks == 0 and not sub.done.done()
+        firsts = [d[10] for d in deltas if d[7] is not None]
+        assert sorted(firsts) == [0, 1, 2] and all(d[7] == p for d in deltas if d[7])
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

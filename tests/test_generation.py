@@ -172,3 +172,128 @@ def test_a_request_that_cannot_be_sampled_fails_alone(tiny_models, monkeypatch):
         llm.generate(ps, params)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.pool.stats().free_blocks == llm.engine.pool.num_blocks
+
+
+def test_logit_bias_forces_a_token_and_min_tokens_holds_off_eos_and_stops(tiny_models):
+    llm = LLM(str(tiny_models["llama-mha"]), device="cpu", num_blocks=64, block_size=4)
+    p = prompts(14, [9])[0]
+    forced = llm.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                              logit_bias={4321: 100}))[0]
+    assert forced.token_ids == [4321] * 6
+    full = llm.generate([p], GREEDY)[0]
+    llm.engine.eos_token_ids = {full.token_ids[0]}  # EOS would end it at once
+    assert llm.generate([p], SamplingParams(max_tokens=12, temperature=0))[0].token_ids == \
+        full.token_ids[:1]
+    held = llm.generate([p], SamplingParams(max_tokens=12, temperature=0, min_tokens=4))[0]
+    assert full.token_ids[0] not in held.token_ids[:4] and len(held.token_ids) > 4
+    stop = llm.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                            stop=[full.text[:2]], min_tokens=3))[0]
+    assert len(stop.token_ids) >= 3  # the stop string does not count within min_tokens
+
+
+def test_penalties_and_bias_match_a_reference_loop(tiny_models):
+    """Greedy decoding with every processor equals an argmax loop over transformers' logits
+    adjusted by the per-row reference of tests/test_logits_processors.py."""
+    from tests.conftest import _hf_model
+    from tests.test_logits_processors import reference
+    from optgptq.engine.sequence import Sequence
+
+    path = tiny_models["llama-gqa"]
+    p = prompts(15, [12])[0]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, presence_penalty=1.5,
+                            frequency_penalty=0.7, repetition_penalty=1.3,
+                            logit_bias={p[0]: 4.0, 777: -100})
+    out = LLM(str(path), device="cpu", num_blocks=64, block_size=4).generate([p], params)[0]
+    seq = Sequence("ref", p, params, 0, 10)
+    model = _hf_model(str(path))
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([seq.token_ids])).logits[0, -1]
+            seq.token_ids.append(int(reference(logits, seq).argmax()))
+    assert out.token_ids == seq.output_token_ids
+
+
+def test_top_logprobs_are_the_raw_distributions(tiny_models):
+    path = tiny_models["llama-gqa"]
+    p = prompts(16, [10])[0]
+    params = SamplingParams(max_tokens=4, temperature=0.9, seed=3, ignore_eos=True,
+                            presence_penalty=2, logprobs=True, top_logprobs=5)
+    out = LLM(str(path), device="cpu", num_blocks=32, block_size=4).generate([p], params)[0]
+    from tests.conftest import _hf_model
+
+    with torch.no_grad():
+        logits = _hf_model(str(path))(torch.tensor([p + out.token_ids])).logits[0, len(p) - 1:-1]
+    ref = torch.log_softmax(logits, -1)
+    for step, (token, top) in enumerate(zip(out.token_ids, out.top_logprobs)):
+        values, ids = ref[step].topk(5)
+        assert [i for i, _ in top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), values, rtol=1e-4, atol=1e-4)
+        assert out.logprobs[step] == pytest.approx(ref[step, token].item(), abs=1e-4)
+
+
+def _count_forward_tokens(engine, monkeypatch) -> list[int]:
+    counted = [0]
+    execute = engine.runner.execute
+
+    def counting(batch):
+        counted[0] += sum(batch.num_new_tokens)
+        return execute(batch)
+
+    monkeypatch.setattr(engine.runner, "execute", counting)
+    return counted
+
+
+def test_n_choices_share_one_prefill(tiny_models, monkeypatch):
+    """n=4 greedy choices: one prefill of the prompt (then one token per choice per step), the
+    prompt's full blocks shared, and each choice equal to the single greedy answer."""
+    path = tiny_models["llama-gqa"]
+    p = prompts(17, [10])[0]
+    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", num_blocks=96, block_size=4))
+    forward = _count_forward_tokens(engine, monkeypatch)
+    engine.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, n=4), "r")
+    first = engine.step()
+    assert sorted(o.index for o in first) == [0, 1, 2, 3] and forward[0] == 10
+    # 3 blocks hold the prompt (2 full, shared); each other choice copies the partial third
+    assert engine.pool.stats().used_blocks == 3 + 3
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update((o.index, o) for o in engine.step() if o.finished)
+    assert forward[0] == 10 + 4 * 7  # vs 4 x 10 for four prefills
+    assert [outs[j].token_ids for j in range(4)] == [hf_greedy(path, p, 8)] * 4
+    assert engine.pool.stats().used_blocks == 0
+
+
+def test_n_choices_seeded_and_when_the_pool_cannot_copy(tiny_models):
+    """Choice 0 of a seeded request draws what n=1 draws, the others their own; a choice whose
+    fork finds no block for its copy waits and recomputes the prompt, with the same answer."""
+    path = str(tiny_models["llama-mha"])
+    p = prompts(18, [10])[0]
+    llm = LLM(path, device="cpu", num_blocks=96, block_size=4)
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+    one = llm.generate([p], seeded)[0].token_ids
+    many = [o.token_ids for o in llm.generate([p], SamplingParams(
+        max_tokens=8, temperature=1.0, seed=11, ignore_eos=True, n=3))]
+    assert many[0] == one and len({tuple(t) for t in many}) == 3
+    tight = LLMEngine(EngineConfig(model=path, device="cpu", num_blocks=3, block_size=4))
+    tight.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, n=2), "r")
+    tight.step()  # the prompt fills the pool: choice 1 waits
+    assert [s.index for s in tight.scheduler.waiting] == [1]
+    outs = {}
+    while tight.has_unfinished_requests():
+        outs.update((o.index, o.token_ids) for o in tight.step() if o.finished)
+    assert outs == {0: hf_greedy(path, p, 2), 1: hf_greedy(path, p, 2)}
+    assert tight.pool.stats().used_blocks == 0
+
+
+def test_aborting_a_request_of_n_choices_frees_every_block(tiny_models):
+    engine = LLMEngine(EngineConfig(model=str(tiny_models["bloom"]), device="cpu", num_blocks=64,
+                                    block_size=4))
+    engine.add_request(prompts(19, [9])[0], SamplingParams(max_tokens=20, n=3, ignore_eos=True),
+                       "r")
+    for _ in range(3):
+        engine.step()
+    assert len(engine.scheduler.running) == 3 and engine.pool.stats().used_blocks > 0
+    assert engine.abort_request("r") and not engine.has_unfinished_requests()
+    assert engine.pool.stats().used_blocks == 0 and not engine.scheduler.has_work()
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        engine.add_request([5, 6], SamplingParams(n=engine.scheduler.max_num_seqs + 1))

@@ -179,9 +179,12 @@ def _grpc_call(ingress, method: str, raw: bytes, metadata=()):
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.unary_unary(f"/optgptq.OptGPTQ/{method}",
-                                           response_deserializer=pb.GenerateResponse.FromString)
+                kind = channel.unary_stream if method == "GenerateStream" else channel.unary_unary
+                call = kind(f"/optgptq.OptGPTQ/{method}",
+                            response_deserializer=pb.GenerateResponse.FromString)
                 try:
+                    if method == "GenerateStream":  # every response, in order
+                        return grpc.StatusCode.OK, [r async for r in call(raw, metadata=metadata)]
                     return grpc.StatusCode.OK, await call(raw, metadata=metadata)
                 except grpc.aio.AioRpcError as err:
                     return err.code(), err.details()
@@ -206,3 +209,31 @@ def test_grpc_malformed_oversized_and_unauthenticated():
     code, _ = _grpc_call(ingress, "Generate", good)
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert len(ingress.client.opened) == 1
+
+
+def test_grpc_engine_fields_top_logprobs_and_n():
+    ingress = _ingress({})
+    request = pb.GenerateRequest(model="m", prompt="hi", logprobs=True, top_logprobs=2,
+                                 presence_penalty=0.5, repetition_penalty=1.25, min_tokens=1,
+                                 logit_bias={5: -100.0})
+    code, reply = _grpc_call(ingress, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.OK, reply
+    params = ingress.client.opened[-1][1]
+    assert (params.presence_penalty, params.repetition_penalty, params.min_tokens,
+            params.logit_bias, params.top_logprobs) == (0.5, 1.25, 1, {5: -100.0}, 2)
+    assert [(t.token_id, [(a.token_id, a.token, a.logprob) for a in t.top])
+            for t in reply.logprobs] == [(7, [(7, "h", -0.5), (8, "i", -1.5)]),
+                                         (11, [(11, "l", -1.5), (12, "m", -2.5)])]
+    request = pb.GenerateRequest(model="m", messages=[pb.ChatMessage(role="user", content="x")],
+                                 n=2)
+    code, details = _grpc_call(ingress, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "GenerateStream" in details
+    code, replies = _grpc_call(ingress, "GenerateStream", request.SerializeToString())
+    assert code == grpc.StatusCode.OK
+    for index in (0, 1):
+        assert "".join(r.text for r in replies if r.index == index) == "hello"
+    for bad in ({"top_logprobs": 3}, {"presence_penalty": 3.0}, {"n": 0}):
+        request = pb.GenerateRequest(model="m", prompt="hi", **bad)
+        code, details = _grpc_call(ingress, "GenerateStream", request.SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (bad, details)
+

@@ -36,12 +36,11 @@ def _events(response) -> list[dict]:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("n", 2), ("best_of", 3), ("presence_penalty", 0.5), ("frequency_penalty", -1),
-    ("logit_bias", {"50": 10}), ("response_format", {"type": "json_object"}),
+    ("best_of", 3), ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
     ("suffix", "end"), ("user", "u-1"), ("store", True), ("metadata", {"a": "b"}),
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
-    ("modalities", ["text", "audio"]), ("reasoning_effort", "low"), ("top_logprobs", 3),
+    ("modalities", ["text", "audio"]), ("reasoning_effort", "low"),
 ])
 def test_unimplemented_fields_are_refused_by_name(api, field, value):
     ingress, client = api
@@ -70,7 +69,9 @@ def test_unknown_fields_and_wrong_types_are_400(api):
     assert "unknown parameter" in r.json()["error"]["message"]
     r = _post(client, "/v1/completions", {**PROMPT, "max_tokens": "ten"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-    assert set(REFUSED) >= {"n", "tools", "response_format"}
+    assert set(REFUSED) >= {"best_of", "tools", "response_format"}
+    assert not set(REFUSED) & {"n", "presence_penalty", "frequency_penalty", "logit_bias",
+                               "top_logprobs"}
 
 
 def test_content_parts_and_developer_role(api):
@@ -152,3 +153,76 @@ def test_model_by_id(api):
     assert client.get("/v1/models/m").json()["id"] == "m"
     r = client.get("/v1/models/other")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/chat/completions", "presence_penalty", 2.5), ("/v1/completions", "frequency_penalty", -3),
+    ("/v1/completions", "presence_penalty", True), ("/v1/completions", "frequency_penalty", "1"),
+    ("/v1/completions", "repetition_penalty", 0),
+    ("/v1/chat/completions", "repetition_penalty", -1),
+    ("/v1/completions", "logit_bias", {"abc": 1}), ("/v1/completions", "logit_bias", {"-5": 1}),
+    ("/v1/chat/completions", "logit_bias", {"5": 101}),
+    ("/v1/completions", "logit_bias", {str(i): 1 for i in range(301)}),
+    ("/v1/completions", "min_tokens", -1), ("/v1/completions", "min_tokens", 17),
+    ("/v1/chat/completions", "n", 0), ("/v1/completions", "n", 129),
+    ("/v1/completions", "n", 1.5), ("/v1/chat/completions", "top_logprobs", 21),
+    ("/v1/chat/completions", "top_logprobs", 2), ("/v1/completions", "logprobs", 6),
+    ("/v1/completions", "top_logprobs", 2),
+])
+def test_bad_values_of_the_engine_fields_are_400_naming_them(api, path, field, value):
+    """(min_tokens 17 exceeds max_tokens 16; top_logprobs without logprobs: true; completions
+    have no top_logprobs field.)"""
+    ingress, client = api
+    body = CHAT if "chat" in path else PROMPT
+    r = _post(client, path, {**body, field: value})
+    assert r.status_code == 400, (field, value, r.text)
+    assert r.json()["error"]["param"] == field, r.json()
+    assert ingress.client.opened == []
+
+
+def test_engine_fields_reach_the_engine(api):
+    ingress, client = api
+    r = _post(client, "/v1/chat/completions", {
+        **CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+        "logit_bias": {"50": 10, "7": -100}, "min_tokens": 3, "max_completion_tokens": 9,
+        "logprobs": True, "top_logprobs": 4, "n": 2, "seed": 5})
+    assert r.status_code == 200, r.text
+    params = ingress.client.opened[-1][1]
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
+            params.logit_bias, params.min_tokens, params.max_tokens, params.logprobs,
+            params.top_logprobs, params.n) == (0.5, -1, 1.2, {50: 10, 7: -100}, 3, 9, True, 4, 2)
+    r = _post(client, "/v1/completions", {**PROMPT, "logprobs": 3, "min_tokens": 16})
+    params = ingress.client.opened[-1][1]
+    assert r.status_code == 200 and (params.logprobs, params.top_logprobs) == (True, 3)
+
+
+def test_n_choices_per_prompt_are_numbered_and_counted_once(api):
+    ingress, client = api
+    body = _post(client, "/v1/completions", {"model": "m", "prompt": ["ab", "cde"], "n": 3,
+                                             "echo": True}).json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert [c["text"] for c in body["choices"]] == ["abhello"] * 3 + ["cdehello"] * 3
+    assert len(ingress.client.opened) == 2  # one engine request per prompt, n choices each
+    assert body["usage"]["prompt_tokens"] == 2 + 3 and body["usage"]["completion_tokens"] == 12
+    r = _post(client, "/v1/completions", {"model": "m", "prompt": ["a"] * 64, "n": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    events = _events(_post(client, "/v1/chat/completions", {**CHAT, "n": 2, "stream": True}))
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] == "length"
+        assert "".join(c["delta"].get("content", "") for c in mine) == "hello"
+
+
+def test_top_logprobs_shapes(api):
+    _, client = api
+    r = _post(client, "/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 2})
+    first = r.json()["choices"][0]["logprobs"]["content"][0]
+    assert (first["token"], first["logprob"]) == ("h", -0.5)
+    assert first["top_logprobs"] == [{"token": "h", "logprob": -0.5, "bytes": [104]},
+                                     {"token": "i", "logprob": -1.5, "bytes": [105]}]
+    lp = _post(client, "/v1/completions", {**PROMPT, "logprobs": 2}).json()["choices"][0]
+    assert lp["logprobs"]["top_logprobs"] == [{"h": -0.5, "i": -1.5}, {"l": -1.5, "m": -2.5}]
+    events = _events(_post(client, "/v1/completions", {**PROMPT, "logprobs": 1, "stream": True}))
+    tops = [t for e in events if e["choices"][0]["logprobs"]
+            for t in e["choices"][0]["logprobs"]["top_logprobs"]]
+    assert tops == [{"h": -0.5}, {"l": -1.5}]

@@ -86,9 +86,41 @@ def test_abort_frees_blocks_at_once():
     advance(pool, sched.schedule())
     assert pool.stats().used_blocks == 3
     aborted = sched.abort("a")
-    assert aborted is a and a.finish_reason == "abort"
+    assert aborted == [a] and a.finish_reason == "abort"
     assert pool.stats().used_blocks == 0 and not sched.has_work()
-    assert sched.abort("a") is None
+    assert sched.abort("a") == []
+
+
+def _with_forks(n, rid, arrival, choices):
+    parent = seq(n, rid, arrival)
+    parent.forks = [Sequence(rid, list(parent.token_ids), parent.params, arrival, 32, index=j)
+                    for j in range(1, choices)]
+    return parent
+
+
+def test_forks_are_seated_at_admission_and_abort_takes_every_choice():
+    """A request of 3 choices takes 3 of the cap's seats when admitted; its forks then join the
+    batch (running with blocks, waiting without) and an abort frees them all."""
+    pool, sched = make(max_seqs=4, budget=64)
+    a = _with_forks(5, "a", 0, 3)
+    b, c = seq(3, "b", 1, start=50), seq(3, "c", 2, start=60)
+    for s in (a, b, c):
+        sched.add(s)
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["a", "b"]  # c would need a 5th seat
+    advance(pool, batch)
+    forks, a.forks = a.forks, []
+    assert pool.fork(a, forks[0]) == [(a.block_table[1], forks[0].block_table[1])]
+    sched.add_forked(forks[0])
+    sched.add_forked(forks[1])  # no blocks: waits, in its arrival place
+    assert forks[0] in sched.running and list(sched.waiting) == [forks[1], c]
+    batch = sched.schedule()  # the waiting choice takes the last seat, before c
+    assert batch.seqs == [a, forks[0], b, forks[1]] and list(sched.waiting) == [c]
+    assert forks[1].num_cached_tokens == BS  # it recomputes the prompt past a's full block
+    assert sorted(s.index for s in sched.abort("a")) == [0, 1, 2]
+    assert all(s.finish_reason == "abort" for s in [a, *forks])
+    sched.abort("b")
+    assert pool.stats().used_blocks == 0 and list(sched.waiting) == [c]
 
 
 def test_max_num_seqs_caps_the_batch():

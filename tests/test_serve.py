@@ -273,6 +273,44 @@ def test_disconnect_aborts_the_request_and_frees_its_blocks(server, rng):
     assert after["free_blocks"] == after["num_blocks"]
 
 
+def test_n_choices_logprobs_and_logit_bias_end_to_end(server, rng):
+    """n greedy choices (one engine request) each equal the single greedy answer, the prompt
+    counted once; top logprobs and logit_bias cross Serve and the token channel; bad values are
+    400s naming the field, some known only to the engine; a client leaving a stream of n
+    choices frees all of their blocks."""
+    port = server["port"]
+    body = {"model": MODEL, "prompt": _ids(rng, 20), "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    _, one = _post(port, "/v1/completions", json.dumps(body).encode())
+    status, many = _post(port, "/v1/completions",
+                         json.dumps({**body, "n": 3, "logprobs": 2}).encode())
+    assert status == 200 and [c["index"] for c in many["choices"]] == [0, 1, 2]
+    assert {c["text"] for c in many["choices"]} == {one["choices"][0]["text"]}
+    assert many["usage"]["prompt_tokens"] == 20 and many["usage"]["completion_tokens"] == 24
+    top = many["choices"][0]["logprobs"]["top_logprobs"]
+    assert len(top) == 8 and all(2 <= len(t) <= 3 for t in top)
+    _, forced = _post(port, "/v1/completions", json.dumps(
+        {**body, "logit_bias": {"4321": 100}, "logprobs": 0}).encode())
+    assert len(set(forced["choices"][0]["logprobs"]["tokens"])) == 1
+    for bad, param in (({"logit_bias": {"49152": 1}}, "logit_bias"), ({"n": 17}, "n"),
+                       ({"min_tokens": 9}, "min_tokens")):
+        status, error = _post(port, "/v1/completions", json.dumps({**body, **bad}).encode())
+        assert (status, error["error"]["param"]) == (400, param), error
+    before = _wait_idle()
+    conn, r = _open_stream(port, {"prompt": _ids(rng, 50), "max_tokens": 400, "n": 3,
+                                  "ignore_eos": True})
+    replica = r.getheader("x-optgptq-replica")
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    deadline = time.monotonic() + 60
+    while _replica_stats()[replica]["running"] < 3:  # published every 0.1 s
+        assert time.monotonic() < deadline, "the choices never ran together"
+        time.sleep(0.1)
+    conn.close()
+    after = _wait_idle({replica})[replica]
+    assert after["cancelled"] == before[replica]["cancelled"] + 1
+    assert after["free_blocks"] == after["num_blocks"]
+
+
 @pytest.mark.slow
 def test_overload_is_rejected_with_429_not_queued_without_bound(server, rng):
     def attempt(_):

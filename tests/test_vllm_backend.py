@@ -143,3 +143,40 @@ def test_app_config_backend(monkeypatch):
     config = app.parse_config({"backend": "vllm", "engine": {"block_size": 32},
                                "vllm": {"enforce_eager": True}})
     assert config.backend == "vllm" and config.vllm == {"enforce_eager": True}
+
+
+def test_sampling_params_and_logprobs_map_onto_vllms(monkeypatch):
+    """Every engine field reaches vLLM's SamplingParams (a stand-in recording its arguments);
+    n > 1 is refused; vLLM's per-token {id: Logprob(logprob, rank)} become our logprobs and
+    top alternatives."""
+    import sys
+    import types
+
+    from optgptq.engine.sampling_params import SamplingParams
+    from optgptq.serving.vllm_engine import _sampling_params, vllm_logprobs
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kwargs: kwargs
+    kinds = types.ModuleType("vllm.sampling_params")
+    kinds.RequestOutputKind = types.SimpleNamespace(DELTA="delta")
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", kinds)
+    mapped = _sampling_params(SamplingParams(
+        max_tokens=9, min_tokens=2, presence_penalty=0.5, frequency_penalty=-1,
+        repetition_penalty=1.1, logit_bias={5: -100}, logprobs=True, top_logprobs=3))
+    assert {k: mapped[k] for k in ("n", "max_tokens", "min_tokens", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty", "logit_bias",
+                                   "logprobs", "output_kind")} == {
+        "n": 1, "max_tokens": 9, "min_tokens": 2, "presence_penalty": 0.5,
+        "frequency_penalty": -1, "repetition_penalty": 1.1, "logit_bias": {5: -100},
+        "logprobs": 3, "output_kind": "delta"}
+    assert _sampling_params(SamplingParams())["logprobs"] is None
+    with pytest.raises(ValueError, match="^n: "):
+        _sampling_params(SamplingParams(n=2))
+    lp = types.SimpleNamespace
+    steps = [{7: lp(logprob=-0.1, rank=1), 8: lp(logprob=-2.5, rank=2)},
+             {9: lp(logprob=-4.0, rank=5), 3: lp(logprob=-0.3, rank=1),
+              4: lp(logprob=-1.9, rank=2)}]
+    assert vllm_logprobs([7, 9], steps, 2) == ([-0.1, -4.0], [[(7, -0.1), (8, -2.5)],
+                                                               [(3, -0.3), (4, -1.9)]])
+    assert vllm_logprobs([7], steps[:1], 0) == ([-0.1], [None])

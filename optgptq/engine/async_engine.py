@@ -7,12 +7,14 @@ lock, nor it for the core's. Two ways to follow a request:
 
 - ``async for out in engine.generate(prompt, params, request_id)``: :class:`RequestOutput`
   deltas (``delta_text``, ``delta_token_ids``; ``text`` and ``token_ids`` so far) until
-  ``finished``. A delta arriving before its consumer took the previous one is merged into it, so
-  a slow consumer gets larger deltas, never a growing queue, and never holds the core back.
+  ``finished`` (with ``n`` choices: each choice's, ``out.index`` naming it, until all finished).
+  A delta arriving before its consumer took the previous one of its choice is merged into it,
+  so a slow consumer gets larger deltas, never a growing queue, and never holds the core back.
 - ``sub = engine.submit(prompt, params, request_id, on_delta)``: ``on_delta`` receives every raw
   :data:`~optgptq.engine.core_loop.Delta` on the caller's loop; ``await sub.accepted`` (raises
-  the core's ValueError for an invalid request), ``await sub.done``. For callers that forward
-  many requests' outputs together (the serving replicas' token channels).
+  the core's ValueError for an invalid request), ``await sub.done`` (once every choice
+  finished). For callers that forward many requests' outputs together (the serving replicas'
+  token channels).
 
 The core sends one batch per step; it reaches each caller's event loop in one
 ``call_soon_threadsafe`` per loop. A failing step fails the requests of that batch
@@ -38,17 +40,19 @@ from optgptq.engine.sampling_params import SamplingParams
 
 
 class Submission:
-    """One request in flight: ``accepted`` and ``done`` futures, its deltas to ``on_delta``."""
+    """One request in flight: ``accepted`` and ``done`` futures, its deltas to ``on_delta``;
+    done once each of its ``choices`` sent its finishing delta."""
 
-    __slots__ = ("request_id", "loop", "on_delta", "accepted", "done")
+    __slots__ = ("request_id", "loop", "on_delta", "accepted", "done", "unfinished")
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop,
-                 on_delta: Callable[[tuple], None]) -> None:
+                 on_delta: Callable[[tuple], None], choices: int = 1) -> None:
         self.request_id = request_id
         self.loop = loop
         self.on_delta = on_delta
         self.accepted: asyncio.Future = loop.create_future()
         self.done: asyncio.Future = loop.create_future()
+        self.unfinished = choices
 
     def _accept(self) -> None:
         if not self.accepted.done():
@@ -57,8 +61,10 @@ class Submission:
     def _put(self, delta: tuple) -> None:
         self._accept()
         self.on_delta(delta)
-        if delta[3] and not self.done.done():
-            self.done.set_result(None)
+        if delta[3]:
+            self.unfinished -= 1
+            if not self.unfinished and not self.done.done():
+                self.done.set_result(None)
 
     def _fail(self, error: BaseException) -> None:
         for fut in (self.accepted, self.done):
@@ -107,50 +113,44 @@ class AsyncLLMEngine:
             raise RuntimeError("engine is shut down" if self._closed else "engine process died")
         if request_id in self._subs:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        sub = Submission(request_id, asyncio.get_running_loop(), on_delta)
+        params = params or SamplingParams()
+        sub = Submission(request_id, asyncio.get_running_loop(), on_delta, params.n)
         self._subs[request_id] = sub
         with self._lock:
             self._in_transit += 1
-        self._send(("add", request_id, prompt, params or SamplingParams()))
+        self._send(("add", request_id, prompt, params))
         sub.done.add_done_callback(lambda _: self._subs.pop(request_id, None))
         return sub
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         request_id = request_id or f"async-{next(self._ids)}"
-        pending: list[list] = []  # at most one merged delta not yet taken
+        pending: dict[int, list] = {}  # per choice, at most one merged delta not yet taken
         wake: list[asyncio.Future] = []
 
         def on_delta(delta: tuple) -> None:
-            if pending:
-                _merge(pending[0], delta)
+            if delta[10] in pending:
+                _merge(pending[delta[10]], delta)
             else:
-                pending.append(list(delta))
+                pending[delta[10]] = list(delta)
             if wake and not wake[0].done():
                 wake[0].set_result(None)
 
         sub = self.submit(prompt, params, request_id, on_delta)
-        text, token_ids, logprobs, prompt_ids = "", [], [], []
+        choices = [_SoFar(request_id, prompt) for _ in range(sub.unfinished)]
+        unfinished = len(choices)
         try:
-            while True:
+            while unfinished:
                 if not pending:
                     wake[:] = [sub.loop.create_future()]
                     await asyncio.wait([wake[0], sub.done], return_when=asyncio.FIRST_COMPLETED)
                     if not pending:
                         sub.done.result()  # raises the request's error
                         continue
-                d = pending.pop()
-                text += d[1]
-                token_ids += d[2]
-                if d[6] is not None:
-                    logprobs += d[6]
-                if d[7] is not None:
-                    prompt_ids = d[7]
-                yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None,
-                                    prompt_ids, text, list(token_ids), d[1], d[2], d[3], d[4],
-                                    d[5], list(logprobs) if d[6] is not None else None, d[8])
-                if d[3]:
-                    return
+                index = next(iter(pending))  # the choice waiting longest
+                d = pending.pop(index)
+                yield choices[index].add(d)
+                unfinished -= bool(d[3])
         finally:
             self.abort(request_id)
 
@@ -236,13 +236,39 @@ def _apply(items: list) -> None:
             sub._fail(arg)
 
 
+class _SoFar:
+    """One choice's output so far, for :meth:`AsyncLLMEngine.generate`."""
+
+    def __init__(self, request_id: str, prompt: str | list[int]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt if isinstance(prompt, str) else None
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list = []
+        self.prompt_ids: list[int] = []
+
+    def add(self, d: list) -> RequestOutput:
+        self.text += d[1]
+        self.token_ids += d[2]
+        self.logprobs += d[6] or []
+        self.top_logprobs += d[9] or []
+        if d[7] is not None:
+            self.prompt_ids = d[7]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, self.text,
+                             list(self.token_ids), d[1], d[2], d[3], d[4], d[5],
+                             list(self.logprobs) if d[6] is not None else None, d[8],
+                             list(self.top_logprobs) if d[9] is not None else None, d[10])
+
+
 def _merge(into: list, delta: tuple) -> None:
-    """Append ``delta`` to an undelivered delta of the same request."""
+    """Append ``delta`` to an undelivered delta of the same choice."""
     into[1] += delta[1]
     into[2] = into[2] + delta[2]
     into[3:6] = delta[3:6]
     into[8] = delta[8]
-    if delta[6] is not None:
-        into[6] = (into[6] or []) + delta[6]
+    for slot in (6, 9):
+        if delta[slot] is not None:
+            into[slot] = (into[slot] or []) + delta[slot]
     if into[7] is None:
         into[7] = delta[7]

@@ -20,6 +20,10 @@ Algorithm
   if anonymous, or to the tail of an LRU list if registered. Allocation takes from the free list
   first and only then evicts the least recently used cached block (the tail blocks of the last
   finished sequence go first), unregistering its hash.
+- Forking (a request's ``n`` choices after its one prefill): a choice takes a reference to each
+  full block of the sequence it forks from, and a fresh block for a partially filled last one,
+  whose KV the model runner copies (its later tokens go to slots the other choices also
+  write). The pool only hands out the ids; see :meth:`BlockPool.fork`.
 - With ``record_events`` the pool logs ``("add", hash)`` and ``("evict", hash)`` in order, for a
   router that mirrors which prefixes each replica holds; :meth:`drain_events` takes them.
 
@@ -180,6 +184,31 @@ class BlockPool:
             block.hash, block.parent_hash, block.token_ids = None, None, ()
         self.blocks[block_id].ref_count = 1
         return block_id
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]] | None:
+        """Give ``child`` (no blocks yet, the same prompt) ``parent``'s computed tokens: its
+        full blocks by reference and a copy of a partially filled last block. Returns the
+        ``(source, destination)`` block pairs whose KV must be copied, or None (and no change)
+        when the pool has no block for the copy."""
+        assert not child.block_table
+        bs = self.block_size
+        computed = parent.num_computed_tokens
+        full = computed // bs
+        partial = computed % bs != 0
+        if partial and not self.num_available:
+            return None
+        for block_id in parent.block_table[:full]:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = parent.block_table[:full]
+        pairs = []
+        if partial:
+            child.block_table.append(self._take())
+            pairs.append((parent.block_table[full], child.block_table[-1]))
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_hashed_blocks = min(parent.num_hashed_blocks, full)
+        child.num_computed_tokens = computed
+        child.num_cached_tokens = parent.num_cached_tokens
+        return pairs
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register ``seq``'s blocks that are now full of computed tokens under their hashes."""

@@ -13,10 +13,12 @@ Out, once per turn of the loop in which anything happened (commands taken or a s
 
 - ``accepted``: the ids of the requests the core took this turn;
 
-- ``deltas``: one :data:`Delta` per request that produced tokens or finished in the step:
-  ``(request_id, text, token_ids, finished, finish_reason, stop_reason, logprobs,
-  prompt_token_ids, num_cached_tokens)``, the new part only (``prompt_token_ids`` in a
-  request's first delta only, else None);
+- ``deltas``: one :data:`Delta` per choice of a request that produced tokens or finished in
+  the step: ``(request_id, text, token_ids, finished, finish_reason, stop_reason, logprobs,
+  prompt_token_ids, num_cached_tokens, top_logprobs, index)``, the new part only
+  (``prompt_token_ids`` in a choice's first delta only, else None; ``logprobs`` and
+  ``top_logprobs`` None unless asked for; ``index``: the choice, 0 .. n-1; ``finished``: that
+  choice's end, the request's once each of its choices has sent one);
 - ``errors``: ``(request_id, kind, message)``; kind ``invalid`` (the core refused the request:
   its ValueError), ``failed`` (the core failed it alone, ``take_failures``; or a step raised:
   every request in flight fails, the loop goes on) or ``stopped`` (the engine shut down);
@@ -71,7 +73,7 @@ def model_info(core) -> dict:
 def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], None]) -> None:
     """Take commands and step ``core`` until a stop command; ``receive(block)`` returns the
     commands waiting (blocking for one when ``block``), ``emit`` sends a batch out."""
-    live: dict[str, bool] = {}  # request id -> whether its first delta went out
+    live: dict[str, list] = {}  # request id -> per choice: False (no delta yet), True, None (done)
     while True:
         commands = receive(not core.has_unfinished_requests())
         errors: list[tuple[str, str, str]] = []
@@ -81,7 +83,7 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
                 _, rid, prompt, params = cmd
                 try:
                     core.add_request(prompt, params, rid)
-                    live[rid] = False
+                    live[rid] = [False] * params.n
                     accepted.append(rid)
                 except ValueError as exc:
                     errors.append((rid, "invalid", str(exc)))
@@ -94,6 +96,9 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
                 errors += [(rid, "stopped", "engine is shut down") for rid in live]
                 emit((accepted, [], errors, core.stats(), core.pool.drain_events()))
                 return
+        if accepted or errors:  # say so now, not after the step (a prefill can take seconds)
+            emit((accepted, [], errors, core.stats(), core.pool.drain_events()))
+            accepted, errors = [], []
         deltas: list[Delta] = []
         if core.has_unfinished_requests():
             try:
@@ -109,14 +114,23 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
                 if live.pop(rid, None) is not None:  # (not already failed by a raising step)
                     errors.append((rid, "failed", message))
             for out in outputs:
-                n = len(out.delta_token_ids)
-                first = not live.get(out.request_id, True)
-                live[out.request_id] = True
-                deltas.append((out.request_id, out.delta_text, out.delta_token_ids, out.finished,
-                               out.finish_reason, out.stop_reason,
-                               out.logprobs[len(out.logprobs) - n:] if out.logprobs else None,
-                               out.prompt_token_ids if first else None, out.num_cached_tokens))
-                if out.finished:
-                    live.pop(out.request_id, None)
+                choices = live.get(out.request_id)
+                first = choices is not None and choices[out.index] is False
+                if choices is not None:
+                    choices[out.index] = None if out.finished else True
+                    if not any(c is not None for c in choices):
+                        del live[out.request_id]
+                deltas.append(delta(out, first))
         if commands or deltas or errors:
             emit((accepted, deltas, errors, core.stats(), core.pool.drain_events()))
+
+
+def delta(out, first: bool) -> Delta:
+    """The :data:`Delta` of an output (``first``: its choice's first)."""
+    n = len(out.delta_token_ids)
+    return (out.request_id, out.delta_text, out.delta_token_ids, out.finished,
+            out.finish_reason, out.stop_reason,
+            out.logprobs[len(out.logprobs) - n:] if out.logprobs is not None else None,
+            out.prompt_token_ids if first else None, out.num_cached_tokens,
+            out.top_logprobs[len(out.top_logprobs) - n:] if out.top_logprobs is not None
+            else None, out.index)

@@ -20,8 +20,9 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 
-    def add(self, token_id: int) -> str | None:
-        """Append a token; returns the matched stop string if the text now contains one."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append a token; returns the matched stop string if the text now contains one
+        (looked for only with ``check_stop``: not among a request's first ``min_tokens``)."""
         self._ids.append(token_id)
         prefix = self.tokenizer.decode(self._ids[self._prefix_offset:self._read_offset],
                                        skip_special_tokens=True)
@@ -32,7 +33,7 @@ class IncrementalDetokenizer:
             self._read_offset = len(self._ids)
             start = max(0, len(self.text) - self.holdback)
             self.text += new
-            found = [(pos, stop) for stop in self.stop
+            found = [(pos, stop) for stop in (self.stop if check_stop else ())
                      if (pos := self.text.find(stop, start)) != -1]
             if found:
                 pos, stop = min(found)

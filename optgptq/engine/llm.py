@@ -30,7 +30,8 @@ class LLM:
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Final outputs in prompt order. A prompt is a string or a list of token ids."""
+        """Final outputs in prompt order (a prompt of ``n`` choices: its ``n`` outputs, in
+        choice order). A prompt is a string or a list of token ids."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -46,19 +47,19 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        done: dict[str, RequestOutput] = {}
+        done: dict[tuple[str, int], RequestOutput] = {}
         failed: list[tuple[str, str]] = []
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate") as bar:
+        with tqdm(total=sum(p.n for p in params), disable=not use_tqdm, desc="generate") as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
-                        done[out.request_id] = out
+                        done[out.request_id, out.index] = out
                         bar.update(1)
                 failed += self.engine.take_failures()
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(ids)} requests failed (prompt "
                                f"{ids.index(failed[0][0])}: {failed[0][1]})")
-        return [done[rid] for rid in ids]
+        return [done[rid, j] for rid, p in zip(ids, params) for j in range(p.n)]
 
     def chat_prompt(self, message: str) -> list[int]:
         """Token ids of one user message under the model's chat template."""

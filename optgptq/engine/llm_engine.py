@@ -1,9 +1,18 @@
 """The engine core: requests in, one scheduled step at a time, incremental outputs out.
 
 ``add_request`` validates and queues; ``step`` schedules a batch, runs it on the model runner,
-appends sampled tokens, applies the stop conditions and retires finished sequences;
-``abort_request`` frees a request at once. Everything here is synchronous and single-threaded;
-:mod:`optgptq.engine.async_engine` runs it in a background loop for the serving layer.
+forks waiting choices, appends sampled tokens, applies the stop conditions and retires finished
+sequences; ``abort_request`` frees a request at once. Everything here is synchronous and
+single-threaded; :mod:`optgptq.engine.async_engine` runs it in a background loop for the
+serving layer.
+
+A request of ``n`` choices (``SamplingParams.n``) is prefilled once: choice 0 is scheduled alone
+and carries the others in its ``forks``; the step that computes its prompt's last token samples
+every choice's first token from that one logits row (:meth:`Sampler.sample`), and the choices
+then take references to its full prompt blocks and a copy of its partially filled one
+(:meth:`BlockPool.fork`), joining the batch as sequences of their own. Outputs name their
+choice (``RequestOutput.index``); the request ends when all of its choices have, and fails or
+is aborted as a whole.
 """
 
 from __future__ import annotations
@@ -17,20 +26,32 @@ from optgptq.engine.block_pool import BlockPool
 from optgptq.engine.detokenizer import IncrementalDetokenizer
 from optgptq.engine.model_runner import ModelRunner
 from optgptq.engine.outputs import EngineStats, RequestOutput
+from optgptq.engine.sampler import Sample
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.engine.scheduler import Scheduler
 from optgptq.engine.sequence import Sequence, check_request
 from optgptq.models.hub import resolve_model
 
+SEED_MODULUS = 1 << 64
 
-class _Request:
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None, stream: bool) -> None:
+
+class _Choice:
+    """One sequence of a request, with its detokenizer and what its outputs reported."""
+
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> None:
         self.seq = seq
         self.detok = detok
-        self.stream = stream
-        self.prompt_token_ids = seq.token_ids[:seq.num_prompt_tokens]  # shared by its outputs
         self.reported_tokens = 0
         self.stop_reason: str | int | None = None
+
+
+class _Request:
+    def __init__(self, choices: list[_Choice], stream: bool) -> None:
+        self.choices = choices
+        self.stream = stream
+        seq = choices[0].seq
+        self.prompt_token_ids = seq.token_ids[:seq.num_prompt_tokens]  # shared by its outputs
+        self.unfinished = len(choices)
 
 
 class LLMEngine:
@@ -70,7 +91,7 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = True) -> str:
         """Validate and queue a request; raises ValueError naming what is wrong. With ``stream``
-        ``step`` reports it after every token, else only once it finishes."""
+        ``step`` reports it after every token, else each choice once it finishes."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
@@ -78,6 +99,9 @@ class LLMEngine:
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
             raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): "
                              "prompts must be token ids and stop strings are not available")
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds the engine's max_num_seqs "
+                             f"({self.scheduler.max_num_seqs})")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
@@ -85,14 +109,25 @@ class LLMEngine:
         max_tokens = check_request(ids, params, self.vocab_size, self.max_model_len,
                                    self.pool.block_size, self.pool.num_blocks,
                                    check_ids=text is None)
-        seq = Sequence(request_id, ids, params, next(self._arrivals), max_tokens, text)
+        arrival = next(self._arrivals)
+        choices = [self._choice(request_id, ids, params, arrival, max_tokens, text, j)
+                   for j in range(params.n)]
+        choices[0].seq.forks = [c.seq for c in choices[1:]]
+        self._requests[request_id] = _Request(choices, stream)
+        self.scheduler.add(choices[0].seq)
+        return request_id
+
+    def _choice(self, request_id: str, ids: list[int], params: SamplingParams, arrival: int,
+                max_tokens: int, text: str | None, index: int) -> _Choice:
+        seq = Sequence(request_id, ids, params, arrival, max_tokens, text, index)
         if params.seed is not None:
-            seq.generator = self.runner.make_generator(params.seed)
+            seq.generator = self.runner.make_generator(
+                params.seed if index == 0 else (params.seed + index) % SEED_MODULUS)
+        if not params.ignore_eos:
+            seq.stop_ids |= self.eos_token_ids
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.stop)
                  if self.tokenizer is not None else None)
-        self._requests[request_id] = _Request(seq, detok, stream)
-        self.scheduler.add(seq)
-        return request_id
+        return _Choice(seq, detok)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; False if it is unknown or already done."""
@@ -113,7 +148,7 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that finished, and for every
+        """Run one batch; returns an output for every choice that finished, and for every
         streamed one that produced tokens."""
         batch = self.scheduler.schedule()
         if not batch:
@@ -122,62 +157,89 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.pool.cache_full_blocks(seq)
-        outputs = []
-        for i, token, logprob in samples:
-            seq = batch.seqs[i]
-            req = self._requests[seq.request_id]
-            if token < 0:  # its distribution could not be sampled: it fails alone
-                self.abort_request(seq.request_id)
-                self._failures.append((seq.request_id, "sampling failed: the request's "
+        for s in samples:
+            if s.token < 0 and s.seq.request_id in self._requests:  # it fails alone
+                self.abort_request(s.seq.request_id)
+                self._failures.append((s.seq.request_id, "sampling failed: the request's "
                                        "next-token distribution has no mass or is not a number"))
-                continue
-            seq.token_ids.append(token)
-            if logprob is not None and seq.params.logprobs:
-                seq.logprobs.append(logprob)
-            reason = self._check_stop(req, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self._requests[seq.request_id]
-            if req.stream or reason is not None:
-                outputs.append(self._output(req))
+        samples = [s for s in samples if s.seq.request_id in self._requests]
+        for s in samples:
+            if s.seq.forks:
+                self._fork(s.seq)
+        outputs = []
+        for s in samples:
+            req = self._requests[s.seq.request_id]
+            choice = req.choices[s.seq.index]
+            self._append(choice, s)
+            if choice.seq.is_finished:
+                req.unfinished -= 1
+                if not req.unfinished:
+                    del self._requests[s.seq.request_id]
+            if req.stream or choice.seq.is_finished:
+                outputs.append(self._output(req, choice))
         return outputs
 
-    def _check_stop(self, req: _Request, token: int) -> str | None:
-        seq, params = req.seq, req.seq.params
-        stop_str = req.detok.add(token) if req.detok is not None else None
+    def _fork(self, parent: Sequence) -> None:
+        """The choices waiting on ``parent``, whose prompt is now computed, become sequences of
+        their own on its blocks (or, where the pool has no block for the copy, wait to
+        recompute the prompt)."""
+        for child in parent.forks:
+            pairs = self.pool.fork(parent, child)
+            if pairs:
+                self.runner.copy_blocks(pairs)
+            self.scheduler.add_forked(child)
+        parent.forks = []
+
+    def _append(self, choice: _Choice, sample: Sample) -> None:
+        seq = choice.seq
+        seq.token_ids.append(sample.token)
+        if seq.params.logprobs:
+            seq.logprobs.append(sample.logprob)
+            if seq.params.top_logprobs:
+                seq.top_logprobs.append(sample.top_logprobs)
+        reason = self._check_stop(choice, sample.token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _check_stop(self, choice: _Choice, token: int) -> str | None:
+        """Stop strings, stop ids and EOS count only past the first ``min_tokens`` tokens (the
+        sampler bans the ids until then)."""
+        seq = choice.seq
+        counts = seq.num_output_tokens > seq.params.min_tokens
+        stop_str = choice.detok.add(token, counts) if choice.detok is not None else None
         if stop_str is not None:
-            req.stop_reason = stop_str
+            choice.stop_reason = stop_str
             return "stop"
-        if token in params.stop_token_ids:
-            req.stop_reason = token
-            return "stop"
-        if not params.ignore_eos and token in self.eos_token_ids:
-            req.stop_reason = token
+        if counts and token in seq.stop_ids:
+            choice.stop_reason = token
             return "stop"
         if seq.num_output_tokens >= seq.max_tokens:
             return "length"
         return None
 
-    def _output(self, req: _Request) -> RequestOutput:
-        seq = req.seq
+    def _output(self, req: _Request, choice: _Choice) -> RequestOutput:
+        seq = choice.seq
         finished = seq.is_finished
         out_ids = seq.output_token_ids
-        delta_ids = out_ids[req.reported_tokens:]
-        req.reported_tokens = len(out_ids)
-        delta_text = req.detok.delta(finished) if req.detok is not None else ""
+        delta_ids = out_ids[choice.reported_tokens:]
+        choice.reported_tokens = len(out_ids)
+        detok = choice.detok
+        delta_text = detok.delta(finished) if detok is not None else ""
         return RequestOutput(
             request_id=seq.request_id,
             prompt=seq.prompt,
             prompt_token_ids=req.prompt_token_ids,
-            text=req.detok.text[:req.detok.emitted] if req.detok is not None else "",
+            text=detok.text[:detok.emitted] if detok is not None else "",
             token_ids=out_ids,
             delta_text=delta_text,
             delta_token_ids=delta_ids,
             finished=finished,
             finish_reason=seq.finish_reason,
-            stop_reason=req.stop_reason,
+            stop_reason=choice.stop_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs else None,
             num_cached_tokens=seq.num_cached_tokens,
+            top_logprobs=list(seq.top_logprobs) if seq.params.top_logprobs else None,
+            index=seq.index,
         )
 
     def stats(self) -> EngineStats:

@@ -14,7 +14,7 @@ import torch
 
 from optgptq.config import EngineConfig
 from optgptq.engine.cuda_graphs import DecodeGraphs
-from optgptq.engine.sampler import Sampler
+from optgptq.engine.sampler import Sample, Sampler
 from optgptq.engine.scheduler import ScheduledBatch
 from optgptq.engine.step_inputs import StepInputBuilder
 from optgptq.models.cpu_linear import use_cpu_linears
@@ -134,8 +134,19 @@ class ModelRunner:
         return self.sampler.generator_for(seed)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[tuple[int, int, float | None]]:
-        """Run one step; returns ``(batch index, token id, logprob)`` for each sampling sequence."""
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the KV of block ``source`` to block ``destination`` for each pair, in every
+        layer (a forked choice's own copy of a partially filled block)."""
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for k, v in self.kv_caches:
+            k.index_copy_(1, dst, k.index_select(1, src))
+            v.index_copy_(1, dst, v.index_select(1, src))
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[Sample]:
+        """Run one step; returns a :class:`~optgptq.engine.sampler.Sample` for each sampling
+        sequence and for each choice forking from one (:meth:`Sampler.sample`)."""
         inp = self.inputs.build(batch)
         dev = self.device
         if self.graphs is not None and inp.is_decode and self.graphs.fits(len(batch.seqs)):
@@ -161,6 +172,4 @@ class ModelRunner:
             # staged, not a synchronous copy: the logits queue behind the forward pass
             hidden = hidden[torch.tensor(inp.logits_rows).to(dev, non_blocking=True)]
         logits = self.model.compute_logits(hidden)
-        tokens, logprobs = self.sampler(logits, [batch.seqs[i] for i in inp.sampling])
-        return [(i, t, logprobs[j] if logprobs is not None else None)
-                for j, (i, t) in enumerate(zip(inp.sampling, tokens))]
+        return self.sampler.sample(logits, [batch.seqs[i] for i in inp.sampling])

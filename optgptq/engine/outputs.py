@@ -13,7 +13,11 @@ from optgptq.engine.block_pool import PoolStats
 
 @dataclass
 class RequestOutput:
-    """A request's state after a step: the new part (delta) and everything so far."""
+    """One choice of a request after a step: the new part (delta) and everything so far.
+
+    ``logprobs``: the chosen tokens' (with ``SamplingParams.logprobs``); ``top_logprobs``: per
+    token, the most likely ``(token id, logprob)`` (with ``SamplingParams.top_logprobs``);
+    ``index``: which of the request's ``n`` choices this is."""
 
     request_id: str
     prompt: str | None
@@ -27,6 +31,8 @@ class RequestOutput:
     stop_reason: str | int | None = None
     logprobs: list[float] | None = None
     num_cached_tokens: int = 0
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    index: int = 0
 
 
 @dataclass

@@ -1,10 +1,18 @@
-"""Token sampling for one step: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Token sampling for one step: adjusted logits, greedy, temperature, top-k, top-p, per-request
+seeds, logprobs and the top alternatives, and the first tokens of forked choices.
 
-Rows are processed together where their parameters allow: greedy rows by one argmax, sampled
-rows by one filtered softmax. A row with its own seed draws from its own generator, so its
-output does not depend on what else is in the batch; other rows share the engine's generator.
-Logprobs are those of the model's distribution (log-softmax of the raw logits) for the chosen
-token, as the OpenAI API reports them.
+Each row's logits are first adjusted by its request's processors (logit bias, min_tokens,
+repetition / frequency / presence penalties: :mod:`optgptq.engine.logits_processors`; a batch
+that uses none pays nothing). Rows are then processed together where their parameters allow:
+greedy rows by one argmax of the adjusted logits, sampled rows by one filtered softmax. A row
+with its own seed draws from its own generator, so its output does not depend on what else is
+in the batch; other rows share the engine's generator. Logprobs are those of the model's raw
+distribution (log-softmax of the logits before any adjustment, temperature or filter; vLLM's
+default ``raw_logprobs``): the chosen token's, and with ``top_logprobs`` the most likely tokens'.
+
+Forks (:meth:`Sampler.sample`): a sequence whose prompt completes with choices waiting in its
+``forks`` lends its logits row to each of them, so every choice's first token is drawn from the
+one prefill's distribution, each with its own draw.
 
 Isolation: a sampled row whose distribution cannot be sampled (NaN, or no mass after the
 filters) gets token -1 and draws nothing, so only its own request fails; the other rows are
@@ -13,27 +21,59 @@ sampled exactly as they would be without it (no generator advances for the faile
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from optgptq.engine.logits_processors import LogitsProcessors
 from optgptq.engine.sequence import Sequence
+
+TopLogprobs = list[tuple[int, float]]
+"""The most likely ``(token id, logprob)`` of a step, most likely first."""
+
+
+class Picks(NamedTuple):
+    """One entry per row. ``logprobs`` is None unless some row asks for them, then a float for a
+    row that asked and got a token (None for the others); likewise ``top_logprobs`` for the rows
+    that asked for alternatives."""
+
+    tokens: list[int]
+    logprobs: list[float | None] | None
+    top_logprobs: list[TopLogprobs | None] | None
+
+
+class Sample(NamedTuple):
+    seq: Sequence
+    token: int
+    logprob: float | None
+    top_logprobs: TopLogprobs | None
 
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.processors = LogitsProcessors(device)
 
     def generator_for(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]
-                 ) -> tuple[list[int], list[float | None] | None]:
-        """logits [num_seqs, vocab] float32 -> (token ids, logprobs).
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+        """The next token of each of ``seqs`` (one logits row each), and the first token of
+        each sequence's waiting forks, drawn from its row; in that order."""
+        if any(s.forks for s in seqs):
+            rows = [r for r, s in enumerate(seqs) for _ in range(1 + len(s.forks))]
+            seqs = [c for s in seqs for c in (s, *s.forks)]
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        picks = self(logits, seqs)
+        none = [None] * len(seqs)
+        return [Sample(*entry) for entry in zip(seqs, picks.tokens, picks.logprobs or none,
+                                                 picks.top_logprobs or none)]
 
-        A token is -1 where that (sampled) row could not be sampled. ``logprobs`` is None unless
-        some row asks for them; then it has one entry per row: the chosen token's logprob for a
-        row that asked and got a token, None for the others.
-        """
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> Picks:
+        """logits [num_seqs, vocab] float32 -> one pick per row (token -1 where that sampled
+        row could not be sampled)."""
+        raw, logits = logits, self.processors(logits, seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         failed: list[int] = []
@@ -62,12 +102,33 @@ class Sampler:
         token_list = tokens.tolist()
         for i in failed:
             token_list[i] = -1
-        logprobs = None
-        if any(s.params.logprobs for s in seqs):
-            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1))[:, 0].tolist()
-            logprobs = [v if s.params.logprobs and t >= 0 else None
-                        for v, s, t in zip(lp, seqs, token_list)]
-        return token_list, logprobs
+        return Picks(token_list, *self._logprobs(raw, seqs, tokens, token_list))
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor,
+                  token_list: list[int]
+                  ) -> tuple[list[float | None] | None, list[TopLogprobs | None] | None]:
+        """The chosen tokens' raw logprobs and the top alternatives, for the rows that ask."""
+        if not any(s.params.logprobs for s in seqs):
+            return None, None
+        rows = [i for i, (s, t) in enumerate(zip(seqs, token_list)) if s.params.logprobs and t >= 0]
+        chosen: list[float | None] = [None] * len(seqs)
+        top: list[TopLogprobs | None] | None = (
+            [None] * len(seqs) if any(s.params.top_logprobs for s in seqs) else None)
+        if not rows:
+            return chosen, top
+        idx = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits[idx], dim=-1)
+        for i, v in zip(rows, lp.gather(1, tokens[idx].unsqueeze(1))[:, 0].tolist()):
+            chosen[i] = v
+        k = max(seqs[i].params.top_logprobs for i in rows)
+        if k:
+            values, ids = (t.tolist() for t in lp.topk(k, dim=-1))
+            for j, i in enumerate(rows):
+                n = seqs[i].params.top_logprobs
+                if n:
+                    top[i] = list(zip(ids[j][:n], values[j][:n]))
+        return chosen, top
 
     @staticmethod
     def _probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

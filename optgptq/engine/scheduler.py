@@ -12,9 +12,12 @@ sequence cap (``max_num_seqs``):
    the cap and the pool allow: prefix-cache hits first, then a first chunk of the rest. The head
    of the queue is never skipped, so no request starves behind later, smaller ones.
 
-Long prompts therefore run in chunks mixed with other sequences' decodes. ``abort`` frees a
-request's blocks at once. The engine guarantees that every admitted request fits the pool alone,
-so preemption always makes progress.
+Long prompts therefore run in chunks mixed with other sequences' decodes. A sequence with choices
+waiting to fork from it (``forks``, a request with ``n`` > 1) is admitted only while the cap has
+room for them too, so that they join the running batch as soon as its prompt is computed
+(:meth:`Scheduler.add_forked`). ``abort`` frees a request's blocks (all its choices') at once.
+The engine guarantees that every admitted sequence fits the pool alone, so preemption always
+makes progress.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class Scheduler:
                 budget -= n
         if batch.preempted:
             return batch
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = self.max_num_seqs - len(self.running) - sum(len(s.forks) for s in self.running)
+        while self.waiting and budget > 0 and seats > len(self.waiting[0].forks):
             seq = self.waiting[0]
             hits = self.pool.find_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.pool.block_size, budget)
@@ -90,7 +94,18 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
+            seats -= 1 + len(seq.forks)
         return batch
+
+    def add_forked(self, seq: Sequence) -> None:
+        """A choice just forked from a sequence of this batch: running if it got its blocks
+        (:meth:`BlockPool.fork`), else waiting in its arrival place (it recomputes the prompt,
+        as a preempted sequence does)."""
+        if seq.block_table:
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+        else:
+            bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -101,20 +116,21 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)  # back in FCFS place
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Retire a running sequence: it leaves the batch and its blocks are freed (cached)."""
-        self.running.remove(seq)
+        """Retire a sequence (running, or a choice that just forked into the waiting queue): it
+        leaves its queue and its blocks are freed (cached)."""
+        (self.running if seq.status is SequenceStatus.RUNNING else self.waiting).remove(seq)
         self.pool.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Remove a request wherever it is; its blocks are freed at once."""
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Remove a request's sequences wherever they are; their blocks are freed at once."""
+        found = []
         for queue in (self.running, self.waiting):
-            for seq in queue:
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self.pool.free(seq)
-                    seq.status = SequenceStatus.FINISHED
-                    seq.finish_reason = "abort"
-                    return seq
-        return None
+            for seq in [s for s in queue if s.request_id == request_id]:
+                queue.remove(seq)
+                self.pool.free(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                found.append(seq)
+        return found

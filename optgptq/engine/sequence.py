@@ -10,10 +10,16 @@ from optgptq.engine.sampling_params import SamplingParams
 def check_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
                   block_size: int, num_blocks: int, check_ids: bool = True) -> int:
     """The request's ``max_tokens`` (``params.max_tokens``, else the context left); ValueError
-    naming what is wrong: an empty prompt, ids outside the vocabulary (``check_ids``), a prompt
-    or a prompt + max_tokens beyond the context, more KV blocks than the pool has."""
+    naming what is wrong: an empty prompt, ids outside the vocabulary (``check_ids``; the
+    ``logit_bias`` ids always), a prompt or a prompt + max_tokens (or min_tokens) beyond the
+    context, more KV blocks than the pool has (for one choice: each of ``n`` is a sequence of
+    its own once forked)."""
     if check_ids and not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if any(t >= vocab_size for t in params.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+    if any(t >= vocab_size for t in params.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
     if not ids:
         raise ValueError("prompt is empty")
     if len(ids) >= max_model_len:
@@ -24,6 +30,9 @@ def check_request(ids: list[int], params: SamplingParams, vocab_size: int, max_m
         raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens "
                          f"exceeds max_model_len={max_model_len}")
     max_tokens = params.max_tokens or room
+    if params.min_tokens > max_tokens:
+        raise ValueError(f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens the "
+                         f"context leaves (max_model_len={max_model_len})")
     need = -(-(len(ids) + max_tokens) // block_size)
     if need > num_blocks:
         raise ValueError(f"request needs {need} KV blocks for {len(ids)} prompt + {max_tokens} "
@@ -44,11 +53,17 @@ class Sequence:
     Invariants: ``token_ids`` only grows; ``block_table`` covers at least
     ``num_computed_tokens`` tokens; the first ``num_computed_tokens`` tokens have their KV in
     the cache. A decode step computes the last sampled token, whose KV is not yet cached.
+
+    A request of ``n`` choices is ``n`` sequences of one ``request_id`` (``index`` 0 .. n-1).
+    Only choice 0 is scheduled at first; the others wait in its ``forks`` until its prompt is
+    computed, then sample their first token from its logits and share its prompt blocks.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival: int, max_tokens: int, prompt: str | None = None) -> None:
+                 arrival: int, max_tokens: int, prompt: str | None = None,
+                 index: int = 0) -> None:
         self.request_id = request_id
+        self.index = index                    # which of the request's n choices
         self.prompt = prompt
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -63,8 +78,13 @@ class Sequence:
         self.num_cached_tokens = 0            # prompt tokens served from the prefix cache
         self.num_preemptions = 0
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.finish_reason: str | None = None
         self.generator = None                 # per-request sampling generator (seeded requests)
+        # ids that end the output (stop_token_ids; the engine adds EOS unless ignored), banned
+        # while fewer than min_tokens tokens were generated
+        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids)
+        self.forks: list[Sequence] = []       # choices 1 .. n-1 until the prompt is computed
 
     @property
     def num_tokens(self) -> int:

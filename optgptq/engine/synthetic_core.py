@@ -10,6 +10,7 @@ through exactly the same stream machinery as the real engine; only the model is 
 - output tokens cycle through a fixed English phrase (their text decoded once at start), so the
   text is real and costs nothing per token; sampling parameters do not change it (there is no
   distribution to sample), stop strings, stop token ids and ``max_tokens`` end it as in the engine;
+  there is one choice per request (``n`` > 1 is refused) and no logprobs;
 - ``step_time_s`` > 0: one token per running request per step, a step every ``step_time_s``
   (to emulate an accelerator's step time on a CPU); 0: every admitted request gets all of its
   tokens in one step ("tokens at once");
@@ -75,6 +76,8 @@ class SyntheticCore:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = True) -> str:
         params = params or SamplingParams()
+        if params.n > 1:
+            raise ValueError("n: the synthetic engine makes one choice per request")
         ids = (self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str)
                else list(prompt))
         max_tokens = check_request(ids, params, self.vocab_size, self.max_model_len,

@@ -2,15 +2,21 @@
 
 ``POST /v1/completions`` (:class:`CompletionRequest`) and ``POST /v1/chat/completions``
 (:class:`ChatCompletionRequest`) follow OpenAI's APIs, plus vLLM's extras ``top_k``,
-``ignore_eos`` and ``cache_salt``. Nothing a client sends is dropped silently:
+``ignore_eos``, ``min_tokens``, ``repetition_penalty`` and ``cache_salt``. Nothing a client
+sends is dropped silently:
 
 - a field this server implements is validated strictly (text must be valid Unicode, token ids
   integers, numbers in ranges the engine can take);
 - a field of OpenAI's API that it does not implement is refused with a 400 naming it and saying
-  why (:data:`REFUSED`), unless its value asks for nothing (``n: 1``, ``presence_penalty: 0``,
-  ``response_format: {"type": "text"}``, ``tools: []``, ...), which is what the server does
-  anyway;
+  why (:data:`REFUSED`), unless its value asks for nothing (``best_of: 1``, ``tools: []``,
+  ``response_format: {"type": "text"}``, ...), which is what the server does anyway;
 - any other field is refused as unknown (400).
+
+``n`` choices per prompt come from one engine request (one prefill); with a list of prompts,
+choice ``index`` is ``prompt_index * n + j``. ``logit_bias`` maps token ids (as JSON object keys)
+to biases in [-100, 100]; ids beyond the model's vocabulary are a 400 once the ingress knows it.
+Chat ``top_logprobs`` (0..20) needs ``logprobs: true``; completions ``logprobs: N`` (0..5) gives
+the chosen tokens' logprobs and the N most likely alternatives of each step.
 
 Chat messages take the roles ``system``, ``developer`` (rendered as system, as OpenAI treats it
 for models without a developer role), ``user`` and ``assistant``; content is a string or a list
@@ -21,15 +27,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      field_validator, model_validator)
 
-from optgptq.engine.sampling_params import SamplingParams
+from optgptq.engine.sampling_params import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 from optgptq.serving.protocol import (INT64, MAX_SALT_CHARS, MAX_TOKENS_LIMIT, APIError, Text,
                                       effective_salt)
 
 MAX_PROMPTS = 64
 """Prompts one /v1/completions request may carry (each is its own engine request)."""
+MAX_CHOICES = 128
+"""Choices one request may ask for (prompts times ``n``)."""
+MAX_COMPLETION_LOGPROBS = 5
+"""The most alternatives completions' ``logprobs`` may ask for (OpenAI's limit)."""
 
 
 def _none(value: Any) -> bool:
@@ -38,13 +48,8 @@ def _none(value: Any) -> bool:
 
 REFUSED: dict[str, tuple[Any, str]] = {
     # field: (the values that ask for nothing, why any other value is refused)
-    "n": (lambda v: v in (None, 1), "n > 1 is not supported yet: send the request n times"),
-    "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported"),
-    "presence_penalty": (_none, "presence_penalty is not supported yet"),
-    "frequency_penalty": (_none, "frequency_penalty is not supported yet"),
-    "logit_bias": (_none, "logit_bias is not supported yet"),
-    "top_logprobs": (_none, "top_logprobs is not supported yet (logprobs of the chosen "
-                            "tokens are: logprobs: true)"),
+    "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported: ask for n choices "
+                                           "with logprobs and rank them"),
     "response_format": (lambda v: v in (None, {"type": "text"}),
                         "structured output (json_object, json_schema) is not supported yet"),
     "tools": (_none, "tool calling is not supported yet"),
@@ -78,18 +83,28 @@ class StreamOptions(BaseModel):
     """A last chunk with the usage of the whole request (and ``"usage": null`` on the others)."""
 
 
+Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Bias = Annotated[StrictFloat, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: StrictInt | None = Field(default=16, gt=0, le=MAX_TOKENS_LIMIT)
     """None: up to the model's context (OpenAI's meaning), bounded by the context check."""
+    min_tokens: StrictInt = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(default=0, ge=-1, le=MAX_TOKENS_LIMIT)
     seed: StrictInt | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stop: Text | list[Text] | None = Field(default=None, max_length=16)
     ignore_eos: StrictBool = False
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: StrictFloat = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    logit_bias: dict[str, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     cache_salt: Text | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
@@ -110,6 +125,14 @@ class _Request(BaseModel):
                                code="unsupported_parameter")
         return kept
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or ():
+            if not key.isascii() or not key.isdecimal() or len(key) > 12:
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+        return bias
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -118,18 +141,33 @@ class _Request(BaseModel):
     def wants_logprobs(self) -> bool:
         return False
 
+    @property
+    def top_logprobs_count(self) -> int:
+        """Alternatives per generated token to report (0: none)."""
+        return 0
+
     def sampling_params(self, tenant: str | None = None) -> SamplingParams:
         """The engine's parameters (``tenant``: the API key's, for the cache salt); APIError 400
         naming the field if it rejects them."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
-            return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
-                                  top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
-                                  ignore_eos=self.ignore_eos, logprobs=self.wants_logprobs,
-                                  cache_salt=effective_salt(tenant, self.cache_salt))
+            return SamplingParams(
+                max_tokens=self.output_limit, min_tokens=self.min_tokens,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                logprobs=self.wants_logprobs, top_logprobs=self.top_logprobs_count, n=self.n,
+                cache_salt=effective_salt(tenant, self.cache_salt))
         except ValueError as exc:
-            raise APIError(400, str(exc), param=str(exc).split()[0],
+            raise APIError(400, str(exc), param=str(exc).split()[0].split("=")[0],
                            code="invalid_value") from None
+
+    @property
+    def output_limit(self) -> int | None:
+        """The engine's ``max_tokens``."""
+        return self.max_tokens
 
 
 TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
@@ -140,8 +178,8 @@ class CompletionRequest(_Request):
     each, in order)."""
 
     prompt: Text | TokenIds | list[Text] | list[TokenIds] = Field(min_length=1)
-    logprobs: StrictInt | None = Field(default=None, ge=0, le=0)
-    """0: the chosen tokens' logprobs (top alternatives, > 0, are not supported yet)."""
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    """N: the chosen tokens' logprobs and each step's N most likely tokens'."""
     echo: StrictBool = False
     """The prompt's text before the completion's (prompt logprobs are not supported)."""
 
@@ -156,10 +194,14 @@ class CompletionRequest(_Request):
         return prompt
 
     @model_validator(mode="after")
-    def _echo(self):
+    def _echo_and_choices(self):
         if self.echo and self.logprobs is not None:
             raise APIError(400, "echo: with logprobs it needs the prompt's logprobs, which are "
                            "not supported", param="echo", code="unsupported_parameter")
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise APIError(400, f"n: {len(self.prompts)} prompts x n={self.n} choices exceeds "
+                           f"{MAX_CHOICES} choices per request", param="n",
+                           code="invalid_value")
         return self
 
     @property
@@ -172,6 +214,10 @@ class CompletionRequest(_Request):
     @property
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
+
+    @property
+    def top_logprobs_count(self) -> int:
+        return self.logprobs or 0
 
 
 class TextPart(BaseModel):
@@ -210,6 +256,15 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, gt=0, le=MAX_TOKENS_LIMIT)
     logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With ``logprobs``: each step's most likely tokens and their logprobs."""
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs",
+                           code="invalid_value")
+        return self
 
     @property
     def prompts(self) -> list[list[ChatMessage]]:
@@ -219,8 +274,11 @@ class ChatCompletionRequest(_Request):
     def wants_logprobs(self) -> bool:
         return self.logprobs
 
-    def sampling_params(self, tenant: str | None = None) -> SamplingParams:
-        params = super().sampling_params(tenant)
-        if self.max_completion_tokens is not None:
-            params.max_tokens = self.max_completion_tokens
-        return params
+    @property
+    def top_logprobs_count(self) -> int:
+        return self.top_logprobs or 0
+
+    @property
+    def output_limit(self) -> int | None:
+        """``max_completion_tokens`` where given (OpenAI's newer name), else ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens

@@ -6,8 +6,11 @@ Unary responses are ``chat.completion`` / ``text_completion`` objects with one c
 carries ``delta.role``; a choice's last chunk its ``finish_reason``; with
 ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk, with no
 choices, the usage of the whole request. Logprobs, where asked, take OpenAI's two shapes: chat
-``{"content": [{"token", "logprob", "bytes", "top_logprobs": []}]}``, completions
-``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
+``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``
+(``top_logprobs`` empty unless asked for), completions ``{"tokens", "token_logprobs",
+"top_logprobs", "text_offset"}`` (``top_logprobs``: per token a ``{text: logprob}`` of the N
+most likely tokens and the chosen one, OpenAI's "up to logprobs + 1"; None for ``logprobs: 0``).
+A response of ``n`` choices per prompt numbers them ``prompt_index * n + j``.
 
 A text-only chunk, the common case, is rendered from a template made once per stream: only the
 text is encoded per event (a JSON dump per token was the ingress's largest cost).
@@ -21,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 TokenText = Callable[[int], str]
 """A token id's text (the tokenizer's decoding of it alone)."""
+TopLogprobs = Sequence[tuple[int, float]]
+"""A step's most likely ``(token id, logprob)``, most likely first."""
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
@@ -37,20 +42,29 @@ def add_usage(a: dict, b: dict) -> dict:
                  + b["prompt_tokens_details"]["cached_tokens"])
 
 
-def logprobs_body(chat: bool, tokens: Sequence[tuple[int, float]], token_text: TokenText,
-                  offset: int = 0) -> dict:
-    """Logprobs of the chosen ``(token id, logprob)`` s; ``offset``: where the first token's
-    text starts in the choice's text (completions' ``text_offset``)."""
-    texts = [token_text(t) for t, _ in tokens]
+def _entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def logprobs_body(chat: bool, tokens: Sequence[tuple[int, float, TopLogprobs | None]],
+                  token_text: TokenText, offset: int = 0) -> dict:
+    """Logprobs of the chosen ``(token id, logprob, top alternatives or None)`` s; ``offset``:
+    where the first token's text starts in the choice's text (completions' ``text_offset``)."""
+    texts = [token_text(t) for t, _, _ in tokens]
     if chat:
-        return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
-                             "top_logprobs": []} for s, (_, lp) in zip(texts, tokens)]}
+        return {"content": [{**_entry(s, lp), "top_logprobs": [
+            _entry(token_text(i), v) for i, v in top or ()]}
+            for s, (_, lp, top) in zip(texts, tokens)]}
     offsets = []
     for s in texts:
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": texts, "token_logprobs": [lp for _, lp in tokens],
-            "top_logprobs": None, "text_offset": offsets}
+    top_logprobs = None
+    if any(top for _, _, top in tokens):
+        top_logprobs = [{**{token_text(i): v for i, v in top or ()}, s: lp}
+                        for s, (_, lp, top) in zip(texts, tokens)]
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
 def choice(chat: bool, index: int, text: str, finish_reason: str | None,

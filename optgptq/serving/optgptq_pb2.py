@@ -24,21 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doptgptq/serving/optgptq.proto\x12\x07optgptq\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xec\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.optgptq.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x17\n\ncache_salt\x18\x0b \x01(\tH\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x0c\n\x04\x65\x63ho\x18\r \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_cache_salt\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xc6\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.optgptq.TokenLogprob2\x93\x01\n\x07OptGPTQ\x12?\n\x08Generate\x12\x18.optgptq.GenerateRequest\x1a\x19.optgptq.GenerateResponse\x12G\n\x0eGenerateStream\x12\x18.optgptq.GenerateRequest\x1a\x19.optgptq.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doptgptq/serving/optgptq.proto\x12\x07optgptq\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe7\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.optgptq.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x17\n\ncache_salt\x18\x0b \x01(\tH\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x0c\n\x04\x65\x63ho\x18\r \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0e \x01(\x05H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\t\x88\x01\x01\x12;\n\nlogit_bias\x18\x12 \x03(\x0b\x32\'.optgptq.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x13 \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x14 \x01(\x05H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_cache_saltB\x0f\n\r_top_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x04\n\x02_n\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"b\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12 \n\x03top\x18\x04 \x03(\x0b\x32\x13.optgptq.TopLogprob\"\xd5\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12\x0f\n\x07replica\x18\x07 \x01(\t\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.optgptq.TokenLogprob\x12\r\n\x05index\x18\t \x01(\x05\x32\x93\x01\n\x07OptGPTQ\x12?\n\x08Generate\x12\x18.optgptq.GenerateRequest\x1a\x19.optgptq.GenerateResponse\x12G\n\x0eGenerateStream\x12\x18.optgptq.GenerateRequest\x1a\x19.optgptq.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'optgptq.serving.optgptq_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=453
-  _globals['_TOKENLOGPROB']._serialized_start=455
-  _globals['_TOKENLOGPROB']._serialized_end=519
-  _globals['_GENERATERESPONSE']._serialized_start=522
-  _globals['_GENERATERESPONSE']._serialized_end=720
-  _globals['_OPTGPTQ']._serialized_start=723
-  _globals['_OPTGPTQ']._serialized_end=870
+  _globals['_GENERATEREQUEST']._serialized_end=832
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=605
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=653
+  _globals['_TOPLOGPROB']._serialized_start=834
+  _globals['_TOPLOGPROB']._serialized_end=896
+  _globals['_TOKENLOGPROB']._serialized_start=898
+  _globals['_TOKENLOGPROB']._serialized_end=996
+  _globals['_GENERATERESPONSE']._serialized_start=999
+  _globals['_GENERATERESPONSE']._serialized_end=1212
+  _globals['_OPTGPTQ']._serialized_start=1215
+  _globals['_OPTGPTQ']._serialized_end=1362
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,8 @@ class OptGPTQServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """One response per step that produced text; the last one has finish_reason set.
+        """One response per step that produced text; the last one has finish_reason set. With n > 1
+        each response is one choice's (index); each choice ends with its own finish_reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -6,7 +6,8 @@ Errors carry an HTTP status and render as OpenAI's ``{"error": {"message", "type
 tokenizer crash). ``cache_salt`` (vLLM's field) names a prefix-cache namespace: prompts share
 cached blocks only under the same salt and API-key tenant (:func:`effective_salt`).
 ``EngineRequest`` is what the ingress sends to an engine replica; ``Subscription`` opens the
-token channel its outputs come back on. The OpenAI bodies themselves are in
+token channel its outputs come back on, where each of a request's ``n`` choices has its own id
+(:func:`choice_id`). The OpenAI bodies themselves are in
 :mod:`optgptq.serving.openai_requests` and :mod:`optgptq.serving.openai_responses`.
 """
 
@@ -86,6 +87,12 @@ def effective_salt(tenant: str | None, salt: str | None) -> str | None:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def choice_id(request_id: str, index: int) -> str:
+    """The token channel's id of choice ``index`` of an engine request: the request's own id
+    for choice 0 (the only one of most requests), ``request_id#index`` for the others."""
+    return request_id if index == 0 else f"{request_id}#{index}"
 
 
 @dataclass

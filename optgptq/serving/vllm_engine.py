@@ -180,22 +180,30 @@ class VLLMEngine:
             sampling = _sampling_params(params)
         except (ValueError, VLLMClientError) as exc:
             raise ValueError(str(exc)) from None
-        prompt = TokensPrompt(prompt_token_ids=list(prompt))
+        prompt_ids = list(prompt)
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         if params.cache_salt is not None:  # vLLM's own namespace; such blocks are not routed
             prompt["cache_salt"] = params.cache_salt
         stream = self.llm.generate(prompt, sampling,
                                    request_id)
         self._in_flight += 1
-        text, ids = "", []
+        text, ids, logprobs, top = "", [], [], []
         try:
             async for out in stream:
                 c = out.outputs[0]
                 text += c.text
                 ids += c.token_ids
-                yield RequestOutput(request_id, None, list(prompt), text, list(ids), c.text,
+                if params.logprobs:
+                    new_logprobs, new_top = vllm_logprobs(c.token_ids, c.logprobs or [],
+                                                          params.top_logprobs)
+                    logprobs += new_logprobs
+                    top += new_top
+                yield RequestOutput(request_id, None, prompt_ids, text, list(ids), c.text,
                                     list(c.token_ids), out.finished,
                                     c.finish_reason if out.finished else None, c.stop_reason,
-                                    None, out.num_cached_tokens or 0)
+                                    list(logprobs) if params.logprobs else None,
+                                    out.num_cached_tokens or 0,
+                                    list(top) if params.top_logprobs else None)
         except VLLMClientError as exc:
             raise ValueError(str(exc)) from None
         finally:
@@ -207,6 +215,7 @@ class VLLMEngine:
         """The native engine's ``submit`` (optgptq.engine.async_engine): deltas to ``on_delta``,
         accepted at the first output (vLLM validates as it starts the request)."""
         from optgptq.engine.async_engine import Submission
+        from optgptq.engine.core_loop import delta
 
         sub = Submission(request_id, asyncio.get_running_loop(), on_delta)
 
@@ -214,9 +223,7 @@ class VLLMEngine:
             first = True
             try:
                 async for out in self.generate(prompt, params, request_id):
-                    sub._put((request_id, out.delta_text, out.delta_token_ids, out.finished,
-                              out.finish_reason, out.stop_reason, None,
-                              out.prompt_token_ids if first else None, out.num_cached_tokens))
+                    sub._put(delta(out, first))
                     first = False
             except asyncio.CancelledError:
                 sub._fail(RuntimeError("aborted"))
@@ -306,15 +313,36 @@ class VLLMEngine:
 
 
 def _sampling_params(p: SamplingParams):
+    """vLLM's parameters for ``p``. ``n`` > 1 is refused: this adapter follows one output
+    stream per request (vLLM's own n would need its per-choice deltas mapped onto choices)."""
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    if p.logprobs:
-        raise ValueError("logprobs: not available with backend vllm")
-    return VSamplingParams(n=1, max_tokens=p.max_tokens, temperature=p.temperature,
-                           top_k=max(p.top_k, 0), top_p=p.top_p, seed=p.seed, stop=list(p.stop),
-                           stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+    if p.n > 1:
+        raise ValueError("n: more than one choice per request is not available with backend "
+                         "vllm; send the request n times")
+    return VSamplingParams(n=1, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
+                           temperature=p.temperature, top_k=max(p.top_k, 0), top_p=p.top_p,
+                           seed=p.seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
+                           ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
+                           frequency_penalty=p.frequency_penalty,
+                           repetition_penalty=p.repetition_penalty,
+                           logit_bias=dict(p.logit_bias) or None,
+                           logprobs=p.top_logprobs if p.logprobs else None,
                            output_kind=RequestOutputKind.DELTA)
+
+
+def vllm_logprobs(token_ids, steps, top_n: int) -> tuple[list[float], list[list | None]]:
+    """Our logprobs from vLLM's: ``steps`` has one ``{token id: Logprob(logprob, rank)}`` per
+    token (its ``top_n`` best by rank and the chosen one, raw logprobs as vLLM's default
+    ``logprobs_mode``); returns the chosen tokens' logprobs and each step's ``top_n`` best
+    ``(id, logprob)`` (None where ``top_n`` is 0)."""
+    chosen, top = [], []
+    for token, step in zip(token_ids, steps):
+        chosen.append(step[token].logprob)
+        best = sorted((lp.rank, i, lp.logprob) for i, lp in step.items() if lp.rank <= top_n)
+        top.append([(i, v) for _, i, v in best] if top_n else None)
+    return chosen, top
 
 
 def _stat_logger(engine: VLLMEngine):
