@@ -46,6 +46,24 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed ``limit`` bytes: from its
+    Content-Length before reading, else while it streams in (chunked)."""
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"request body is {size} bytes; the limit is {limit}",
+                        code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+        parts.append(part)
+    return b"".join(parts)
+
+
 def load_json(raw: bytes):
     """Parsed JSON, APIError 400 if malformed or nested deeper than MAX_DEPTH."""
     try:
@@ -136,10 +154,7 @@ def build_http_app(ingress) -> FastAPI:
         if kind != "application/json" and not kind.endswith("+json"):
             raise APIError(415, f"Content-Type must be application/json, got {kind!r}",
                            code="unsupported_media_type")
-        raw = await request.body()
-        if len(raw) > ingress.max_request_bytes:
-            raise APIError(413, f"request body is {len(raw)} bytes; the limit is "
-                           f"{ingress.max_request_bytes}", code="request_too_large")
+        raw = await read_body(request, ingress.max_request_bytes)
 
         def validate() -> BaseModel:
             try:

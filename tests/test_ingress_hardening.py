@@ -237,3 +237,18 @@ def test_grpc_engine_fields_top_logprobs_and_n():
         code, details = _grpc_call(ingress, "GenerateStream", request.SerializeToString())
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (bad, details)
 
+
+def test_an_oversized_body_is_refused_before_it_is_read(open_api):
+    ingress, client = open_api
+    limit = ingress.max_request_bytes
+    big = b'{"model": "m", "prompt": "' + b"x" * limit + b'"}'
+    r = _post(client, None, raw=big)  # Content-Length says so: nothing is read
+    assert r.status_code == 413 and str(len(big)) in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: refused once the stream passes the limit
+        for _ in range(limit // 4096 + 2):
+            yield b"x" * 4096
+    r = client.post("/v1/completions", content=chunks(),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "more than" in r.json()["error"]["message"]
+    assert ingress.client.opened == []

@@ -90,7 +90,7 @@ Bias = Annotated[StrictFloat, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: Text
     max_tokens: StrictInt | None = Field(default=16, gt=0, le=MAX_TOKENS_LIMIT)
     """None: up to the model's context (OpenAI's meaning), bounded by the context check."""
     min_tokens: StrictInt = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
