@@ -101,9 +101,10 @@ class IngressConfig(_Strict):
     ingress that reserved CPUs could wait forever behind engine replicas holding them all."""
     max_request_bytes: int = Field(1 << 20, ge=1024)
     """Largest HTTP body or gRPC message accepted (413 / INVALID_ARGUMENT beyond)."""
-    admission_timeout_s: float = Field(1.5, gt=0)
-    """How long a request may wait for an engine replica to take it; then 503 with Retry-After
-    (RESOURCE_EXHAUSTED over gRPC): clients see a bounded wait, never a stall."""
+    admission_timeout_s: float = Field(1.0, gt=0)
+    """How long a request may wait in Serve's queue for a free engine replica; then 503 with
+    Retry-After (RESOURCE_EXHAUSTED over gRPC): clients see a bounded wait, never a stall. (The
+    engine's own acceptance after routing, at most one step, is not bounded by it.)"""
     host: str = "127.0.0.1"
     """Interface both servers listen on (0.0.0.0: every interface)."""
     http_port: int = Field(8000, ge=1, le=65535)

@@ -235,8 +235,11 @@ class EngineClient:
         try:  # backpressure can raise from remote() itself or from the acceptance
             state.response = self.handle.generate.remote(
                 EngineRequest(rid, list(token_ids), params, self.channels.ingress))
+            # bounded: the wait in Serve's queue for a replica; unbounded: the engine's
+            # acceptance (at most one step away), which may still refuse it (400, 503)
             state.replica = await asyncio.wait_for(state.response.__anext__(),
                                                    self.admission_timeout_s)
+            await state.response.__anext__()
         except BaseException as exc:
             if isinstance(exc, TimeoutError):
                 exc = APIError(503, f"no engine replica took the request within "

@@ -40,6 +40,8 @@ from deployments.token_channel import ATTACH_TIMEOUT_S, Outboxes
 from optgptq.serving.protocol import APIError, EngineRequest, Subscription, choice_id
 
 log = logging.getLogger("ray.serve")
+ACCEPTED = "accepted"
+"""generate's second message: the engine took the request (its first is the replica's id)."""
 BACKENDS = (*CORES, "vllm")
 RATE_WINDOW_S = 10.0
 HEARTBEAT_S = 2.0
@@ -68,8 +70,8 @@ class EngineReplica:
         self._publisher = background(self._publish_loop())
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[str]:
-        """Admit one request: yields this replica's id once the engine accepted it, then ends
-        with the request. Its outputs go to the token channel of ``request.ingress``. Raises
+        """Admit one request: yields this replica's id at once (routed), then :data:`ACCEPTED`
+        once the engine took it, then ends with the request. Its outputs go to the token channel of ``request.ingress``. Raises
         APIError 400 (invalid), 503 (engine queue full, channel never attached) or 500."""
         if self.engine.stats().waiting >= self.max_waiting:
             raise APIError(503, f"replica queue is full ({self.max_waiting} waiting requests)",
@@ -87,12 +89,13 @@ class EngineReplica:
 
         box.requests.add(rid)
         try:
+            yield self.replica  # routed here: the ingress's wait for a replica ends
             sub = self.engine.submit(request.token_ids, request.params, rid, on_delta)
             try:
                 await sub.accepted
             except ValueError as exc:
                 raise APIError(400, str(exc), param=_param_of(str(exc))) from None
-            yield self.replica
+            yield ACCEPTED
             while not sub.done.done():
                 await asyncio.wait([sub.done], timeout=ATTACH_TIMEOUT_S)
                 if box.detached_for() > ATTACH_TIMEOUT_S:

@@ -12,8 +12,8 @@ Protocol:
 
 1. The ingress registers the request's :class:`RequestStream`, then calls ``generate`` with an
    :class:`~optgptq.serving.protocol.EngineRequest` naming its ingress id. The replica yields
-   its replica id once the engine has accepted the request (a refusal raises instead: an HTTP
-   status), then nothing until the request ends; every output goes to that ingress's
+   its replica id at once, then ``"accepted"`` once the engine has taken the request (a
+   refusal raises instead: an HTTP status), then nothing until the request ends; every output goes to that ingress's
    :class:`Outbox` on the replica.
 2. The ingress keeps a channel open from every live replica (the router reports them,
    :func:`replicas_changed`) and opens one on an acceptance from a replica it has none to: a

@@ -59,6 +59,7 @@ def test_values_the_engine_rejects_are_400_naming_the_field():
 
 
 def test_a_request_no_replica_takes_in_time_gets_503_with_retry_after():
+    """The wait for a replica is bounded; the engine's acceptance after routing is not."""
     import asyncio
     from types import SimpleNamespace
 
@@ -69,9 +70,22 @@ def test_a_request_no_replica_takes_in_time_gets_503_with_retry_after():
 
     cancelled = []
 
-    class Pending:  # a call Serve has queued: never accepted
-        def __anext__(self):
-            return asyncio.get_running_loop().create_future()
+    class Call:
+        """A generate call: routed after ``routed_s`` (None: never), accepted ``accept_s``
+        later."""
+
+        def __init__(self, routed_s, accept_s):
+            self.delays = [routed_s, accept_s]
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            delay = self.delays.pop(0) if self.delays else None  # then it runs on
+            if delay is None:
+                await asyncio.get_running_loop().create_future()
+            await asyncio.sleep(delay)
+            return "replica-1" if len(self.delays) == 1 else "accepted"
 
         def cancel(self):
             cancelled.append(True)
@@ -79,18 +93,25 @@ def test_a_request_no_replica_takes_in_time_gets_503_with_retry_after():
     async def info():
         return {"max_model_len": 64, "vocab_size": 100}
 
-    handle = SimpleNamespace(generate=SimpleNamespace(remote=lambda request: Pending()))
-    handle.options = lambda **kw: handle
+    async def never(*args):
+        await asyncio.get_running_loop().create_future()
+        yield []
 
-    async def main():
+    async def main(routed_s, accept_s):
+        handle = SimpleNamespace(generate=SimpleNamespace(remote=lambda r: Call(routed_s, accept_s)),
+                                 subscribe=SimpleNamespace(remote=never))
+        handle.options = lambda **kw: handle
         client = EngineClient(handle, tokenizer=None, metrics=ServingMetrics(),
                               admission_timeout_s=0.2)
         client.model_info = info
-        with pytest.raises(APIError) as err:
-            await asyncio.wait_for(client.open([1, 2, 3], SamplingParams()), 5)
-        return err.value, client
+        try:
+            return await asyncio.wait_for(client.open([1, 2, 3], SamplingParams()), 5), client
+        except APIError as err:
+            return err, client
 
-    err, client = asyncio.run(main())
+    err, client = asyncio.run(main(None, 0))  # never routed: Serve's queue is full
     assert (err.status, err.code) == (503, "overloaded") and cancelled == [True]
     assert client.channels.streams == {}  # nothing left waiting for chunks
     assert error_response(err).headers["retry-after"] == "1"
+    streams, _ = asyncio.run(main(0, 0.5))  # routed at once, the engine took 0.5 s: fine
+    assert streams[0].replica == "replica-1" and cancelled == [True]
