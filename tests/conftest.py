@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models saved as HF folders, the default model, HF references."""
+"""Shared fixtures: tiny random models saved as HF folders, the default model, HF references, and
+the live Serve deployment of tests/test_serve.py and tests/test_openai_sdk.py (``serve_app``)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,106 @@ def poison_rows(monkeypatch, is_bad) -> None:
         return real(self, logits, seqs)
 
     monkeypatch.setattr(Sampler, "__call__", call)
+
+
+# --- The live Serve deployment (a real Ray Serve on loopback, two engine replicas of the tiny
+# GQA model), shared by every test that uses ``serve_app`` (tests/test_serve.py and
+# tests/test_openai_sdk.py) so that CI starts it once: those tests are collected into one run
+# (the SDK's first, the slow ones that overload and kill replicas last), the deployment starts
+# with the first of them and shuts down after the last, before any other test can start Ray.
+
+SERVE_MODEL = "tiny"
+_SERVE: dict = {}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_serve(model_path) -> dict:
+    import ray
+
+    from deployments.app import deploy
+    from optgptq.client import GRPCClient, HTTPClient
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    http_port, grpc_port = _free_port(), _free_port()
+    path = os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        deploy({
+            "model": str(model_path), "served_model_name": SERVE_MODEL,
+            "engine": {"device": device, "num_blocks": 96, "max_num_seqs": 16},
+            "replicas": {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 2,
+                         # on a GPU machine both replicas share its first GPU
+                         **({"num_gpus": 0.5} if device == "cuda" else {})},
+            "router": {"load_token_cost": 64, "stats_period_s": 0.5},
+            "ingress": {"http_port": http_port, "grpc_port": grpc_port, "replica_header": True},
+        })
+    except BaseException:
+        _stop_serve(force=True)
+        raise
+    return {"http": HTTPClient(f"http://127.0.0.1:{http_port}", model=SERVE_MODEL, timeout=120),
+            "grpc": GRPCClient(f"127.0.0.1:{grpc_port}", model=SERVE_MODEL, timeout=120),
+            "port": http_port, "grpc_target": f"127.0.0.1:{grpc_port}",
+            "model_path": model_path}
+
+
+def _stop_serve(force: bool = False) -> None:
+    if _SERVE or force:
+        _SERVE.clear()
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def serve_app(tiny_models) -> dict:
+    """The live deployment: ``http`` / ``grpc`` clients, ``port``, ``grpc_target`` and the
+    served model's folder ``model_path``."""
+    pytest.importorskip("ray")
+    pytest.importorskip("grpc")
+    if not _SERVE:
+        _SERVE.update(_start_serve(tiny_models["llama-gqa"]))
+    return _SERVE
+
+
+def _uses_serve(item) -> bool:
+    return "serve_app" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests on the live deployment run together, where the first of them was collected:
+    the SDK suite's first, then tests/test_serve.py's in file order (its slow ones overload and
+    kill a replica, so they come last)."""
+    users = [item for item in items if _uses_serve(item)]
+    if not users:
+        return
+    first = items.index(users[0])
+    rest = [item for item in items if not _uses_serve(item)]
+
+    def rank(item) -> int:
+        if item.path.name == "test_openai_sdk.py":
+            return 0
+        return 2 if item.get_closest_marker("slow") else 1
+
+    items[:] = rest[:first] + sorted(users, key=rank) + rest[first:]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if _SERVE and (nextitem is None or not _uses_serve(nextitem)):
+        _stop_serve()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_serve()

@@ -2,16 +2,15 @@
 
 The replicas run on the CPU, or where a GPU is visible, both on it (``num_gpus: 0.5``).
 
-Ray and Serve start once for the module. Tests run in file order; the replica-kill test is last.
+Ray and Serve start once for this module and tests/test_openai_sdk.py (``serve_app`` in
+tests/conftest.py). Tests run in file order, after the SDK suite's; the replica-kill test is last.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import random
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ ray = pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
 from ray import serve  # noqa: E402
 
-from optgptq.client import ClientError, GRPCClient, HTTPClient  # noqa: E402
+from optgptq.client import ClientError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
@@ -32,35 +31,10 @@ CONTEXT = 512  # the tiny models' max_position_embeddings
 BS = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models):
-    from deployments.app import deploy
-
-    http_port, grpc_port = _free_port(), _free_port()
-    path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    try:
-        deploy({
-            "model": str(tiny_models["llama-gqa"]), "served_model_name": MODEL,
-            "engine": {"device": DEVICE, "num_blocks": 96, "max_num_seqs": 16},
-            "replicas": {"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 2,
-                         # on a GPU machine both replicas share its first GPU
-                         **({"num_gpus": 0.5} if DEVICE == "cuda" else {})},
-            "router": {"load_token_cost": 64, "stats_period_s": 0.5},
-            "ingress": {"http_port": http_port, "grpc_port": grpc_port, "replica_header": True},
-        })
-        yield {"http": HTTPClient(f"http://127.0.0.1:{http_port}", model=MODEL, timeout=120),
-               "grpc": GRPCClient(f"127.0.0.1:{grpc_port}", model=MODEL, timeout=120),
-               "port": http_port, "grpc_target": f"127.0.0.1:{grpc_port}"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+@pytest.fixture
+def server(serve_app):
+    """The deployment (tests/conftest.py: one for this module and tests/test_openai_sdk.py)."""
+    return serve_app
 
 
 @pytest.fixture
