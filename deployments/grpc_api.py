@@ -15,6 +15,7 @@ Generate, whose one response has room for one choice, refuses it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -35,6 +36,19 @@ SERVICE = "optgptq.OptGPTQ"
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "cache_salt", "min_tokens",
              "presence_penalty", "frequency_penalty", "repetition_penalty", "n")
 """GenerateRequest fields passed on where set (else the request model's default)."""
+
+
+def _json_field(name: str, text: str):
+    """A ``*_json`` field's value; APIError 400 naming ``name`` unless it is a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise APIError(400, f"{name}: {name}_json is not JSON: {exc}", param=name,
+                       code="invalid_value") from None
+    if not isinstance(value, dict):
+        raise APIError(400, f"{name}: {name}_json must be a JSON object", param=name,
+                       code="invalid_value")
+    return value
 
 
 def status_code(exc: APIError) -> grpc.StatusCode:
@@ -116,6 +130,9 @@ class GRPCService:
                       if request.HasField(name)}
             params.update(stop=list(request.stop), ignore_eos=request.ignore_eos,
                           logit_bias={str(k): v for k, v in request.logit_bias.items()})
+            for name in ("response_format", "structured_outputs"):
+                if request.HasField(name + "_json"):
+                    params[name] = _json_field(name, getattr(request, name + "_json"))
             top = request.top_logprobs
             if top and not request.logprobs:
                 raise APIError(400, "top_logprobs: needs logprobs", param="top_logprobs")

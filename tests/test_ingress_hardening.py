@@ -252,3 +252,26 @@ def test_an_oversized_body_is_refused_before_it_is_read(open_api):
                     headers={"content-type": "application/json"})
     assert r.status_code == 413 and "more than" in r.json()["error"]["message"]
     assert ingress.client.opened == []
+
+
+def test_grpc_structured_output_fields():
+    ingress = _ingress({})
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    request = pb.GenerateRequest(model="m", prompt="hi", response_format_json=json.dumps(fmt))
+    code, reply = _grpc_call(ingress, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.OK, reply
+    spec = ingress.client.opened[-1][1].structured
+    assert (spec.kind, json.loads(spec.spec), spec.strict) == ("json_schema", schema, True)
+    request = pb.GenerateRequest(model="m", prompt="hi",
+                                 structured_outputs_json='{"regex": "[0-9]+"}')
+    code, reply = _grpc_call(ingress, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.OK and ingress.client.opened[-1][1].structured.kind == "regex"
+    opened = len(ingress.client.opened)
+    for bad in ({"response_format_json": "{oops"}, {"response_format_json": "[1]"},
+                {"response_format_json": '{"type": "json_schema", "json_schema": '
+                                         '{"name": "x", "schema": {"type": "nonsense"}}}'}):
+        request = pb.GenerateRequest(model="m", prompt="hi", **bad)
+        code, details = _grpc_call(ingress, "Generate", request.SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "response_format" in details, details
+    assert len(ingress.client.opened) == opened

@@ -36,7 +36,7 @@ def _events(response) -> list[dict]:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("best_of", 3), ("response_format", {"type": "json_object"}),
+    ("best_of", 3), ("prediction", {"type": "content", "content": "x"}),
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
     ("suffix", "end"), ("user", "u-1"), ("store", True), ("metadata", {"a": "b"}),
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
@@ -69,9 +69,56 @@ def test_unknown_fields_and_wrong_types_are_400(api):
     assert "unknown parameter" in r.json()["error"]["message"]
     r = _post(client, "/v1/completions", {**PROMPT, "max_tokens": "ten"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-    assert set(REFUSED) >= {"best_of", "tools", "response_format"}
+    assert set(REFUSED) >= {"best_of", "tools"}
     assert not set(REFUSED) & {"n", "presence_penalty", "frequency_penalty", "logit_bias",
                                "top_logprobs"}
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    ("response_format", {"type": "json_object"}, "json_object"),
+    ("response_format", {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": SCHEMA, "strict": True}}, "json_schema"),
+    ("structured_outputs", {"json": SCHEMA}, "json_schema"),
+    ("structured_outputs", {"regex": "[a-z]+"}, "regex"),
+    ("structured_outputs", {"choice": ["yes", "no"]}, "choice"),
+    ("structured_outputs", {"grammar": 'root ::= "a" | "b"'}, "grammar"),
+])
+def test_structured_output_reaches_the_engine(api, field, value, kind):
+    ingress, client = api
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT)):
+        assert _post(client, path, {**body, field: value}).status_code == 200
+        spec = ingress.client.opened[-1][1].structured
+        assert spec.kind == kind and spec.field == field
+    if kind == "json_schema":
+        assert json.loads(spec.spec) == SCHEMA
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}),
+    ("response_format", {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": "zero"}}}),
+    ("response_format", {"type": "json_schema"}),
+    ("response_format", {"type": "xml"}),
+    ("structured_outputs", {"regex": "(("}),
+    ("structured_outputs", {"grammar": "root ::= missing"}),
+    ("structured_outputs", {"regex": "a", "choice": ["b"]}),
+    ("structured_outputs", {"whitespace_pattern": " "}),
+])
+def test_invalid_structured_output_is_400_naming_the_field(api, field, value):
+    ingress, client = api
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", PROMPT)):
+        r = _post(client, path, {**body, field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith(field), r.json()
+        assert field in r.json()["error"]["message"] or r.json()["error"]["param"] != field
+    r = _post(client, "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"},
+                                              "structured_outputs": {"regex": "a"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert ingress.client.opened == []
 
 
 def test_content_parts_and_developer_role(api):

@@ -171,6 +171,18 @@ def test_sampling_params_and_logprobs_map_onto_vllms(monkeypatch):
         "frequency_penalty": -1, "repetition_penalty": 1.1, "logit_bias": {5: -100},
         "logprobs": 3, "output_kind": "delta"}
     assert _sampling_params(SamplingParams())["logprobs"] is None
+    assert "structured_outputs" not in _sampling_params(SamplingParams())
+    from optgptq.engine.structured import StructuredSpec
+    kinds.StructuredOutputsParams = lambda **kwargs: kwargs
+    for spec, expected in ((StructuredSpec("json_object"), {"json_object": True}),
+                           (StructuredSpec("json_schema", '{"type": "object"}', strict=True),
+                            {"json": {"type": "object"}}),
+                           (StructuredSpec("choice", '["a", "b"]'), {"choice": ["a", "b"]}),
+                           (StructuredSpec("regex", "[0-9]+"), {"regex": "[0-9]+"}),
+                           (StructuredSpec("grammar", 'root ::= "x"'), {"grammar": 'root ::= "x"'})):
+        mapped = _sampling_params(SamplingParams(structured=spec))["structured_outputs"]
+        assert mapped == {**expected, "disable_any_whitespace": True,
+                          "disable_additional_properties": spec.strict}
     with pytest.raises(ValueError, match="^n: "):
         _sampling_params(SamplingParams(n=2))
     lp = types.SimpleNamespace

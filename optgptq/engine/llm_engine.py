@@ -13,11 +13,18 @@ then take references to its full prompt blocks and a copy of its partially fille
 (:meth:`BlockPool.fork`), joining the batch as sequences of their own. Outputs name their
 choice (``RequestOutput.index``); the request ends when all of its choices have, and fails or
 is aborted as a whole.
+
+Structured output (``SamplingParams.structured``): the request's grammar is compiled on a worker
+thread (:class:`~optgptq.engine.structured.GrammarCache`, cached by spec text); the request
+enters the scheduler once it is ready (a failed compile fails the request alone), each choice
+with its own matcher, which every appended token advances; a choice whose grammar is complete
+finishes with ``stop``.
 """
 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from transformers import AutoTokenizer
 
@@ -30,6 +37,7 @@ from optgptq.engine.sampler import Sample
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.engine.scheduler import Scheduler
 from optgptq.engine.sequence import Sequence, check_request
+from optgptq.engine.structured import GrammarCache, matcher
 from optgptq.models.hub import resolve_model
 
 SEED_MODULUS = 1 << 64
@@ -71,6 +79,8 @@ class LLMEngine:
         self._failures: list[tuple[str, str]] = []
         self._arrivals = itertools.count()
         self._ids = itertools.count()
+        self._grammars: GrammarCache | None = None
+        self._compiling: list[tuple[Future, str]] = []  # requests waiting for their grammar
 
     def _eos_ids(self, path) -> set[int]:
         from transformers import GenerationConfig
@@ -102,6 +112,9 @@ class LLMEngine:
         if params.n > self.scheduler.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds the engine's max_num_seqs "
                              f"({self.scheduler.max_num_seqs})")
+        if params.structured is not None and self.tokenizer is None:
+            raise ValueError(f"{params.structured.field}: structured output needs the "
+                             f"tokenizer, and this engine runs without one (skip_tokenizer_init)")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
@@ -114,8 +127,36 @@ class LLMEngine:
                    for j in range(params.n)]
         choices[0].seq.forks = [c.seq for c in choices[1:]]
         self._requests[request_id] = _Request(choices, stream)
-        self.scheduler.add(choices[0].seq)
+        if params.structured is None:
+            self.scheduler.add(choices[0].seq)
+        else:
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.vocab_size,
+                                              sorted(self.eos_token_ids))
+            self._compiling.append((self._grammars.compile(params.structured), request_id))
         return request_id
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is ready enter the scheduler, each choice with a matcher."""
+        waiting = []
+        for future, request_id in self._compiling:
+            req = self._requests.get(request_id)
+            if req is None:                                   # aborted meanwhile
+                continue
+            if not future.done():
+                waiting.append((future, request_id))
+                continue
+            error = future.exception()
+            if error is not None:
+                field = req.choices[0].seq.params.structured.field
+                self.abort_request(request_id)
+                self._failures.append((request_id, f"{field}: the grammar failed to compile: "
+                                                   f"{error}"))
+                continue
+            for choice in req.choices:
+                choice.seq.matcher = matcher(future.result())
+            self.scheduler.add(req.choices[0].seq)
+        self._compiling = waiting
 
     def _choice(self, request_id: str, ids: list[int], params: SamplingParams, arrival: int,
                 max_tokens: int, text: str | None, index: int) -> _Choice:
@@ -150,8 +191,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every choice that finished, and for every
         streamed one that produced tokens."""
+        if self._compiling:
+            self._admit_compiled()
         batch = self.scheduler.schedule()
         if not batch:
+            if self._compiling:  # only grammars to wait for: wait, but not for long
+                wait([f for f, _ in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
             return []
         samples = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -162,6 +207,11 @@ class LLMEngine:
                 self.abort_request(s.seq.request_id)
                 self._failures.append((s.seq.request_id, "sampling failed: the request's "
                                        "next-token distribution has no mass or is not a number"))
+            elif (s.token >= 0 and s.seq.matcher is not None
+                  and s.seq.request_id in self._requests and not s.seq.matcher.accept_token(s.token)):
+                self.abort_request(s.seq.request_id)
+                self._failures.append((s.seq.request_id, "structured output: the grammar "
+                                       "rejected the sampled token"))
         samples = [s for s in samples if s.seq.request_id in self._requests]
         for s in samples:
             if s.seq.forks:
@@ -198,6 +248,8 @@ class LLMEngine:
             if seq.params.top_logprobs:
                 seq.top_logprobs.append(sample.top_logprobs)
         reason = self._check_stop(choice, sample.token)
+        if reason is None and seq.matcher is not None and seq.matcher.is_terminated():
+            choice.stop_reason, reason = sample.token, "stop"   # the grammar is complete
         if reason is not None:
             self.scheduler.finish(seq, reason)
 

@@ -3,7 +3,9 @@ seeds, logprobs and the top alternatives, and the first tokens of forked choices
 
 Each row's logits are first adjusted by its request's processors (logit bias, min_tokens,
 repetition / frequency / presence penalties: :mod:`optgptq.engine.logits_processors`; a batch
-that uses none pays nothing). Rows are then processed together where their parameters allow:
+that uses none pays nothing), then a row whose sequence has a grammar (structured output) gets
+-inf for every token its grammar does not allow now (:mod:`optgptq.engine.structured`; other
+rows untouched). Rows are then processed together where their parameters allow:
 greedy rows by one argmax of the adjusted logits, sampled rows by one filtered softmax. A row
 with its own seed draws from its own generator, so its output does not depend on what else is
 in the batch; other rows share the engine's generator. Logprobs are those of the model's raw
@@ -27,6 +29,7 @@ import torch
 
 from optgptq.engine.logits_processors import LogitsProcessors
 from optgptq.engine.sequence import Sequence
+from optgptq.engine.structured import apply_masks
 
 TopLogprobs = list[tuple[int, float]]
 """The most likely ``(token id, logprob)`` of a step, most likely first."""
@@ -74,6 +77,11 @@ class Sampler:
         """logits [num_seqs, vocab] float32 -> one pick per row (token -1 where that sampled
         row could not be sampled)."""
         raw, logits = logits, self.processors(logits, seqs)
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if guided:
+            if logits is raw:
+                logits = logits.clone()
+            apply_masks(logits, guided, [seqs[i].matcher for i in guided])
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         failed: list[int] = []
@@ -99,6 +107,9 @@ class Sampler:
             if shared:
                 picks = torch.multinomial(probs[shared], 1, generator=self.generator)[:, 0]
                 tokens[torch.tensor([sampled[r] for r in shared], device=logits.device)] = picks
+        if guided:  # a grammar that allows nothing (say, only EOS while min_tokens bans it)
+            best = logits[torch.tensor(guided, device=logits.device)].amax(dim=-1).tolist()
+            failed += [i for i, v in zip(guided, best) if v == float("-inf") and i not in failed]
         token_list = tokens.tolist()
         for i in failed:
             token_list[i] = -1

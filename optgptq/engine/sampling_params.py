@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from optgptq.engine.structured import StructuredSpec
+
 GREEDY_BELOW = 1e-5
 """Temperatures below this sample greedily (vLLM's threshold too)."""
 MAX_TOP_LOGPROBS = 20
@@ -69,6 +71,10 @@ class SamplingParams:
     logprobs (at most :data:`MAX_TOP_LOGPROBS`)."""
     n: int = 1
     """Choices to generate from the prompt, forked from one prefill."""
+    structured: StructuredSpec | None = None
+    """Structured output: every choice's output must match this grammar (a JSON schema, a regex,
+    ...); its tokens are masked to what the grammar allows, and it ends (``stop``) when the
+    grammar is complete (:mod:`optgptq.engine.structured`)."""
     cache_salt: str | None = None
     """The request's prefix-cache namespace (not a sampling choice, but it travels with the
     request's parameters to the engine and the router): blocks are shared only between requests
@@ -102,6 +108,8 @@ class SamplingParams:
                              f"got {self.top_logprobs!r}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs")
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise ValueError(f"structured must be a StructuredSpec, got {self.structured!r}")
         if not _integer(self.n) or self.n < 1:
             raise ValueError(f"n must be a positive integer, got {self.n!r}")
 

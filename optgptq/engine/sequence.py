@@ -85,6 +85,7 @@ class Sequence:
         # while fewer than min_tokens tokens were generated
         self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids)
         self.forks: list[Sequence] = []       # choices 1 .. n-1 until the prompt is computed
+        self.matcher = None                   # structured output: its grammar's state
 
     @property
     def num_tokens(self) -> int:

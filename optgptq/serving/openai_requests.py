@@ -18,6 +18,12 @@ to biases in [-100, 100]; ids beyond the model's vocabulary are a 400 once the i
 Chat ``top_logprobs`` (0..20) needs ``logprobs: true``; completions ``logprobs: N`` (0..5) gives
 the chosen tokens' logprobs and the N most likely alternatives of each step.
 
+Structured output (:mod:`optgptq.engine.structured`): ``response_format`` ``{"type":
+"json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict",
+"description"}}`` (OpenAI), or vLLM's extra ``structured_outputs`` with exactly one of ``json``
+(a schema), ``regex``, ``choice`` (a list of strings) or ``grammar`` (EBNF); not both fields. A
+schema, regex or grammar that does not parse is a 400 naming the field.
+
 Chat messages take the roles ``system``, ``developer`` (rendered as system, as OpenAI treats it
 for models without a developer role), ``user`` and ``assistant``; content is a string or a list
 of ``{"type": "text", "text": ...}`` parts, joined by newlines (other part types are refused).
@@ -25,12 +31,14 @@ of ``{"type": "text", "text": ...}`` parts, joined by newlines (other part types
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       field_validator, model_validator)
 
 from optgptq.engine.sampling_params import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from optgptq.engine.structured import StructuredSpec
 from optgptq.serving.protocol import (INT64, MAX_SALT_CHARS, MAX_TOKENS_LIMIT, APIError, Text,
                                       effective_salt)
 
@@ -50,8 +58,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     # field: (the values that ask for nothing, why any other value is refused)
     "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported: ask for n choices "
                                            "with logprobs and rank them"),
-    "response_format": (lambda v: v in (None, {"type": "text"}),
-                        "structured output (json_object, json_schema) is not supported yet"),
     "tools": (_none, "tool calling is not supported yet"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
     "parallel_tool_calls": (lambda v: True, ""),  # only meaningful with tools (refused there)
@@ -83,6 +89,45 @@ class StreamOptions(BaseModel):
     """A last chunk with the usage of the whole request (and ``"usage": null`` on the others)."""
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (nothing to do), ``json_object``, ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only there")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extra: exactly one of its fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = Field(default=None, min_length=1)
+    grammar: Text | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [n for n in ("json_", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice and grammar")
+        return self
+
+
 Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 Bias = Annotated[StrictFloat, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 
@@ -108,6 +153,8 @@ class _Request(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     cache_salt: Text | None = Field(default=None, min_length=1, max_length=MAX_SALT_CHARS)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -133,6 +180,34 @@ class _Request(BaseModel):
                 raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
         return bias
 
+    def structured(self) -> StructuredSpec | None:
+        """The engine's structured output spec; APIError 400 naming the field if invalid."""
+        fmt, ext = self.response_format, self.structured_outputs
+        if fmt is not None and fmt.type == "text":
+            fmt = None
+        if fmt is not None and ext is not None:
+            raise APIError(400, "response_format: give it or structured_outputs, not both",
+                           param="response_format", code="invalid_value")
+        try:
+            if fmt is not None and fmt.type == "json_object":
+                return StructuredSpec("json_object")
+            if fmt is not None:
+                return StructuredSpec("json_schema", json.dumps(fmt.json_schema.schema_),
+                                      strict=bool(fmt.json_schema.strict))
+            if ext is None:
+                return None
+            field = "structured_outputs"
+            if ext.json_ is not None:
+                text = ext.json_ if isinstance(ext.json_, str) else json.dumps(ext.json_)
+                return StructuredSpec("json_schema", text, field=field)
+            if ext.choice is not None:
+                return StructuredSpec("choice", json.dumps(ext.choice), field=field)
+            kind = "regex" if ext.regex is not None else "grammar"
+            return StructuredSpec(kind, getattr(ext, kind), field=field)
+        except ValueError as exc:
+            name = "response_format" if fmt is not None else "structured_outputs"
+            raise APIError(400, str(exc), param=name, code="invalid_value") from None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -150,6 +225,7 @@ class _Request(BaseModel):
         """The engine's parameters (``tenant``: the API key's, for the cache salt); APIError 400
         naming the field if it rejects them."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        structured = self.structured()
         try:
             return SamplingParams(
                 max_tokens=self.output_limit, min_tokens=self.min_tokens,
@@ -159,7 +235,7 @@ class _Request(BaseModel):
                 repetition_penalty=self.repetition_penalty,
                 logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
                 logprobs=self.wants_logprobs, top_logprobs=self.top_logprobs_count, n=self.n,
-                cache_salt=effective_salt(tenant, self.cache_salt))
+                cache_salt=effective_salt(tenant, self.cache_salt), structured=structured)
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split()[0].split("=")[0],
                            code="invalid_value") from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -329,7 +330,26 @@ def _sampling_params(p: SamplingParams):
                            repetition_penalty=p.repetition_penalty,
                            logit_bias=dict(p.logit_bias) or None,
                            logprobs=p.top_logprobs if p.logprobs else None,
-                           output_kind=RequestOutputKind.DELTA)
+                           output_kind=RequestOutputKind.DELTA,
+                           **_structured_outputs(p))
+
+
+def _structured_outputs(p: SamplingParams) -> dict:
+    """vLLM's ``structured_outputs`` for ``p.structured`` (its own backend, xgrammar by default,
+    then compiles it), as compact JSON as our engine makes; nothing where there is none."""
+    spec = p.structured
+    if spec is None:
+        return {}
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec.kind == "json_object":
+        kind = {"json_object": True}
+    elif spec.kind in ("json_schema", "choice"):
+        kind = {"json" if spec.kind == "json_schema" else "choice": json.loads(spec.spec)}
+    else:
+        kind = {spec.kind: spec.spec}
+    return {"structured_outputs": StructuredOutputsParams(
+        **kind, disable_any_whitespace=True, disable_additional_properties=spec.strict)}
 
 
 def vllm_logprobs(token_ids, steps, top_n: int) -> tuple[list[float], list[list | None]]:
