@@ -61,6 +61,7 @@ HOSTILE = [  # (raw body, status): never a 500, never a crash
     (b'{"model": "m", "prompt": "x", "max_tokens": true}', 400),
     (b'{"model": "m", "prompt": "x", "top_k": 99999999999999999999}', 400),
     (b'{"model": "m", "prompt": "x", "cache_salt": ""}', 400),
+    (b'{"model": "m", "prompt": "x", "repetition_penalty": 5e-324}', 400),  # logits to inf
     (b"\xff\xfe not json", 400),
     (b"", 400),
 ]

@@ -11,6 +11,8 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this sample greedily (vLLM's threshold too)."""
 MAX_TOP_LOGPROBS = 20
 """Most alternatives a token's logprobs may list (OpenAI's chat limit)."""
+REPETITION_RANGE = (0.01, 100.0)
+"""repetition_penalty's bounds: a denormal one made every logit it divides infinite."""
 MAX_LOGIT_BIAS = 300
 """Most entries a logit_bias may have (OpenAI's limit)."""
 
@@ -59,8 +61,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     """Subtracted once per occurrence in the output so far (OpenAI, -2..2)."""
     repetition_penalty: float = 1.0
-    """> 0, 1 is off: logits of tokens in the prompt or the output are divided by it where
-    positive, multiplied where negative (vLLM's extra, as in the CTRL paper)."""
+    """In :data:`REPETITION_RANGE`, 1 is off: logits of tokens in the prompt or the output are
+    divided by it where positive, multiplied where negative (vLLM's extra, as in the CTRL
+    paper)."""
     logit_bias: dict[int, float] = field(default_factory=dict)
     """token id -> added to its logit, in [-100, 100] (at most :data:`MAX_LOGIT_BIAS`)."""
     logprobs: bool = False
@@ -118,8 +121,9 @@ class SamplingParams:
             value = getattr(self, name)
             if not _number(value) or not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if not _number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0, "
+        low, high = REPETITION_RANGE
+        if not _number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low}, {high}], "
                              f"got {self.repetition_penalty!r}")
         if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")

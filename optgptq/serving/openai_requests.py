@@ -37,7 +37,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       field_validator, model_validator)
 
-from optgptq.engine.sampling_params import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from optgptq.engine.sampling_params import (MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, REPETITION_RANGE,
+                                            SamplingParams)
 from optgptq.engine.structured import StructuredSpec
 from optgptq.serving.protocol import (INT64, MAX_SALT_CHARS, MAX_TOKENS_LIMIT, APIError, Text,
                                       effective_salt)
@@ -148,7 +149,8 @@ class _Request(BaseModel):
     n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: StrictFloat = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    repetition_penalty: StrictFloat = Field(default=1.0, ge=REPETITION_RANGE[0],
+                                            le=REPETITION_RANGE[1])
     logit_bias: dict[str, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
