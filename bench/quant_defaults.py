@@ -50,26 +50,28 @@ GOOD = ["--asym", "--act-order", "--mse"]
 TARGET = 0.08
 
 
-def rows_to_run(best: str | None) -> list[tuple[str, list[str]]]:
-    """(name, flags) in order; ``best`` is the better source once both were measured."""
-    rows = [("old defaults: sym, no act-order, no mse, shakespeare 128", OLD),
-            ("asym act-order mse, shakespeare 128", GOOD + ["--calib", "shakespeare"]),
-            ("asym act-order mse, generated 128", GOOD + ["--calib", "generated"])]
+def rows_to_run(best: str | None, n: int = 128) -> list[tuple[str, list[str]]]:
+    """(name, flags) in order; ``best`` is the better source once both were measured, ``n``
+    the calibration samples of every row but the one that doubles them."""
+    size = ["--num-samples", str(n)]
+    rows = [(f"old defaults: sym, no act-order, no mse, shakespeare {n}", OLD + size),
+            (f"asym act-order mse, shakespeare {n}", GOOD + ["--calib", "shakespeare"] + size),
+            (f"asym act-order mse, generated {n}", GOOD + ["--calib", "generated"] + size)]
     if best is None:
         return rows
-    b = ["--calib", best]
+    b = ["--calib", best] + size
     return rows + [
-        (f"sym act-order mse, {best} 128", ["--sym", "--act-order", "--mse"] + b),
-        (f"asym no-act-order mse, {best} 128", ["--asym", "--no-act-order", "--mse"] + b),
-        (f"asym act-order no-mse, {best} 128", ["--asym", "--act-order", "--no-mse"] + b),
-        (f"asym act-order mse damp 0.1, {best} 128", GOOD + ["--damp", "0.1"] + b),
-        (f"asym act-order mse damp 0.001, {best} 128", GOOD + ["--damp", "0.001"] + b),
-        (f"asym act-order mse, {best} 256", GOOD + ["--num-samples", "256"] + b),
-        (f"3-bit asym act-order mse, {best} 128", GOOD + ["--bits", "3"] + b),
-        (f"8-bit asym act-order mse, {best} 128", GOOD + ["--bits", "8"] + b),
+        (f"sym act-order mse, {best} {n}", ["--sym", "--act-order", "--mse"] + b),
+        (f"asym act-order mse, {best} {2 * n}", GOOD + b[:2] + ["--num-samples", str(2 * n)]),
+        (f"asym no-act-order mse, {best} {n}", ["--asym", "--no-act-order", "--mse"] + b),
+        (f"asym act-order no-mse, {best} {n}", ["--asym", "--act-order", "--no-mse"] + b),
+        (f"3-bit asym act-order mse, {best} {n}", GOOD + ["--bits", "3"] + b),
+        (f"8-bit asym act-order mse, {best} {n}", GOOD + ["--bits", "8"] + b),
+        (f"asym act-order mse damp 0.1, {best} {n}", GOOD + ["--damp", "0.1"] + b),
         ("rtn asym mse", ["--asym", "--mse", "--method", "rtn"]),
-        (f"gptqt 3-bit g64, {best} 128", ["--method", "gptqt", "--bits", "3"] + b),
-        (f"dgq a8w4 g64, {best} 128", ["--method", "dgq"] + b),
+        (f"asym act-order mse damp 0.001, {best} {n}", GOOD + ["--damp", "0.001"] + b),
+        (f"gptqt 3-bit g64, {best} {n}", ["--method", "gptqt", "--bits", "3"] + b),
+        (f"dgq a8w4 g64, {best} {n}", ["--method", "dgq"] + b),
     ]
 
 
@@ -125,13 +127,15 @@ def run(a: argparse.Namespace) -> dict:
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
         f.write_text(json.dumps(rows, indent=2) + "\n")
 
-    for name, flags in rows_to_run(None):
-        do(name, flags)
-    shakes, gen = (rows.get(n, {}).get("perplexity", float("inf"))
-                   for n, _ in rows_to_run(None)[1:])
-    best = "generated" if gen <= shakes else "shakespeare"
-    for name, flags in rows_to_run(best)[3:]:
-        do(name, flags)
+    first = rows_to_run(None, a.num_samples)
+    for name, flags in first:
+        if name not in a.skip:
+            do(name, flags)
+    shakes, gen = (rows.get(n, {}).get("perplexity", float("inf")) for n, _ in first[1:])
+    best = a.source or ("generated" if gen <= shakes else "shakespeare")
+    for name, flags in rows_to_run(best, a.num_samples)[3:]:
+        if name not in a.skip:
+            do(name, flags)
     return {"rows": rows, "best_source": best, "eval_windows": list(windows.shape)}
 
 
@@ -165,6 +169,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--workdir", default="/tmp/optgptq-quant-defaults")
     p.add_argument("--max-seconds", type=float, default=float("inf"))
+    p.add_argument("--num-samples", type=int, default=128, help="calibration samples per row")
+    p.add_argument("--source", default=None, help="the base source of the one-option rows "
+                   "(default: the better of the two measured)")
+    p.add_argument("--skip", action="append", default=[], help="a row not to compute")
     p.add_argument("--default-row", default=None, help="the row that the defaults equal")
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--out", default=str(RESULTS / "quality-defaults"))
