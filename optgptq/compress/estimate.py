@@ -38,7 +38,7 @@ def add_check_args(group: argparse._ArgumentGroup) -> None:
 
 
 def check_perplexity(model: nn.Module, check: torch.Tensor) -> float | None:
-    """Perplexity of ``model`` on the check windows ``[n, seq_len]`` (``None`` if there are none)."""
+    """Perplexity of ``model`` on the check windows ``[n, seq_len]`` (``None`` if none)."""
     if check.numel() == 0:
         return None
     return perplexity(model, check.reshape(-1), check.shape[1], check.shape[1])[0]
