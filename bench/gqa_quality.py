@@ -181,10 +181,7 @@ def markdown(doc: dict) -> str:
                if "recover_train" in row else "")
         lines.append(f"| {name} | {row['ppl']:.3f} | {row['vs_reference']:+.1%} | "
                      f"{row['num_kv_heads']} | {row.get('convert_s', '')} | {rec} |")
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
-    lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
-    lines += [f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
-              f"{'yes' if t['met'] else 'NO'} |" for t in doc["targets"]]
+    lines += report.notes_and_targets_md(doc)
     return "\n".join(lines) + "\n"
 
 

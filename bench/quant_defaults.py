@@ -154,10 +154,7 @@ def markdown(doc: dict) -> str:
         secs = row.get("quantize_seconds", "")
         lines.append(f"| {name} | `{' '.join(row['flags'])}` | {row['perplexity']:.3f} | "
                      f"{row.get('vs_float', 0):+.1%} | {est} | {secs} |")
-    lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
-    lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
-    lines += [f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
-              f"{'yes' if t['met'] else 'NO'} |" for t in doc["targets"]]
+    lines += report.notes_and_targets_md(doc)
     return "\n".join(lines) + "\n"
 
 

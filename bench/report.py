@@ -93,3 +93,12 @@ def merge_section(path: Path, key: str, section: dict) -> None:
 def print_targets(targets: list[dict]) -> None:
     for t in targets:
         print(f"{'MET ' if t['met'] else 'MISS'} {t['name']}: {t['value']} (target {t['target']})")
+
+
+def notes_and_targets_md(doc: dict) -> list[str]:
+    """A result document's notes and targets as Markdown lines (a report's last sections)."""
+    lines = ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    lines += ["", "## Targets", "", "| target | value | goal | met |", "|---|---:|---:|---|"]
+    lines += [f"| {t['name']} | {t['value']} | {t['target']} ({t['better']}) | "
+              f"{'yes' if t['met'] else 'NO'} |" for t in doc["targets"]]
+    return lines

@@ -104,6 +104,15 @@ def test_pool_invariants_after_random_traffic_with_aborts(tiny_models):
     assert all(b.ref_count == 0 for b in engine.pool.blocks)
 
 
+async def _until_idle(engine) -> None:
+    """Wait (up to 5 s) until the engine's pool has no block in use and nothing waits."""
+    for _ in range(100):
+        stats = engine.stats()
+        if stats.pool.used_blocks == 0 and stats.waiting == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
 def test_async_engine_streams_aborts_and_survives_bad_requests(tiny_models):
     path = str(tiny_models["llama-mha"])
     engine = AsyncLLMEngine(EngineConfig(model=path, device="cpu", num_blocks=64, block_size=4))
@@ -126,10 +135,7 @@ def test_async_engine_streams_aborts_and_survives_bad_requests(tiny_models):
             await consume(SamplingParams(max_tokens=10_000))
         full, partial = await asyncio.gather(consume(greedy), consume(greedy, stop_after=3))
         assert full == expected.token_ids and partial == expected.token_ids[:3]
-        for _ in range(100):  # the abandoned stream's blocks come back
-            if engine.stats().pool.used_blocks == 0:
-                break
-            await asyncio.sleep(0.05)
+        await _until_idle(engine)  # the abandoned stream's blocks come back
         assert engine.stats().pool.used_blocks == 0
 
     try:
@@ -165,10 +171,7 @@ def test_engine_core_in_a_child_process_streams_what_the_engine_computes(tiny_mo
             assert sum(len(o.delta_token_ids) for o in outs) == len(want)
         with pytest.raises(ValueError, match="max_model_len"):
             await consume([1] * 600)
-        for _ in range(100):  # the abandoned stream's blocks come back
-            if engine.stats().pool.used_blocks == 0 and engine.stats().waiting == 0:
-                break
-            await asyncio.sleep(0.05)
+        await _until_idle(engine)  # the abandoned stream's blocks come back
         assert engine.stats().pool.used_blocks == 0 and engine.stats().waiting == 0
         assert any(kind == "add" for kind, _ in engine.drain_cache_events())
         # the child dies: what is in flight fails, and so does what comes after
@@ -284,10 +287,7 @@ def test_async_engine_fails_the_request_that_cannot_be_sampled_alone(tiny_models
         assert runs[:3] == expected
         assert isinstance(runs[3], RuntimeError) and "sampling failed" in str(runs[3])
         assert await consume(good[0], greedy) == expected[0]  # the loop goes on
-        for _ in range(100):
-            if engine.stats().pool.used_blocks == 0:
-                break
-            await asyncio.sleep(0.05)
+        await _until_idle(engine)
         assert engine.stats().pool.used_blocks == 0
 
     try:
@@ -368,10 +368,7 @@ def test_async_engine_streams_n_choices_and_aborts_them_all(tiny_models):
         while len({d[10] for d in deltas}) < 3:
             await asyncio.sleep(0.01)
         engine.abort("x")
-        for _ in range(100):
-            if engine.stats().pool.used_blocks == 0:
-                break
-            await asyncio.sleep(0.05)
+        await _until_idle(engine)
         assert engine.stats().pool.used_blocks == 0 and not sub.done.done()
         firsts = [d[10] for d in deltas if d[7] is not None]
         assert sorted(firsts) == [0, 1, 2] and all(d[7] == p for d in deltas if d[7])
