@@ -10,6 +10,8 @@ Sources (beside this file), each registering its operators under ``torch.ops.opt
   ``rotary``, ``silu_and_mul``) and the KV cache write (``write_kv``), float32;
 - ``linear_cpu.cpp``: float32 products from panel-packed weights (``pack_linear_weight``,
   ``packed_linear``; see :mod:`optgptq.models.cpu_linear`);
+- ``gptq_cpu.cpp``: ``gptq_packed_linear``, float32 products from GPTQ weights repacked at load
+  (2/3/4/8 bits, dequantized in registers; see :mod:`optgptq_kernels.gptq_cpu`);
 - ``memory_cpu.cpp``: ``advise_huge_pages``, transparent huge pages for the KV pool.
 
 On a CPU each of these steps, run as separate torch ops, is several passes over the step's
@@ -41,8 +43,10 @@ import torch
 
 _SOURCES = [Path(__file__).with_name(name)
             for name in ("paged_attention_cpu.cpp", "pointwise_cpu.cpp",
-                         "prefill_attention_cpu.cpp", "linear_cpu.cpp", "memory_cpu.cpp")]
-_HEADERS = [Path(__file__).with_name(name) for name in ("simd_cpu.h", "paged_batch_cpu.h")]
+                         "prefill_attention_cpu.cpp", "linear_cpu.cpp", "gptq_cpu.cpp",
+                         "memory_cpu.cpp")]
+_HEADERS = [Path(__file__).with_name(name)
+            for name in ("simd_cpu.h", "paged_batch_cpu.h", "int8_rows_cpu.h")]
 log = logging.getLogger(__name__)
 
 

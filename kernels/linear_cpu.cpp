@@ -2,8 +2,9 @@
 // Contract: torch.nn.functional.linear(x, W, bias), up to float rounding (sums run over k in order).
 //
 // Layout: W [N, K] is packed as P = ceil(N / 64) panels [K, 64] (columns n0..n0+63, zero-padded),
-// each contiguous, so a panel streams from memory in one sequential run. Threads take contiguous
-// stretches of panels. A register tile computes 6 rows x 64 columns: per k, the panel's 64
+// each contiguous, so a panel streams from memory in one sequential run; in float16 where every
+// weight is a float16 value (widened exactly in registers: the same sums from half the bytes).
+// Threads take contiguous stretches of panels. A register tile computes 6 rows x 64 columns: per k, the panel's 64
 // weights are four vectors, each row's x[r, k] is broadcast, and 24 accumulators stay in
 // registers. Two schedules (see `streamed` and `row_chunked`): under 80 rows the panels are
 // walked in 64-row chunks that every row block uses while they sit in L1, the chunk two ahead
@@ -26,6 +27,7 @@
 #include "simd_cpu.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -34,55 +36,44 @@ using optgptq_simd::kPanel;
 using optgptq_simd::kRows;
 #if defined(__AVX512F__)
 using optgptq_simd::row_block;
+using optgptq_simd::store_tile;
 #endif
 constexpr int64_t kRowChunk = 256;    // row_chunked: rows per pass over the panels
 constexpr int64_t kStreamedRows = 80;  // fewer rows than this: the streamed schedule
 constexpr int64_t kChunk = 64;        // streamed: weight rows per chunk (16 KB)
 constexpr int64_t kAhead = 2;         // streamed: chunks fetched ahead
 
-// W [N, K] -> [P, K, 64].
+// W [N, K] -> [P, K, 64], float16 where every weight is a float16 value (a checkpoint stored in
+// float16: half the bytes to stream, the same products), float32 otherwise.
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
               "weight: a float32 CPU [out, in] matrix expected");
   const int64_t N = weight.size(0), K = weight.size(1), P = (N + kPanel - 1) / kPanel;
-  auto padded = at::zeros({P * kPanel, K}, weight.options());
-  padded.narrow(0, 0, N).copy_(weight);
+  const auto half = weight.to(at::kHalf);
+  const bool exact = half.to(at::kFloat).equal(weight);
+  auto padded = at::zeros({P * kPanel, K}, weight.options().dtype(exact ? at::kHalf : at::kFloat));
+  padded.narrow(0, 0, N).copy_(exact ? half : weight);
   return padded.view({P, kPanel, K}).transpose(1, 2).contiguous();
 }
 
 #if defined(__AVX512F__)
-// tile [rows, 64] (+ bias) -> out's columns n0..n0+cols-1.
-inline void store_tile(const float* tile, int64_t rows, const float* bias, float* out, int64_t N,
-                       int64_t cols) {
-  __mmask16 lanes[4];
-  __m512 bv[4];
-  for (int c = 0; c < 4; ++c) {
-    const int64_t left = std::clamp<int64_t>(cols - 16 * c, 0, 16);
-    lanes[c] = static_cast<__mmask16>((1u << left) - 1u);
-    bv[c] = bias != nullptr ? _mm512_maskz_loadu_ps(lanes[c], bias + 16 * c) : _mm512_setzero_ps();
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < 4; ++c)
-      _mm512_mask_storeu_ps(out + r * N + 16 * c, lanes[c],
-                            _mm512_add_ps(_mm512_loadu_ps(tile + r * kPanel + 16 * c), bv[c]));
-}
-
 // Few rows (a decode step): the weights stream from memory once, and both the stream and the
 // arithmetic must be kept busy. A thread walks its panels in chunks of kChunk weight rows (16 KB,
 // held in L1 while every row block uses it); the sums live in a [rows, 64] tile between chunks.
 // While a chunk is multiplied, the chunk kAhead places further along the thread's contiguous
 // stretch of panels is fetched into L2, its rows spread evenly over the row blocks.
-void streamed(const float* xp, int64_t xs, int64_t M, int64_t K, const float* wp, int64_t N,
+template <class T>
+void streamed(const float* xp, int64_t xs, int64_t M, int64_t K, const T* wp, int64_t N,
               int64_t P, const float* bp, float* op) {
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(M * kPanel);
-    const float* stretch_end = wp + end * K * kPanel;
+    const T* stretch_end = wp + end * K * kPanel;
     const int64_t blocks = (M + kRows - 1) / kRows;
     for (int64_t p = begin; p < end; ++p) {
-      const float* panel = wp + p * K * kPanel;
+      const T* panel = wp + p * K * kPanel;
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t k1 = std::min(K, k0 + kChunk);
-        const float* pf = panel + (k0 + kAhead * kChunk) * kPanel;
+        const T* pf = panel + (k0 + kAhead * kChunk) * kPanel;
         if (pf + (k1 - k0) * kPanel > stretch_end) pf = nullptr;
         for (int64_t i0 = 0; i0 < M; i0 += kRows)
           row_block<_MM_HINT_T1>(M - i0, xp + i0 * xs, xs, panel, k0, k1,
@@ -103,7 +94,8 @@ void streamed(const float* xp, int64_t xs, int64_t M, int64_t K, const float* wp
 // threads, each chunk's panels are split among them, chunk after chunk; otherwise threads take
 // contiguous runs of all the items (SmolLM2's 9-panel products at 1024 rows: 36 items split
 // evenly, not 9 panels 5 / 4 four times over: 1.06-1.09x; its 48-panel product ran 0.96x so).
-void row_chunked(const float* xp, int64_t xs, int64_t M, int64_t K, const float* wp, int64_t N,
+template <class T>
+void row_chunked(const float* xp, int64_t xs, int64_t M, int64_t K, const T* wp, int64_t N,
                  int64_t P, const float* bp, float* op) {
   const int64_t even = (M + kRowChunk - 1) / kRowChunk;
   const int64_t span = ((M + even - 1) / even + kRows - 1) / kRows * kRows;  // equal chunks
@@ -114,8 +106,8 @@ void row_chunked(const float* xp, int64_t xs, int64_t M, int64_t K, const float*
     for (int64_t it = begin; it < end; ++it) {
       const int64_t m0 = it / P * span, p = it % P, rows = std::min(span, M - m0);
       const int64_t blocks = (rows + kRows - 1) / kRows, period = std::max<int64_t>(1, blocks - 1);
-      const float* panel = wp + p * K * kPanel;
-      const float* next = it + 1 < end ? wp + (it + 1) % P * K * kPanel : nullptr;
+      const T* panel = wp + p * K * kPanel;
+      const T* next = it + 1 < end ? wp + (it + 1) % P * K * kPanel : nullptr;
       const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
       // a whole panel without bias is summed into `out` itself, others through the tile
       const bool direct = cols == kPanel && bp == nullptr;
@@ -150,7 +142,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
               "x: float32 [rows, in] with contiguous rows expected");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
-                  packed.size(1) == x.size(1) && packed.size(0) * kPanel >= N,
+                  packed.size(1) == x.size(1) && packed.size(0) * kPanel >= N &&
+                  (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kHalf),
               "packed weight does not match x or out_features");
   const int64_t M = x.size(0), K = x.size(1), P = packed.size(0);
   at::Tensor b;
@@ -161,9 +154,16 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   auto out = at::empty({M, N}, x.options());
 #if defined(__AVX512F__)
   if (M > 0) {
-    auto schedule = M < kStreamedRows ? streamed : row_chunked;
-    schedule(x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), N, P,
-             b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>());
+    auto run = [&](const auto* wp) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(wp)>>;
+      auto schedule = M < kStreamedRows ? streamed<T> : row_chunked<T>;
+      schedule(x.data_ptr<float>(), x.stride(0), M, K, wp, N, P,
+               b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>());
+    };
+    if (packed.scalar_type() == at::kHalf)
+      run(reinterpret_cast<const uint16_t*>(packed.data_ptr<at::Half>()));
+    else
+      run(packed.data_ptr<float>());
   }
 #else
   TORCH_CHECK(false, "packed_linear needs AVX-512 (see avx512_built)");

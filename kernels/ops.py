@@ -6,7 +6,8 @@ reference:
 - ``OPTGPTQ_KERNELS=auto`` (default): Triton for tensors on an accelerator (CUDA, ROCm, Hygon DCU
   through ``torch.cuda``) when Triton imports; on float32 CPU tensors the native CPU kernels of
   :mod:`optgptq_kernels.cpu_native` (paged attention's decode rows, the pointwise steps, the KV
-  write) where they build; the reference otherwise.
+  write, GPTQ products: :mod:`optgptq_kernels.gptq_cpu`) where they build; the reference
+  otherwise.
 - ``OPTGPTQ_KERNELS=reference``: always the reference.
 - ``OPTGPTQ_KERNELS=triton``: always Triton; with ``TRITON_INTERPRET=1`` (set before Triton is
   imported) the kernels run in Triton's interpreter on CPU tensors, which is how CI tests them.
@@ -22,7 +23,7 @@ import os
 
 import torch
 
-from optgptq_kernels import cpu_native, paged_attention_cpu
+from optgptq_kernels import cpu_native, gptq_cpu, paged_attention_cpu
 from optgptq_kernels.bcq import bcq_linear_ref
 from optgptq_kernels.dgq import dgq_linear_ref
 from optgptq_kernels.gptq import gptq_linear_ref
@@ -184,7 +185,36 @@ def gptq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         from optgptq_kernels.gptq_triton import gptq_linear_triton
 
         return gptq_linear_triton(x, qweight, qzeros, scales, g_idx, bits, bias)
+    if native_cpu(x) and x.dim() == 2:  # repacked per call: layers keep theirs (pack_gptq_weight)
+        return gptq_cpu.gptq_cpu_linear(
+            x, gptq_cpu.pack_gptq_cpu(qweight, qzeros, scales, g_idx, bits, _gptq_act_pieces()),
+            bias)
     return gptq_linear_ref(x, qweight, qzeros, scales, g_idx, bits, bias)
+
+
+def _gptq_act_pieces() -> int:
+    """INT8 pieces per activation of the native CPU GPTQ kernel: ``OPTGPTQ_CPU_GPTQ_ACT=int8``
+    (default, 1) or ``int16`` (2: about 16 bits, within ~3e-5 of the float product; see
+    :mod:`optgptq_kernels.gptq_cpu`)."""
+    act = os.environ.get("OPTGPTQ_CPU_GPTQ_ACT", "int8")
+    if act not in ("int8", "int16"):
+        raise ValueError(f"OPTGPTQ_CPU_GPTQ_ACT={act!r}: expected int8 or int16")
+    return 1 if act == "int8" else 2
+
+
+def pack_gptq_weight(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     g_idx: torch.Tensor, bits: int) -> gptq_cpu.PackedGPTQ | None:
+    """A GPTQ weight repacked once for :func:`packed_gptq_linear` (``gptq_cpu.cpp``), or None
+    where that kernel does not run (tensors not on the CPU, not ``auto`` mode, no native build)."""
+    if qweight.device.type == "cpu" and _mode() == "auto" and cpu_native.available():
+        return gptq_cpu.pack_gptq_cpu(qweight, qzeros, scales, g_idx, bits, _gptq_act_pieces())
+    return None
+
+
+def packed_gptq_linear(x: torch.Tensor, packed: gptq_cpu.PackedGPTQ,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [rows, K] @ W + bias`` (float32) for a weight packed by :func:`pack_gptq_weight`."""
+    return gptq_cpu.gptq_cpu_linear(x, packed, bias)
 
 
 def dgq_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,

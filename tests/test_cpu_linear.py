@@ -74,3 +74,27 @@ def test_packed_linear_matches_linear(rows, in_features, out_features):
         torch.testing.assert_close(ops.packed_linear(x, packed, out_features, b),
                                    torch.nn.functional.linear(x, weight, b),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 35, 300])
+def test_float16_valued_weights_pack_at_half_width_with_the_same_sums(rows):
+    """A weight whose every value is a float16 value (a checkpoint stored in float16) is packed as
+    float16 panels, widened exactly in registers: bit for bit the float32 panels' products, in
+    both schedules; the tied embedding's rows come back as float32."""
+    torch.manual_seed(rows)
+    weight = torch.randn(150, 96).half().float()
+    packed = ops.pack_linear_weight(weight)
+    if packed is None:
+        pytest.skip("no native packed linear on this CPU (AVX-512 only)")
+    assert packed.dtype == torch.float16
+    as_float = torch.zeros(192, 96)
+    as_float[:150] = weight
+    as_float = as_float.view(3, 64, 96).transpose(1, 2).contiguous()  # the float32 layout
+    x, bias = torch.randn(rows, 96), torch.randn(150)
+    assert torch.equal(ops.packed_linear(x, packed, 150, bias),
+                       ops.packed_linear(x, as_float, 150, bias))
+    head = CPULinear(nn.Linear(96, 150, bias=False))
+    head.packed = packed
+    ids = torch.tensor([0, 63, 64, 149])
+    assert head.rows(ids).dtype == torch.float32 and torch.equal(head.rows(ids), weight[ids])
+    assert ops.pack_linear_weight(weight + 1e-4).dtype == torch.float32

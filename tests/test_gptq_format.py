@@ -145,9 +145,12 @@ def write_gptq_twins(src, root, bits: int = 4, group_size: int = 48):
     return quant, dense
 
 
-def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_path):
+def test_engine_serves_a_gptq_checkpoint_like_its_dense_twin(tiny_models, tmp_path, monkeypatch):
     # group size 48 divides neither the hidden size 64 nor the MLP size 96
     quant, dense = write_gptq_twins(tiny_models["llama-gqa"], tmp_path, 4, 48)
+    # the native CPU kernel's default INT8 activations move logits by up to ~1%, enough to flip
+    # this tiny model's near ties; two INT8 pieces (~16 bits) keep it within float rounding
+    monkeypatch.setenv("OPTGPTQ_CPU_GPTQ_ACT", "int16")
     rng = torch.Generator().manual_seed(3)
     prompts = [random_prompt(rng, n) for n in (5, 33, 17)]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -41,7 +41,10 @@ def _quantize(model, out, calib, *extra) -> int:
     ("llama-mha", ["--bits", "2", "--group-size", "32", "--static-groups", "--act-order"]),
 ])
 def test_engine_serves_the_checkpoint_like_its_dense_twin(tiny_models, calib_text, tmp_path,
-                                                          name, extra, capsys):
+                                                          name, extra, capsys, monkeypatch):
+    # the native CPU kernel's default INT8 activations can flip a tiny random model's near ties;
+    # two INT8 pieces (~16 bits, optgptq_kernels/gptq_cpu.py) keep it within float rounding
+    monkeypatch.setenv("OPTGPTQ_CPU_GPTQ_ACT", "int16")
     out = tmp_path / "q"
     assert _quantize(tiny_models[name], out, calib_text, *extra) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

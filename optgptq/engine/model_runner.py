@@ -17,6 +17,7 @@ from optgptq.engine.cuda_graphs import DecodeGraphs
 from optgptq.engine.sampler import Sample, Sampler
 from optgptq.engine.scheduler import ScheduledBatch
 from optgptq.engine.step_inputs import StepInputBuilder
+from optgptq.models.cpu_gptq_linear import use_cpu_gptq_linears
 from optgptq.models.cpu_linear import use_cpu_linears
 from optgptq.models.layers import AttentionMetadata, PagedAttention
 from optgptq.models.loader import load_config, load_model
@@ -55,6 +56,7 @@ class ModelRunner:
         self.model = load_model(model_path, self.hf_config, self.dtype, self.device,
                                 self.max_model_len, dummy=config.load_format == "dummy")
         if self.device.type == "cpu":
+            use_cpu_gptq_linears(self.model)  # GPTQ weights in the native kernel's layout
             use_cpu_linears(self.model)  # faster small-batch products (see cpu_linear.py)
         t1 = time.perf_counter()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
