@@ -34,6 +34,7 @@ from ray import serve
 from optgptq.config import EngineConfig
 from optgptq.engine.async_engine import AsyncLLMEngine
 from optgptq.engine.core_loop import CORES
+from optgptq.engine.sequence import InvalidRequest
 from optgptq.serving.vllm_engine import VLLMEngine
 from deployments.serve_calls import TRANSPORT, background
 from deployments.token_channel import ATTACH_TIMEOUT_S, Outboxes
@@ -93,8 +94,8 @@ class EngineReplica:
             sub = self.engine.submit(request.token_ids, request.params, rid, on_delta)
             try:
                 await sub.accepted
-            except ValueError as exc:
-                raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+            except InvalidRequest as exc:
+                raise APIError(400, str(exc), param=exc.param) from None
             yield ACCEPTED
             while not sub.done.done():
                 await asyncio.wait([sub.done], timeout=ATTACH_TIMEOUT_S)
@@ -103,6 +104,8 @@ class EngineReplica:
                                    code="unavailable")
             try:
                 sub.done.result()
+            except InvalidRequest as exc:  # refused by the core after the same check passed here
+                raise APIError(400, str(exc), param=exc.param) from None
             except RuntimeError as exc:
                 raise APIError(500, str(exc), code="internal_error") from None
         except (asyncio.CancelledError, GeneratorExit):  # caller gone: the engine aborts it
@@ -179,12 +182,3 @@ class EngineReplica:
     def __del__(self) -> None:
         self._publisher.cancel()
         self.engine.shutdown()
-
-
-def _param_of(message: str) -> str | None:
-    for name in ("max_tokens", "min_tokens", "prompt", "temperature", "top_p", "top_k", "seed",
-                 "stop", "logit_bias", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "top_logprobs", "logprobs", "n"):
-        if message.startswith(name) or f" {name}" in message:
-            return name
-    return None

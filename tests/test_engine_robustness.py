@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -317,8 +318,8 @@ def test_core_loop_reports_each_failed_request_once(tiny_models):
     batches = []
     core_loop.run(core, lambda block: inbox.pop(0), batches.append)
     errors = [e for batch in batches for e in batch[2]]
-    assert sorted(errors) == [("a", "failed", "engine step failed: boom"),
-                              ("b", "failed", "engine step failed: boom")]
+    assert sorted(errors) == [("a", "failed", "engine step failed: boom", None),
+                              ("b", "failed", "engine step failed: boom", None)]
 
 
 def test_core_loop_accepts_before_it_steps(tiny_models):
@@ -340,6 +341,44 @@ def test_core_loop_accepts_before_it_steps(tiny_models):
     first = emitted[0]
     assert first[0] == ["a"] and first[1] == [] and emitted[1] == "step"
     assert any(d[0] == "a" for batch in emitted[2:] if batch != "step" for d in batch[1])
+
+
+def test_async_engine_answers_token_prompts_without_waiting_for_the_step(tiny_models):
+    """A token-id prompt is checked against the core's limits on submission: accepted, or
+    refused naming its field, while the core is still inside a long step; the core's own check
+    is the same one, so what was accepted is served."""
+    from optgptq.engine.sequence import InvalidRequest
+
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_models["llama-gqa"]), num_blocks=16,
+                                         block_size=4), core="synthetic",
+                            core_options={"step_time_s": 0.5})
+    limits = engine.model_info()["limits"]
+    rng = random.Random(7)
+
+    async def main():
+        busy = engine.submit([rng.randrange(limits.vocab_size) for _ in range(5)],
+                             SamplingParams(max_tokens=3, ignore_eos=True), "busy", lambda d: None)
+        await busy.accepted
+        await asyncio.sleep(0.1)                     # the core is now inside a 0.5 s step
+        t0 = time.monotonic()
+        ok = engine.submit([rng.randrange(limits.vocab_size)], SamplingParams(max_tokens=2),
+                           "ok", lambda d: None)
+        too_long = engine.submit([1, 2], SamplingParams(max_tokens=limits.max_model_len),
+                                 "too-long", lambda d: None)
+        bad_id = engine.submit([limits.vocab_size + rng.randrange(9)], SamplingParams(),
+                               "bad-id", lambda d: None)
+        await ok.accepted
+        for sub, param in ((too_long, "max_tokens"), (bad_id, "prompt")):
+            with pytest.raises(InvalidRequest) as err:
+                await sub.accepted
+            assert err.value.param == param
+        assert time.monotonic() - t0 < 0.2           # none waited for the step to end
+        await asyncio.gather(busy.done, ok.done)     # and the accepted ones are served
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
 
 
 def test_async_engine_streams_n_choices_and_aborts_them_all(tiny_models):

@@ -12,9 +12,15 @@ lock, nor it for the core's. Two ways to follow a request:
   so a slow consumer gets larger deltas, never a growing queue, and never holds the core back.
 - ``sub = engine.submit(prompt, params, request_id, on_delta)``: ``on_delta`` receives every raw
   :data:`~optgptq.engine.core_loop.Delta` on the caller's loop; ``await sub.accepted`` (raises
-  the core's ValueError for an invalid request), ``await sub.done`` (once every choice
-  finished). For callers that forward many requests' outputs together (the serving replicas'
-  token channels).
+  :class:`~optgptq.engine.sequence.InvalidRequest` for an invalid request), ``await sub.done``
+  (once every choice finished). For callers that forward many requests' outputs together (the
+  serving replicas' token channels).
+
+A prompt of token ids is checked on submission against the core's
+:class:`~optgptq.engine.sequence.RequestLimits` (``check_request``, the check the core runs
+when it takes the request) and accepted at once: its caller learns the request's fate without
+waiting for the core's current step to end (a prefill step can take seconds). Text prompts are
+accepted when the core has tokenized and checked them.
 
 The core sends one batch per step; it reaches each caller's event loop in one
 ``call_soon_threadsafe`` per loop. A failing step fails the requests of that batch
@@ -37,6 +43,7 @@ from optgptq.engine import core_loop
 from optgptq.engine.block_pool import PoolStats
 from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
+from optgptq.engine.sequence import InvalidRequest, check_request
 
 
 class Submission:
@@ -115,6 +122,13 @@ class AsyncLLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         sub = Submission(request_id, asyncio.get_running_loop(), on_delta, params.n)
+        if not isinstance(prompt, str):
+            try:
+                check_request(prompt, params, self._info["limits"])
+            except InvalidRequest as exc:
+                sub._fail(exc)
+                return sub
+            sub._accept()
         self._subs[request_id] = sub
         with self._lock:
             self._in_transit += 1
@@ -214,8 +228,9 @@ class AsyncLLMEngine:
             subs = self._subs
             items += [(s, "accept", None) for rid in accepted if (s := subs.get(rid))]
             items += [(s, "put", d) for d in deltas if (s := subs.get(d[0]))]
-            items += [(s, "fail", (ValueError if kind == "invalid" else RuntimeError)(message))
-                      for rid, kind, message in errors if (s := subs.get(rid))]
+            items += [(s, "fail", InvalidRequest(message, param) if kind == "invalid"
+                       else RuntimeError(message))
+                      for rid, kind, message, param in errors if (s := subs.get(rid))]
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for item in items:
             by_loop.setdefault(item[0].loop, []).append(item)

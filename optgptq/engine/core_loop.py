@@ -19,8 +19,8 @@ Out, once per turn of the loop in which anything happened (commands taken or a s
   (``prompt_token_ids`` in a choice's first delta only, else None; ``logprobs`` and
   ``top_logprobs`` None unless asked for; ``index``: the choice, 0 .. n-1; ``finished``: that
   choice's end, the request's once each of its choices has sent one);
-- ``errors``: ``(request_id, kind, message)``; kind ``invalid`` (the core refused the request:
-  its ValueError), ``failed`` (the core failed it alone, ``take_failures``; or a step raised:
+- ``errors``: ``(request_id, kind, message, param)``; kind ``invalid`` (the core refused the
+  request: its ValueError; ``param``: the field at fault, if it names one), ``failed`` (the core failed it alone, ``take_failures``; or a step raised:
   every request in flight fails, the loop goes on) or ``stopped`` (the engine shut down);
 - ``stats``: :class:`~optgptq.engine.llm_engine.EngineStats` after the turn;
 - ``cache_events``: the block pool's ``("add" | "evict", hash)`` events of the turn.
@@ -63,7 +63,7 @@ def build_core(kind: str, config: EngineConfig, options: dict[str, Any] | None =
 def model_info(core) -> dict:
     """What requests are validated against: context length, pool size, vocabulary."""
     info = {"max_model_len": core.max_model_len, "num_blocks": core.pool.num_blocks,
-            "vocab_size": core.vocab_size}
+            "vocab_size": core.vocab_size, "limits": core.limits}
     runner = getattr(core, "runner", None)
     if runner is not None:
         info["startup"] = dict(runner.startup)
@@ -76,7 +76,7 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
     live: dict[str, list] = {}  # request id -> per choice: False (no delta yet), True, None (done)
     while True:
         commands = receive(not core.has_unfinished_requests())
-        errors: list[tuple[str, str, str]] = []
+        errors: list[tuple[str, str, str, str | None]] = []
         accepted: list[str] = []
         for cmd in commands:
             if cmd[0] == "add":
@@ -86,14 +86,14 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
                     live[rid] = [False] * params.n
                     accepted.append(rid)
                 except ValueError as exc:
-                    errors.append((rid, "invalid", str(exc)))
+                    errors.append((rid, "invalid", str(exc), getattr(exc, "param", None)))
             elif cmd[0] == "abort":
                 core.abort_request(cmd[1])
                 live.pop(cmd[1], None)
             elif cmd[0] == "stop":
                 for rid in live:
                     core.abort_request(rid)
-                errors += [(rid, "stopped", "engine is shut down") for rid in live]
+                errors += [(rid, "stopped", "engine is shut down", None) for rid in live]
                 emit((accepted, [], errors, core.stats(), core.pool.drain_events()))
                 return
         if accepted or errors:  # say so now, not after the step (a prefill can take seconds)
@@ -107,12 +107,12 @@ def run(core, receive: Callable[[bool], list[tuple]], emit: Callable[[Batch], No
                 log.exception("engine step failed; failing in-flight requests")
                 for rid in live:
                     core.abort_request(rid)
-                errors += [(rid, "failed", f"engine step failed: {exc}") for rid in live]
+                errors += [(rid, "failed", f"engine step failed: {exc}", None) for rid in live]
                 live.clear()
                 outputs = []
             for rid, message in core.take_failures():  # one request's own failure
                 if live.pop(rid, None) is not None:  # (not already failed by a raising step)
-                    errors.append((rid, "failed", message))
+                    errors.append((rid, "failed", message, None))
             for out in outputs:
                 choices = live.get(out.request_id)
                 first = choices is not None and choices[out.index] is False

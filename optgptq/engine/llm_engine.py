@@ -36,7 +36,7 @@ from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampler import Sample
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.engine.scheduler import Scheduler
-from optgptq.engine.sequence import Sequence, check_request
+from optgptq.engine.sequence import InvalidRequest, RequestLimits, Sequence, check_request
 from optgptq.engine.structured import GrammarCache, matcher
 from optgptq.models.hub import resolve_model
 
@@ -74,6 +74,9 @@ class LLMEngine:
         self.pool = BlockPool(self.runner.num_blocks, config.block_size,
                               config.enable_prefix_caching, record_events=record_cache_events)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.limits = RequestLimits(self.vocab_size, self.max_model_len, config.block_size,
+                                    self.pool.num_blocks, config.max_num_seqs,
+                                    self.tokenizer is not None)
         self.eos_token_ids = self._eos_ids(path)
         self._requests: dict[str, _Request] = {}
         self._failures: list[tuple[str, str]] = []
@@ -106,22 +109,14 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
-            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init): "
-                             "prompts must be token ids and stop strings are not available")
-        if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds the engine's max_num_seqs "
-                             f"({self.scheduler.max_num_seqs})")
-        if params.structured is not None and self.tokenizer is None:
-            raise ValueError(f"{params.structured.field}: structured output needs the "
-                             f"tokenizer, and this engine runs without one (skip_tokenizer_init)")
+        if self.tokenizer is None and isinstance(prompt, str):
+            raise InvalidRequest("this engine runs without a tokenizer (skip_tokenizer_init): "
+                                 "prompts must be token ids", "prompt")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, list(prompt)
-        max_tokens = check_request(ids, params, self.vocab_size, self.max_model_len,
-                                   self.pool.block_size, self.pool.num_blocks,
-                                   check_ids=text is None)
+        max_tokens = check_request(ids, params, self.limits, check_ids=text is None)
         arrival = next(self._arrivals)
         choices = [self._choice(request_id, ids, params, arrival, max_tokens, text, j)
                    for j in range(params.n)]

@@ -2,42 +2,77 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum, auto
 
 from optgptq.engine.sampling_params import SamplingParams
 
 
-def check_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                  block_size: int, num_blocks: int, check_ids: bool = True) -> int:
-    """The request's ``max_tokens`` (``params.max_tokens``, else the context left); ValueError
-    naming what is wrong: an empty prompt, ids outside the vocabulary (``check_ids``; the
-    ``logit_bias`` ids always), a prompt or a prompt + max_tokens (or min_tokens) beyond the
-    context, more KV blocks than the pool has (for one choice: each of ``n`` is a sequence of
-    its own once forked)."""
+class InvalidRequest(ValueError):
+    """A request the engine refuses; ``param`` names the request field at fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What an engine core checks requests against (:func:`check_request`); it travels in the
+    core's ``model_info``, so a caller can run the same check before the core's next turn."""
+
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_choices: int     # n: the scheduler's max_num_seqs (the synthetic core makes one)
+    has_tokenizer: bool  # False with skip_tokenizer_init: no stop strings, no grammars
+
+
+def check_request(ids: list[int], params: SamplingParams, limits: RequestLimits,
+                  check_ids: bool = True) -> int:
+    """The request's ``max_tokens`` (``params.max_tokens``, else the context left);
+    :class:`InvalidRequest` naming what is wrong: more choices than the engine runs, stop strings
+    or a grammar without a tokenizer, an empty prompt, ids outside the vocabulary
+    (``check_ids``; the ``logit_bias`` and stop ids always), a prompt or a prompt + max_tokens
+    (or min_tokens) beyond the context, more KV blocks than the pool has (for one choice: each
+    of ``n`` is a sequence of its own once forked)."""
+    vocab_size, max_model_len = limits.vocab_size, limits.max_model_len
+    if params.n > limits.max_choices:
+        raise InvalidRequest(f"n={params.n} exceeds the {limits.max_choices} choices this "
+                             f"engine runs per request (max_num_seqs)", "n")
+    if not limits.has_tokenizer and params.stop:
+        raise InvalidRequest("stop strings are not available: this engine runs without a "
+                             "tokenizer (skip_tokenizer_init)", "stop")
+    if not limits.has_tokenizer and params.structured is not None:
+        raise InvalidRequest(f"{params.structured.field}: structured output needs the "
+                             f"tokenizer, and this engine runs without one (skip_tokenizer_init)",
+                             params.structured.field)
     if check_ids and not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+        raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
     if any(t >= vocab_size for t in params.logit_bias):
-        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+        raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab_size})", "logit_bias")
     if any(t >= vocab_size for t in params.stop_token_ids):
-        raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")
+        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
     if not ids:
-        raise ValueError("prompt is empty")
+        raise InvalidRequest("prompt is empty", "prompt")
     if len(ids) >= max_model_len:
-        raise ValueError(f"prompt has {len(ids)} tokens; the model's context "
-                         f"(max_model_len) is {max_model_len}, leaving no room to generate")
+        raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context "
+                             f"(max_model_len) is {max_model_len}, leaving no room to generate",
+                             "prompt")
     room = max_model_len - len(ids)
     if params.max_tokens is not None and params.max_tokens > room:
-        raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens "
-                         f"exceeds max_model_len={max_model_len}")
+        raise InvalidRequest(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} "
+                             f"tokens exceeds max_model_len={max_model_len}", "max_tokens")
     max_tokens = params.max_tokens or room
     if params.min_tokens > max_tokens:
-        raise ValueError(f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens the "
-                         f"context leaves (max_model_len={max_model_len})")
-    need = -(-(len(ids) + max_tokens) // block_size)
-    if need > num_blocks:
-        raise ValueError(f"request needs {need} KV blocks for {len(ids)} prompt + {max_tokens} "
-                         f"output tokens but the pool has {num_blocks}; lower max_tokens or "
-                         f"enlarge the KV cache")
+        raise InvalidRequest(f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens "
+                             f"the context leaves (max_model_len={max_model_len})", "min_tokens")
+    need = -(-(len(ids) + max_tokens) // limits.block_size)
+    if need > limits.num_blocks:
+        raise InvalidRequest(f"request needs {need} KV blocks for {len(ids)} prompt + "
+                             f"{max_tokens} output tokens but the pool has {limits.num_blocks}; "
+                             f"lower max_tokens or enlarge the KV cache", "max_tokens")
     return max_tokens
 
 

@@ -31,7 +31,7 @@ from optgptq.config import EngineConfig
 from optgptq.engine.block_pool import PoolStats
 from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
-from optgptq.engine.sequence import check_request
+from optgptq.engine.sequence import RequestLimits, check_request
 from optgptq.models.hub import resolve_model
 from optgptq.models.loader import load_config
 
@@ -68,6 +68,8 @@ class SyntheticCore:
         ids = self.tokenizer.encode(PHRASE, add_special_tokens=False)
         self._cycle = [(t, self.tokenizer.decode([t])) for t in ids]
         self.pool = _CountingPool(config.num_blocks or DEFAULT_BLOCKS, config.block_size)
+        self.limits = RequestLimits(self.vocab_size, self.max_model_len, config.block_size,
+                                    self.pool.num_blocks, 1, True)  # one choice per request
         self._waiting: deque[_Seq] = deque()
         self._running: OrderedDict[str, _Seq] = OrderedDict()
         self._next_step = 0.0
@@ -76,12 +78,9 @@ class SyntheticCore:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, stream: bool = True) -> str:
         params = params or SamplingParams()
-        if params.n > 1:
-            raise ValueError("n: the synthetic engine makes one choice per request")
         ids = (self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str)
                else list(prompt))
-        max_tokens = check_request(ids, params, self.vocab_size, self.max_model_len,
-                                   self.pool.block_size, self.pool.num_blocks)
+        max_tokens = check_request(ids, params, self.limits)
         if request_id in self._running or any(s.request_id == request_id for s in self._waiting):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._waiting.append(_Seq(request_id, ids, params, max_tokens))

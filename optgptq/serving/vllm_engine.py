@@ -42,6 +42,7 @@ from optgptq.config import EngineConfig
 from optgptq.engine.block_pool import PoolStats
 from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
+from optgptq.engine.sequence import InvalidRequest
 from optgptq.models.hub import resolve_model
 from optgptq.serving.kv_events import VLLMEventTranslator
 
@@ -169,18 +170,20 @@ class VLLMEngine:
     # -- requests ----------------------------------------------------------------------------
     async def generate(self, prompt: list[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream deltas; ValueError for a request vLLM rejects. Closing the stream aborts."""
+        """Stream deltas; InvalidRequest for a request vLLM rejects. Closing the stream aborts."""
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         if not isinstance(prompt, list) or not prompt:
-            raise ValueError("prompt must be a non-empty list of token ids")
+            raise InvalidRequest("prompt must be a non-empty list of token ids", "prompt")
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         try:
             sampling = _sampling_params(params)
-        except (ValueError, VLLMClientError) as exc:
-            raise ValueError(str(exc)) from None
+        except InvalidRequest:
+            raise
+        except (ValueError, VLLMClientError) as exc:  # vLLM's messages name no field we know
+            raise InvalidRequest(str(exc)) from None
         prompt_ids = list(prompt)
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         if params.cache_salt is not None:  # vLLM's own namespace; such blocks are not routed
@@ -206,7 +209,7 @@ class VLLMEngine:
                                     out.num_cached_tokens or 0,
                                     list(top) if params.top_logprobs else None)
         except VLLMClientError as exc:
-            raise ValueError(str(exc)) from None
+            raise InvalidRequest(str(exc)) from None
         finally:
             self._in_flight -= 1
             await stream.aclose()  # aborts in vLLM if unfinished
@@ -320,8 +323,8 @@ def _sampling_params(p: SamplingParams):
     from vllm.sampling_params import RequestOutputKind
 
     if p.n > 1:
-        raise ValueError("n: more than one choice per request is not available with backend "
-                         "vllm; send the request n times")
+        raise InvalidRequest("n: more than one choice per request is not available with "
+                             "backend vllm; send the request n times", "n")
     return VSamplingParams(n=1, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
                            temperature=p.temperature, top_k=max(p.top_k, 0), top_p=p.top_p,
                            seed=p.seed, stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
