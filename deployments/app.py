@@ -257,13 +257,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
            backend_args=config.backend_args())
     ing = config.ingress
     placement = {"resources": {HEAD_NODE: 0.001}} if ing.on_head_node else {}
+    expected = r.num_replicas or max(1, (r.autoscaling_config or {}).get("min_replicas", 1))
     return serve.deployment(Ingress).options(
         name="Ingress", num_replicas=ing.num_replicas,
         ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": dict(ONE_LOOP)},
                            **placement},
     ).bind(replicas, index, config.served_model_name or config.model,
            str(resolve_model(config.model)),
-           ing.model_copy(update={"api_keys": [], "api_keys_file": None}), ing.keys())
+           ing.model_copy(update={"api_keys": [], "api_keys_file": None}), ing.keys(),
+           expected_replicas=expected)
 
 
 def deploy(args: dict[str, Any], name: str = "optgptq") -> None:

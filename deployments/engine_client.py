@@ -5,8 +5,9 @@
 replica) and waits for the replica to accept it, so that every error a request can meet before
 its first token becomes an HTTP status rather than a broken stream. The wait is bounded
 (``ingress.admission_timeout_s``): a request no replica takes in time (all busy, or none ready
-yet) gets 503 with Retry-After rather than an unbounded stall. Its tokens then arrive on
-the ingress's token channel from that replica (:mod:`deployments.token_channel`), one
+yet: also the first wait for the model's info) gets 503 with Retry-After rather than an
+unbounded stall. Its tokens then arrive on the ingress's token channel from that replica
+(:mod:`deployments.token_channel`), one
 :class:`Stream` per choice (``n`` of them: one engine request and one ``generate`` call, whose
 choices' chunks carry the ids of :func:`~optgptq.serving.protocol.choice_id`). A stream records
 time to first token and inter-token latency, and cancels the engine request if its consumer
@@ -17,6 +18,7 @@ replica and frees its blocks. A response of several streams reads them through :
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import traceback
@@ -30,6 +32,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from deployments.serve_calls import TRANSPORT
 from deployments.token_channel import RequestStream, TokenChannels
 from optgptq.engine.sampling_params import SamplingParams
+from optgptq.serving.chat_template import ChatTemplate
 from optgptq.serving.metrics import ServingMetrics
 from optgptq.serving.openai_responses import add_usage, usage
 from optgptq.serving.protocol import APIError, EngineRequest, choice_id
@@ -167,48 +170,60 @@ class EngineClient:
         self.info_handle = handle.options(**TRANSPORT)
         self.channels = TokenChannels(self.handle)
         self.tokenizer = tokenizer
+        self.template = ChatTemplate(tokenizer)
         self.metrics = metrics
         self.admission_timeout_s = admission_timeout_s
         self._info: dict | None = None
+        self._info_call: asyncio.Future | None = None
 
-    async def prompt_ids(self, prompt: str | list[int] | list) -> list[int]:
-        """One prompt of a validated request (a text, token ids, or chat messages) as token ids;
-        a long text is tokenized on a worker thread, so that it does not hold up the other
-        requests of this event loop."""
+    async def prompt_ids(self, prompt: str | list[int] | list,
+                         tools: list[dict] | None = None) -> list[int]:
+        """One prompt of a validated request (a text, token ids, or chat messages with the
+        request's tools) as token ids; a long text is tokenized on a worker thread, so that it
+        does not hold up the other requests of this event loop."""
         if isinstance(prompt, str):
             size = len(prompt)
         elif prompt and not isinstance(prompt[0], int):
-            size = sum(len(m["content"]) for m in prompt)
+            if tools:
+                self.template.check_tools()
+            size = sum(len(m["content"]) for m in prompt) + len(json.dumps(tools or []))
         else:
             return list(prompt)
         if size <= INLINE_CHARS:
-            return self.token_ids(prompt)
-        return await asyncio.to_thread(self.token_ids, prompt)
+            return self.token_ids(prompt, tools)
+        return await asyncio.to_thread(self.token_ids, prompt, tools)
 
-    def token_ids(self, prompt: str | list[dict]) -> list[int]:
+    def token_ids(self, prompt: str | list[dict], tools: list[dict] | None = None) -> list[int]:
         """A text (special tokens added) or rendered chat messages (the chat template, with the
-        generation prompt) as token ids."""
+        generation prompt and the tools, :mod:`optgptq.serving.chat_template`) as token ids."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
-        return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"]
+        return self.template.token_ids(prompt, tools)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as logprobs report it."""
         return self.tokenizer.decode([token_id])
 
-    async def model_info(self) -> dict:
-        if self._info is None:
-            try:
-                self._info = await self.info_handle.model_info.remote()
-            except Exception as exc:
-                raise api_error(exc) from None
+    async def model_info(self, timeout: float | None = None) -> dict:
+        """The engine's model info (asked once, then cached). ``timeout``: how long to wait for
+        a replica that can answer; then APIError 503 (the replicas are still starting)."""
+        if self._info is not None:
+            return self._info
+        if self._info_call is None or self._info_call.done():
+            self._info_call = asyncio.ensure_future(self.info_handle.model_info.remote())
+        try:
+            self._info = await asyncio.wait_for(asyncio.shield(self._info_call), timeout)
+        except TimeoutError:
+            raise APIError(503, "the engine replicas are still starting; retry shortly",
+                           code="unavailable") from None
+        except Exception as exc:
+            raise api_error(exc) from None
         return self._info
 
     async def open(self, token_ids: list[int], params: SamplingParams) -> list[Stream]:
         """Send one request; the streams of its ``params.n`` choices once a replica took it."""
         start = time.perf_counter()
-        info = await self.model_info()
+        info = await self.model_info(self.admission_timeout_s)
         limit = info["max_model_len"]
         if not token_ids:
             raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")

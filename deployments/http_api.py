@@ -121,10 +121,10 @@ def build_http_app(ingress) -> FastAPI:
     async def health(request: Request) -> Response:
         if settings.auth_health:
             authorize(request)
-        if not ingress.ready:
-            return error_response(APIError(503, "no engine replica is ready yet",
-                                           code="unavailable"))
-        return JSONResponse({"status": "ok"})
+        readiness = ingress.readiness
+        if not readiness.ready:
+            return error_response(APIError(503, readiness.why_not(), code="unavailable"))
+        return JSONResponse({"status": "ok", "replicas": readiness.routable})
 
     model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "optgptq"}
 
@@ -175,9 +175,10 @@ def build_http_app(ingress) -> FastAPI:
         params = body.sampling_params(tenant)
         streams, echoes = [], []
         try:
+            tools = body.tool_spec.rendered() if chat and body.tool_spec else None
             for prompt in body.prompts:
                 prompt = [m.rendered() for m in prompt] if chat else prompt
-                ids = await client.prompt_ids(prompt)
+                ids = await client.prompt_ids(prompt, tools)
                 streams += await client.open(ids, params)
                 if not chat and body.echo:
                     echoes += [prompt if isinstance(prompt, str)
@@ -190,7 +191,8 @@ def build_http_app(ingress) -> FastAPI:
 
     async def sse(body, streams: list, echoes: list[str], rid: str, chat: bool
                   ) -> AsyncIterator[str]:
-        encode = ChunkEncoder(rid, model_name, chat, body.include_usage)
+        encode = ChunkEncoder(rid, model_name, chat, body.include_usage,
+                              body.tool_spec if chat else None)
         offsets = [len(e) for e in echoes] or [0] * len(streams)
         try:
             for i in range(len(streams)):
@@ -203,11 +205,9 @@ def build_http_app(ingress) -> FastAPI:
                 if body.wants_logprobs and chunk.logprobs:
                     logprobs = logprobs_body(chat, chunk.logprobs, client.token_text, offsets[i])
                 offsets[i] += len(chunk.text)
-                if chunk.finished or logprobs is not None:
-                    yield encode.delta(i, chunk.text, chunk.finish_reason if chunk.finished
-                                       else None, logprobs)
-                elif chunk.text:
-                    yield encode.text(i, chunk.text)
+                events = encode.step(i, chunk.text, chunk.finished, chunk.finish_reason, logprobs)
+                if events:
+                    yield events
             if body.include_usage:
                 yield encode.usage(total_usage(streams))
         except APIError as exc:  # headers are gone: report in-band, then end the stream
@@ -228,7 +228,8 @@ def build_http_app(ingress) -> FastAPI:
                 prefix = echoes[i] if echoes else ""
                 logprobs = (logprobs_body(chat, tokens, client.token_text, len(prefix))
                             if body.wants_logprobs else None)
-                choices.append(choice(chat, i, prefix + text, stream.finish_reason, logprobs))
+                choices.append(choice(chat, i, prefix + text, stream.finish_reason, logprobs,
+                                      body.tool_spec if chat else None))
         finally:
             for stream in streams:
                 stream.close()

@@ -14,8 +14,8 @@ large body is parsed and tokenized on a worker thread, so that it never stalls t
 requests of the loop), then send an :class:`~optgptq.serving.protocol.EngineRequest` through the
 engine deployment's handle, whose router (:mod:`deployments.router`) picks the replica
 (:mod:`deployments.engine_client`). Both servers refuse a request larger than
-``max_request_bytes`` before decoding it. ``/health`` answers 503 until an engine replica has
-answered, then 200.
+``max_request_bytes`` before decoding it. ``/health`` answers 503 until every engine replica can
+answer (:mod:`deployments.readiness`), then 200.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from deployments.auth import APIKeys
 from deployments.engine_client import EngineClient
 from deployments.grpc_api import GRPCService, grpc_handlers
 from deployments.http_api import build_http_app
+from deployments.readiness import Readiness
 from deployments.serve_calls import background
 from optgptq.serving.metrics import ServingMetrics
-from optgptq.serving.protocol import APIError
 
 if TYPE_CHECKING:
     from deployments.app import IngressConfig
@@ -46,9 +46,10 @@ STATS_TIMEOUT_S = 0.5
 
 class Ingress:
     def __init__(self, engine, index, model_name: str, model_path: str,
-                 config: IngressConfig, keys: dict[str, str]) -> None:
+                 config: IngressConfig, keys: dict[str, str], expected_replicas: int = 1) -> None:
         """``config``: the YAML's ``ingress`` settings (without keys); ``keys``: API key
-        digest -> tenant (:func:`deployments.auth.collect_keys`)."""
+        digest -> tenant (:func:`deployments.auth.collect_keys`); ``expected_replicas``: the
+        engine replicas that must be routable before ``/health`` says ready."""
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.metrics = ServingMetrics()
         self.client = EngineClient(engine, tokenizer, self.metrics, config.admission_timeout_s)
@@ -57,7 +58,7 @@ class Ingress:
         self.config = config
         self.keys = APIKeys(keys)
         self.max_request_bytes = config.max_request_bytes
-        self.ready = False
+        self.readiness = Readiness(self.client, expected_replicas)
         self._replica_stats: dict[str, dict] = {}
         host = config.host
         self._http = uvicorn.Server(uvicorn.Config(
@@ -73,7 +74,7 @@ class Ingress:
         if self._grpc.add_insecure_port(f"{_grpc_host(host)}:{config.grpc_port}") == 0:
             raise RuntimeError(f"ingress: cannot listen for gRPC on {host}:{config.grpc_port}")
         self._grpc_task = background(self._grpc.start())
-        self._ready_task = background(self._wait_for_engine())
+        self._ready_task = background(self.readiness.watch())
 
     async def replica_stats(self) -> dict[str, dict]:
         """The router actor's per-replica stats, or the last ones it gave when it does not
@@ -84,16 +85,6 @@ class Ingress:
         except Exception as exc:  # gone or slow: serve what is known
             log.warning("router actor did not give replica stats: %r", exc)
         return self._replica_stats
-
-    async def _wait_for_engine(self) -> None:
-        """Health turns 200 once an engine replica answers (its model info is then cached)."""
-        while True:
-            try:
-                await self.client.model_info()
-                self.ready = True
-                return
-            except APIError:
-                await asyncio.sleep(0.5)
 
     async def check_health(self) -> None:
         """Serve's health check: both servers must still be serving."""

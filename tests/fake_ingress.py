@@ -1,6 +1,6 @@
 """A stand-in for an ingress replica (no Ray): the APIs of deployments/http_api.py and
 grpc_api.py served over an engine client that records what reaches it and answers every
-choice of every prompt with "hello" in two chunks of one token each (ids 7 and 11, logprobs
+choice of every prompt with "hello" (or ``client.text``) in two chunks of one token each (ids 7 and 11, logprobs
 -0.5 and -1.5; with top_logprobs N, the alternatives id + k at logprob - k for k < N; a token's
 text is the letter of its id mod 26)."""
 
@@ -17,11 +17,13 @@ KEY, OTHER = "sk-test-" + "a" * 24, "sk-test-" + "b" * 24
 
 
 class FakeStream:
-    replica, finish_reason = "replica-1", "length"
+    replica = "replica-1"
 
-    def __init__(self, ids: list[int], index: int, top_logprobs: int) -> None:
+    def __init__(self, ids: list[int], index: int, top_logprobs: int,
+                 text: list[str], finish_reason: str = "length") -> None:
+        self.finish_reason = finish_reason
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(ids), 2, 0
-        self.index, self.top_logprobs = index, top_logprobs
+        self.index, self.top_logprobs, self.text = index, top_logprobs, text
         self.closed = False
 
     def _token(self, token: int, logprob: float) -> tuple:
@@ -29,8 +31,8 @@ class FakeStream:
         return token, logprob, top or None
 
     async def __aiter__(self):
-        yield Chunk("he", 1, False, None, [self._token(7, -0.5)])
-        yield Chunk("llo", 1, True, "length", [self._token(11, -1.5)])
+        yield Chunk(self.text[0], 1, False, None, [self._token(7, -0.5)])
+        yield Chunk(self.text[1], 1, True, self.finish_reason, [self._token(11, -1.5)])
 
     def close(self) -> None:
         self.closed = True
@@ -42,12 +44,17 @@ class FakeClient:
     def __init__(self) -> None:
         self.opened: list[tuple[list[int], object]] = []
         self.prompts: list = []
+        self.tools: list = []
+        self.text = ["he", "llo"]
+        self.finish_reason = "length"
+        """The two chunks every choice answers and its finish reason (tests may set others)."""
         self.fail: Exception | None = None
 
     tokenizer = types.SimpleNamespace(decode=lambda ids: "".join(chr(97 + i % 26) for i in ids))
 
-    async def prompt_ids(self, prompt) -> list[int]:
+    async def prompt_ids(self, prompt, tools=None) -> list[int]:
         self.prompts.append(prompt)
+        self.tools.append(tools)
         if isinstance(prompt, str):
             return [ord(c) % 97 for c in prompt]
         if prompt and isinstance(prompt[0], dict):
@@ -61,7 +68,8 @@ class FakeClient:
         if self.fail is not None:
             raise self.fail
         self.opened.append((ids, params))
-        return [FakeStream(ids, j, params.top_logprobs) for j in range(params.n)]
+        return [FakeStream(ids, j, params.top_logprobs, self.text,
+                           self.finish_reason) for j in range(params.n)]
 
 
 def fake_ingress(keys: dict[str, str], **settings) -> types.SimpleNamespace:
@@ -69,6 +77,7 @@ def fake_ingress(keys: dict[str, str], **settings) -> types.SimpleNamespace:
         return {}
     config = IngressConfig(**settings)
     return types.SimpleNamespace(client=FakeClient(), metrics=ServingMetrics(), model_name="m",
-                                 keys=APIKeys(keys), config=config, ready=True,
+                                 keys=APIKeys(keys), config=config,
+                                 readiness=types.SimpleNamespace(ready=True, routable=1),
                                  max_request_bytes=config.max_request_bytes,
                                  replica_stats=replica_stats)

@@ -443,8 +443,9 @@ def test_cache_salt_separates_prefix_caches(client, rng):
 # --- errors ---------------------------------------------------------------------------------------------
 
 REFUSED_CASES = [
-    ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("chat", "tool_choice", "required"),
+    ("completions", "tools", [{"type": "function", "function": {"name": "f",
+                                                              "parameters": {}}}]),
+    ("completions", "tool_choice", "required"),
     ("chat", "response_format", {"type": "json_object"}),
     ("chat", "response_format", {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object"}, "strict": True}}),
@@ -476,7 +477,8 @@ def test_refused_fields_are_400_naming_the_field(client, endpoint, field, value)
             client.chat.completions.create(model=MODEL, messages=_chat("hi"), max_tokens=2,
                                            **{field: value})
         else:
-            client.completions.create(model=MODEL, prompt="hi", max_tokens=2, **{field: value})
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                      extra_body={field: value})  # tools: not the SDK's
     e = err.value
     assert e.status_code == 400 and field in e.message
     assert set(e.body) == {"message", "type", "param", "code"}
@@ -520,6 +522,102 @@ def test_structured_output(client, rng, stream):
         assert isinstance(json.loads(text), dict)
     else:
         assert text.startswith("{")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+
+
+def _calls(client, stream: bool, **kwargs) -> tuple[list[tuple[str, str]], str | None, str]:
+    """(name, arguments) of each call, the content and the finish reason; a stream's deltas
+    reassembled by call index."""
+    if not stream:
+        c = client.chat.completions.create(model=MODEL, **kwargs).choices[0]
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or ()]
+        return calls, c.message.content, c.finish_reason
+    chunks = _stream(client, True, **kwargs)
+    calls: dict[int, list] = {}
+    for chunk in chunks:
+        for piece in (chunk.choices[0].delta.tool_calls or ()) if chunk.choices else ():
+            if piece.id is not None:
+                assert piece.type == "function" and piece.index not in calls
+                calls[piece.index] = [piece.function.name, ""]
+            calls[piece.index][1] += piece.function.arguments or ""
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    return [tuple(calls[i]) for i in sorted(calls)], _stream_text(chunks) or None, finish
+
+
+@pytest.mark.parametrize("choice", ["required", "get_weather"])
+def test_tool_choice_required_and_named_give_valid_calls(client, rng, choice):
+    """The grammar guarantees the calls on random weights; streamed deltas reassemble to the
+    unary response of the same seed."""
+    import json
+
+    import jsonschema
+
+    named = {"type": "function", "function": {"name": choice}}
+    kwargs = {"messages": _chat("weather in Paris?"), "tools": [WEATHER, TIME],
+              "tool_choice": choice if choice == "required" else named,
+              "parallel_tool_calls": False, "max_tokens": 120, "seed": rng.randrange(1 << 30)}
+    calls, content, finish = _calls(client, False, **kwargs)
+    assert _calls(client, True, **kwargs) == (calls, content, finish)
+    assert content is None and len(calls) == 1
+    assert finish == ("tool_calls" if choice == "required" else "stop")
+    name, arguments = calls[0]
+    assert name in ("get_weather", "get_time") and choice in ("required", name)
+    schema = (WEATHER if name == "get_weather" else TIME)["function"]["parameters"]
+    jsonschema.validate(json.loads(arguments), schema)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_tool_choice_auto_parses_what_the_model_emits(client, stream):
+    """The model's output forced to a call (vLLM's structured_outputs choice): auto parses it;
+    none leaves it text. The tools are in the prompt either way."""
+    text = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", '
+            '"days": 2}}\n</tool_call>')
+    kwargs = {"messages": _chat("weather in Rome?"), "tools": [WEATHER], "max_tokens": 80,
+              "extra_body": {"structured_outputs": {"choice": [text]}}}
+    calls, content, finish = _calls(client, stream, **kwargs)
+    assert calls == [("get_weather", '{"city": "Rome", "days": 2}')]
+    assert content == "Checking." and finish == "tool_calls"
+    calls, content, finish = _calls(client, stream, tool_choice="none", **kwargs)
+    assert calls == [] and content == text and finish == "stop"
+    plain = client.chat.completions.create(model=MODEL, messages=_chat("weather in Rome?"),
+                                           max_tokens=1)
+    with_tools = client.chat.completions.create(model=MODEL, messages=_chat("weather in Rome?"),
+                                                tools=[WEATHER], tool_choice="none", max_tokens=1)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+
+
+def test_a_tool_result_continues_the_conversation(client):
+    messages = _chat("weather in Rome?") + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
+                                         max_tokens=3, **GREEDY)
+    assert out.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "no-such-type"}}}}}]}, "tools"),
+    ({"messages": [{"role": "tool", "content": "sunny"}]}, "messages"),
+])
+def test_bad_tool_input_is_400_naming_the_field(client, kwargs, param):
+    kwargs = {"messages": _chat("hi"), "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, **kwargs)
+    assert err.value.status_code == 400 and err.value.body["param"] == param, err.value.body
+    assert err.value.type == "invalid_request_error"
 
 
 def test_no_op_values_of_refused_fields_are_accepted(client):

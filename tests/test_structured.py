@@ -92,3 +92,33 @@ def test_rows_without_a_grammar_are_untouched(llm):
 def test_invalid_specs_are_value_errors_naming_the_field(kind, spec):
     with pytest.raises(ValueError, match="^response_format: invalid"):
         StructuredSpec(kind, spec)
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}},
+         {"type": "function", "function": {"name": "ping", "parameters": {
+             "type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                    "maximum": 9}},
+             "required": ["n"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", "lookup", "ping"])
+def test_tool_choice_grammar_guarantees_calls(llm, choice):
+    """tool_choice required or named, on random weights: every output is Hermes calls of the
+    offered functions (the named one alone) whose arguments validate against its schema. (One
+    call: with parallel calls allowed a random model may go on calling until max_tokens.)"""
+    from optgptq.serving.openai_tools import NamedToolChoice, Tool, ToolSpec
+    from optgptq.serving.tool_calls import whole
+
+    named = None if choice == "required" else NamedToolChoice.model_validate(
+        {"type": "function", "function": {"name": choice}})
+    tools = ToolSpec.build([Tool.model_validate(t) for t in TOOLS], named or choice, False)
+    params = SamplingParams(max_tokens=200, temperature=1.0, seed=11, n=2,
+                            structured=tools.structured())
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for out in llm.generate(prompts(4, [6, 13]), params):
+        assert out.finish_reason == "stop", out.text
+        content, calls = whole(out.text, tools.names)
+        assert content is None and len(calls) == 1, out.text
+        for call in calls:
+            assert choice in ("required", call.name)
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])

@@ -9,8 +9,10 @@ by a socket pair that carries pickled messages (:mod:`optgptq.engine.core_loop`:
 one batch per step out).
 
 - Start: the parent sends ``(kind, config, options, record_cache_events)``; the child builds the
-  core and answers ``("ready", model_info)`` or ``("error", traceback text)``, which the parent
-  raises as RuntimeError.
+  core, warms it up (:func:`warm_up`: one short request through a prefill and a decode step, so
+  that one-time costs such as kernel compiles are paid before the first client's request) and
+  answers ``("ready", model_info)`` or ``("error", traceback text)``, which the parent raises as
+  RuntimeError. A serving replica is constructed, and so routable, only once this answered.
 - The child inherits the parent's environment (accelerator visibility, thread counts) and
   ``sys.path``; it dies with the parent (``PR_SET_PDEATHSIG`` on Linux, and the socket's end of
   file everywhere).
@@ -104,6 +106,23 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
+def warm_up(core) -> float:
+    """Run one request of a few tokens (shorter than a block: nothing enters the prefix cache)
+    through the core; returns the seconds it took. RuntimeError if the core cannot serve it."""
+    from optgptq.engine.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    core.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                     "optgptq-warmup")
+    while core.has_unfinished_requests():
+        core.step()
+    failures = core.take_failures()
+    if failures:
+        raise RuntimeError(f"the warm-up request failed: {failures[0][1]}")
+    core.pool.drain_events()
+    return time.perf_counter() - t0
+
+
 def main(fd: int) -> int:
     """Child side: build the core, then run its loop over the socket."""
     from optgptq.engine import core_loop
@@ -113,10 +132,13 @@ def main(fd: int) -> int:
     kind, config, options, record_cache_events = pickle.loads(conn.recv_bytes())
     try:
         core = core_loop.build_core(kind, config, options, record_cache_events)
+        warmup_s = warm_up(core)
     except BaseException:
         conn.send_bytes(pickle.dumps(("error", traceback.format_exc()), _PROTOCOL))
         return 1
-    conn.send_bytes(pickle.dumps(("ready", core_loop.model_info(core)), _PROTOCOL))
+    info = core_loop.model_info(core)
+    info["startup"] = {**info.get("startup", {}), "warmup_s": warmup_s}
+    conn.send_bytes(pickle.dumps(("ready", info), _PROTOCOL))
 
     def receive(block: bool) -> list[tuple]:
         commands = []

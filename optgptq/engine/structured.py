@@ -3,8 +3,11 @@
 A request's :class:`StructuredSpec` (``SamplingParams.structured``) names what its output must
 be: ``json_object`` (any JSON object), ``json_schema`` (a JSON Schema, OpenAI's strict or not),
 or vLLM's ``structured_outputs`` extension: ``regex``, ``grammar`` (EBNF, xgrammar's dialect of
-GBNF) or ``choice`` (one of a list of strings). JSON is generated without free whitespace
-(compact separators), so a model cannot spend its tokens on blanks.
+GBNF) or ``choice`` (one of a list of strings); or ``structural_tag`` (xgrammar's structural tag,
+JSON: tagged segments whose contents follow JSON schemas), which tool calling builds for
+``tool_choice`` ``required`` and named functions (:mod:`optgptq.serving.openai_tools`). JSON is
+generated without free whitespace (compact separators; at most one blank at a time inside a
+structural tag), so a model cannot spend its tokens on blanks.
 
 Library: **xgrammar** (mlc-ai; vLLM's default backend). Measured on this engine's tokenizer
 (SmolLM2, vocabulary 49152) with ``bench/structured_compare.py``: a 7-property schema (nested
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
+KINDS = ("json_object", "json_schema", "regex", "grammar", "choice", "structural_tag")
 MAX_SPEC_CHARS = 64 << 10
 """Longest schema / regex / grammar text a request may carry."""
 CACHE_SIZE = 256
@@ -60,8 +63,9 @@ CACHE_SIZE = 256
 class StructuredSpec:
     """What a request's output must match. ``spec``: the JSON Schema (JSON text) for
     ``json_schema``, the pattern for ``regex``, the EBNF for ``grammar``, a JSON list of strings
-    for ``choice``, empty for ``json_object``. ``strict`` (json_schema): properties and items
-    not in the schema are not allowed (OpenAI's strict)."""
+    for ``choice``, the structural tag's JSON for ``structural_tag``, empty for ``json_object``.
+    ``strict`` (json_schema): properties and items not in the schema are not allowed (OpenAI's
+    strict)."""
 
     kind: str
     spec: str = ""
@@ -92,6 +96,8 @@ class StructuredSpec:
                 return xgr.Grammar.from_regex(self.spec)
             if self.kind == "grammar":
                 return xgr.Grammar.from_ebnf(self.spec)
+            if self.kind == "structural_tag":
+                return xgr.Grammar.from_structural_tag(self.spec)
             choices = json.loads(self.spec)
             if (not isinstance(choices, list) or not choices
                     or not all(isinstance(c, str) and c for c in choices)):

@@ -24,14 +24,16 @@ Structured output (:mod:`optgptq.engine.structured`): ``response_format`` ``{"ty
 (a schema), ``regex``, ``choice`` (a list of strings) or ``grammar`` (EBNF); not both fields. A
 schema, regex or grammar that does not parse is a 400 naming the field.
 
-Chat messages take the roles ``system``, ``developer`` (rendered as system, as OpenAI treats it
-for models without a developer role), ``user`` and ``assistant``; content is a string or a list
-of ``{"type": "text", "text": ...}`` parts, joined by newlines (other part types are refused).
+Chat messages (:mod:`optgptq.serving.chat_messages`) take the roles ``system``, ``developer``
+(as system), ``user``, ``assistant`` (with ``tool_calls``) and ``tool`` (with ``tool_call_id``);
+content is a string or a list of text parts. Tool calling (chat only): ``tools``,
+``tool_choice`` and ``parallel_tool_calls`` (:mod:`optgptq.serving.openai_tools`).
 """
 
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
@@ -40,6 +42,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from optgptq.engine.sampling_params import (MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, REPETITION_RANGE,
                                             SamplingParams)
 from optgptq.engine.structured import StructuredSpec
+from optgptq.serving.chat_messages import ChatMessage
+from optgptq.serving.openai_tools import Tool, ToolChoice, ToolSpec
 from optgptq.serving.protocol import (INT64, MAX_SALT_CHARS, MAX_TOKENS_LIMIT, APIError, Text,
                                       effective_salt)
 
@@ -59,8 +63,9 @@ REFUSED: dict[str, tuple[Any, str]] = {
     # field: (the values that ask for nothing, why any other value is refused)
     "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported: ask for n choices "
                                            "with logprobs and rank them"),
-    "tools": (_none, "tool calling is not supported yet"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
+    # tool calling is a chat feature (ChatCompletionRequest's fields); on /v1/completions:
+    "tools": (_none, "tools are for /v1/chat/completions"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tools are for /v1/chat/completions"),
     "parallel_tool_calls": (lambda v: True, ""),  # only meaningful with tools (refused there)
     "functions": (_none, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported"),
@@ -184,6 +189,9 @@ class _Request(BaseModel):
 
     def structured(self) -> StructuredSpec | None:
         """The engine's structured output spec; APIError 400 naming the field if invalid."""
+        return self._output_format()
+
+    def _output_format(self) -> StructuredSpec | None:
         fmt, ext = self.response_format, self.structured_outputs
         if fmt is not None and fmt.type == "text":
             fmt = None
@@ -298,36 +306,6 @@ class CompletionRequest(_Request):
         return self.logprobs or 0
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: Text
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _parts(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("content"), list):
-            for part in data["content"]:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text":
-                    raise APIError(400, f"messages: content parts of type {kind!r} are not "
-                                   f"supported (text only)", param="messages",
-                                   code="unsupported_parameter")
-        return data
-
-    def rendered(self) -> dict[str, str]:
-        """The message as the chat template takes it."""
-        text = (self.content if isinstance(self.content, str)
-                else "\n".join(p.text for p in self.content))
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
 class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
 
@@ -336,6 +314,9 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     """With ``logprobs``: each step's most likely tokens and their logprobs."""
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -343,6 +324,21 @@ class ChatCompletionRequest(_Request):
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs",
                            code="invalid_value")
         return self
+
+    @cached_property
+    def tool_spec(self) -> ToolSpec | None:
+        """The request's tools and choice (None: no tools); APIError 400 naming the field."""
+        return ToolSpec.build(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured(self) -> StructuredSpec | None:
+        """The output format's grammar, or the one guaranteeing ``tool_choice``'s calls."""
+        output = self._output_format()
+        tools = self.tool_spec.structured() if self.tool_spec is not None else None
+        if tools is not None and output is not None:
+            raise APIError(400, f"tool_choice: {self.tool_spec.choice!r} constrains the output "
+                           f"itself; it cannot be combined with response_format or "
+                           f"structured_outputs", param="tool_choice", code="invalid_value")
+        return tools or output
 
     @property
     def prompts(self) -> list[list[ChatMessage]]:

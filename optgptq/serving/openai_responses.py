@@ -12,6 +12,13 @@ choices, the usage of the whole request. Logprobs, where asked, take OpenAI's tw
 most likely tokens and the chosen one, OpenAI's "up to logprobs + 1"; None for ``logprobs: 0``).
 A response of ``n`` choices per prompt numbers them ``prompt_index * n + j``.
 
+With tools (:class:`~optgptq.serving.openai_tools.ToolSpec`, ``tool_choice`` other than
+``none``) a chat choice's text is parsed for calls (:mod:`optgptq.serving.tool_calls`): the
+message gets ``tool_calls`` and the content around them (``None`` if there is none), and the
+finish reason ``tool_calls``; streamed, each call is two chunks once its block is complete, OpenAI's
+delta format: ``{"tool_calls": [{"index", "id", "type": "function", "function": {"name",
+"arguments": ""}}]}`` then ``{"tool_calls": [{"index", "function": {"arguments"}}]}``.
+
 A text-only chunk, the common case, is rendered from a template made once per stream: only the
 text is encoded per event (a JSON dump per token was the ingress's largest cost).
 """
@@ -21,6 +28,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+
+from optgptq.serving.openai_tools import ToolSpec
+from optgptq.serving.tool_calls import ParsedCall, ToolCallParser, finish_reason as tool_finish
+from optgptq.serving.tool_calls import whole
 
 TokenText = Callable[[int], str]
 """A token id's text (the tokenizer's decoding of it alone)."""
@@ -68,8 +79,15 @@ def logprobs_body(chat: bool, tokens: Sequence[tuple[int, float, TopLogprobs | N
 
 
 def choice(chat: bool, index: int, text: str, finish_reason: str | None,
-           logprobs: dict | None) -> dict:
-    """One choice of a whole response."""
+           logprobs: dict | None, tools: ToolSpec | None = None) -> dict:
+    """One choice of a whole response (``tools``: parse the text for calls)."""
+    if chat and tools is not None and tools.parses:
+        content, calls = whole(text, tools.names)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.body() for c in calls]
+        return {"index": index, "message": message, "logprobs": logprobs,
+                "finish_reason": tool_finish(finish_reason, len(calls), tools.name is not None)}
     if chat:
         return {"index": index, "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs, "finish_reason": finish_reason}
@@ -86,9 +104,12 @@ class ChunkEncoder:
 
     _MARK = "\u0001optgptq\u0001"
 
-    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool) -> None:
+    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool,
+                 tools: ToolSpec | None = None) -> None:
         self.rid, self.model, self.chat, self.include_usage = rid, model, chat, include_usage
         self._templates: dict[int, tuple[str, str]] = {}
+        self._tools = tools if chat and tools is not None and tools.parses else None
+        self._parsers: dict[int, ToolCallParser] = {}
 
     def _body(self, choices: list[dict], use: dict | None = None) -> dict:
         body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat
@@ -122,6 +143,37 @@ class ChunkEncoder:
             head, _, tail = body.partition(json.dumps(self._MARK))
             template = self._templates[index] = (head, tail)
         return f"data: {template[0]}{json.dumps(text)}{template[1]}\n\n"
+
+    def step(self, index: int, text: str, finished: bool, finish_reason: str | None,
+             logprobs: dict | None) -> str:
+        """The events of one chunk of a choice's output (``finished``: its last)."""
+        if self._tools is None:
+            if finished or logprobs is not None:
+                return self.delta(index, text, finish_reason if finished else None, logprobs)
+            return self.text(index, text) if text else ""
+        parser = self._parsers.setdefault(index, ToolCallParser(self._tools.names))
+        calls = parser.calls
+        events = parser.feed(text) + (parser.finish() if finished else [])
+        out = []
+        for event in events:
+            if isinstance(event, ParsedCall):
+                out.append(self.tool_call(index, calls, event))
+                calls += 1
+            else:
+                out.append(self.text(index, event))
+        if finished or logprobs is not None:
+            reason = (tool_finish(finish_reason, parser.calls, self._tools.name is not None)
+                      if finished else None)
+            out.append(self.delta(index, "", reason, logprobs))
+        return "".join(out)
+
+    def tool_call(self, index: int, number: int, call: ParsedCall) -> str:
+        """A call's two chunks: its id, type and name, then its arguments."""
+        head = {"index": number, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": ""}}
+        tail = {"index": number, "function": {"arguments": call.arguments}}
+        return "".join(self._event(self._body([self._choice(index, {"tool_calls": [c]}, None,
+                                                            None)])) for c in (head, tail))
 
     def delta(self, index: int, text: str, finish_reason: str | None,
               logprobs: dict | None) -> str:
