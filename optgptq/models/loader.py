@@ -1,8 +1,9 @@
 """Load a local Hugging Face folder (config.json + safetensors) into one of the engine's models.
 
-Architectures are declared as data in ``ARCHITECTURES``. The model is built on the meta device,
-materialised on the target device, and filled tensor by tensor from the safetensors shards, so
-peak memory is one copy of the weights. Missing or unexpected tensors are errors, not warnings.
+Architectures are declared as data in :mod:`optgptq.models.architectures`. The model is built
+on the meta device, materialised on the target device, and filled tensor by tensor from the
+safetensors shards, so peak memory is one copy of the weights. Missing or unexpected tensors
+are errors, not warnings.
 """
 
 from __future__ import annotations
@@ -14,18 +15,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from optgptq.models.bloom import BloomForCausalLM
-from optgptq.models.llama import LlamaForCausalLM
+from optgptq.models.architectures import ARCHITECTURES
 from optgptq.models.merged import merge_projections
 from optgptq.models.quantization import (method_of, quantized_module_names, random_quantized,
                                          swap_in_quantized)
-
-# architecture name -> (model class, the base-model prefix its checkpoints may omit)
-ARCHITECTURES: dict[str, tuple[type, str]] = {
-    "LlamaForCausalLM": (LlamaForCausalLM, "model."),
-    "MistralForCausalLM": (LlamaForCausalLM, "model."),
-    "BloomForCausalLM": (BloomForCausalLM, "transformer."),
-}
 
 
 def load_config(path: Path, quantization: str | None = None):
@@ -79,7 +72,8 @@ def load_model(path: Path, config, dtype: torch.dtype, device: torch.device,
     ``dummy`` fills the weights with random values instead (no weight files needed); a
     quantized config then quantizes every linear but the output head, in its method's layout.
     """
-    cls, prefix = ARCHITECTURES[config.architectures[0]]
+    arch = ARCHITECTURES[config.architectures[0]]
+    cls, prefix = arch.model_class, arch.prefix
     files = [] if dummy else _weight_files(path)
     quantized: set[str] = set()
     with torch.device("meta"):
