@@ -8,7 +8,8 @@ another, windows of ``--window`` every ``--stride``):
   act-order, symmetric), as in quality.py;
 - DGQ A8W4, group 64 (default search settings), evaluated through its own layers: per-token
   INT8 activations and INT8 weights multiplied in exact integer arithmetic by the kernels' CPU
-  reference, i.e. the numerics the engine serves (``optgptq.compress.checkpoint.load_for_eval``);
+  reference, i.e. the numerics the engine serves
+  (``optgptq.compress.quant.checkpoint.load_for_eval``);
 - the same DGQ checkpoint with float activations (its dense weights): the share of the error
   that comes from the weights alone;
 - DGQ A8W4 without percentile clipping (``clip_percentile`` 100): what the smoothing buys.
@@ -32,11 +33,11 @@ import torch
 from transformers import AutoTokenizer
 
 from optgptq.compress.calib import load_calibration, load_texts
-from optgptq.compress.checkpoint import load_dequantized, save_quantized
-from optgptq.compress.dgq import DGQSpec
-from optgptq.compress.dgq_pipeline import quantize_model_dgq
 from optgptq.compress.eval import evaluate, perplexity
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quant.checkpoint import load_dequantized, save_checkpoint
+from optgptq.compress.quant.dgq import DGQSpec
+from optgptq.compress.quant.pipeline import quantize_model
+from optgptq.compress.quant.quantizer import QuantSpec
 from optgptq.models.hub import resolve_model
 import quality  # noqa: E402  (bench/quality.py)
 import report  # noqa: E402
@@ -65,9 +66,8 @@ NOTES = [
 
 
 def _dgq(src: Path, out: Path, spec: DGQSpec, calib: torch.Tensor) -> float:
-    qm = quantize_model_dgq(src, spec, calib)
-    save_quantized(qm.model, {n: r.tensors() for n, r in qm.results.items()},
-                   spec.quantization_config(), src, out, overwrite=True)
+    qm = quantize_model(src, spec, "dgq", calib)
+    save_checkpoint(qm, src, out, overwrite=True)
     return qm.seconds
 
 

@@ -7,7 +7,7 @@ calibration batch shared by every row:
 - fp16 (the reference);
 - GPTQ, act-order, group size 64, symmetric (the project's default, as in quality.md) and
   asymmetric (a zero point per group, closer to GPTQT's offset), at 3 and 2 bits;
-- GPTQT (:mod:`optgptq.compress.gptqt`, default settings: intermediate bits = planes + 2,
+- GPTQT (:mod:`optgptq.compress.quant.gptqt`, default settings: intermediate bits = planes + 2,
   re-explore 0.7..1.1 in 9 steps) with 3 and 2 planes at group size 64, and at group size 128
   (about the bytes of GPTQ g64: GPTQT stores ``planes + 1`` float16 values per group and
   column, GPTQ one scale and a packed zero).
@@ -37,11 +37,11 @@ import quality  # noqa: E402  (bench/quality.py: the fp16 copy, the markdown rep
 import report  # noqa: E402
 
 from optgptq.compress.calib import load_calibration, load_texts  # noqa: E402
-from optgptq.compress.checkpoint import save_gptq  # noqa: E402
 from optgptq.compress.eval import evaluate  # noqa: E402
-from optgptq.compress.gptqt import GPTQTSpec, save_gptqt  # noqa: E402
-from optgptq.compress.pipeline import quantize_model  # noqa: E402
-from optgptq.compress.quantizer import QuantSpec  # noqa: E402
+from optgptq.compress.quant.checkpoint import save_checkpoint  # noqa: E402
+from optgptq.compress.quant.gptqt import GPTQTSpec  # noqa: E402
+from optgptq.compress.quant.pipeline import quantize_model  # noqa: E402
+from optgptq.compress.quant.quantizer import QuantSpec  # noqa: E402
 from optgptq.models.hub import resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,12 +74,12 @@ def _quantize(src: Path, out: Path, method: str, bits: int, group: int, sym: boo
     if method == "gptqt":
         spec = GPTQTSpec(bits, group_size=group)
         qm = quantize_model(src, spec, "gptqt", calib)
-        save_gptqt(qm.model, qm.results, spec, src, out, overwrite=True)
+        save_checkpoint(qm, src, out, overwrite=True)
         return qm.seconds, {"intermediate_bits": spec.intermediate_bits,
                             "explore": list(spec.explore)}
     spec = QuantSpec(bits, group, sym=sym, desc_act=True)
     qm = quantize_model(src, spec, "gptq", calib)
-    save_gptq(qm.model, qm.results, spec, "gptq", src, out, overwrite=True)
+    save_checkpoint(qm, src, out, overwrite=True)
     return qm.seconds, {"sym": sym, "desc_act": True}
 
 

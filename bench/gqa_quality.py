@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from optgptq.compress import convert_cli, gqa, gqa_arch, gqa_recover
 from optgptq.compress.calib import load_calibration_split
 from optgptq.compress.eval import perplexity
+from optgptq.compress.gqa import arch as gqa_arch, convert as gqa, recover as gqa_recover
 from optgptq.models.hub import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,7 +99,7 @@ def run(a: argparse.Namespace) -> dict:
         step = cpu_step_seconds(original, calib, a.cpu_probe_steps)
         out["cpu_2thread_step_s"] = round(step, 2)
         if a.recover_steps is None and not a.recover_seconds:
-            a.recover_steps = max(1, int(convert_cli.RECOVER_SECONDS / step))
+            a.recover_steps = max(1, int(gqa_recover.RECOVER_SECONDS / step))
     out["recover_steps"] = a.recover_steps
     rows = out["rows"]
 

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optgptq.compress.calib import load_calibration, load_texts
-from optgptq.compress.checkpoint import save_gptq
 from optgptq.compress.eval import evaluate
-from optgptq.compress.pipeline import MATMUL_PRECISIONS, quantize_model
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quant.checkpoint import save_checkpoint
+from optgptq.compress.quant.pipeline import MATMUL_PRECISIONS, quantize_model
+from optgptq.compress.quant.quantizer import QuantSpec
 from optgptq.models.hub import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -89,7 +89,7 @@ def _quantize(src: Path, out: Path, spec: QuantSpec, method: str, calib,
               precision: str = "medium") -> float:
     qm = quantize_model(src, spec, method, calib if method == "gptq" else None,
                         matmul_precision=precision)
-    save_gptq(qm.model, qm.results, spec, method, src, out, overwrite=True)
+    save_checkpoint(qm, src, out, overwrite=True)
     return qm.seconds
 
 
@@ -166,7 +166,7 @@ def run(a: argparse.Namespace) -> dict:
     quantized(3, "rtn")
     gqa_name = "gqa 3->1 similarity/lstsq + gptq w4 g64"
     if gqa_name not in rows:
-        from optgptq.compress import gqa
+        from optgptq.compress.gqa import convert as gqa
 
         def make_gqa():
             shutil.rmtree(work / "gqa1", ignore_errors=True)

@@ -34,10 +34,11 @@ import torch
 from transformers import AutoTokenizer
 
 from optgptq.compress.calib import load_texts, source_files, token_stream
-from optgptq.compress.checkpoint import load_for_eval
-from optgptq.compress.cli import add_quant_args, calibration, quantize_folder
+from optgptq.compress.cli import add_quant_args
 from optgptq.compress.eval import perplexity
-from optgptq.compress.pipeline import load_float_model
+from optgptq.compress.quant.checkpoint import load_for_eval
+from optgptq.compress.quant.pipeline import load_float_model
+from optgptq.compress.quant.run import calibration, quantize_folder
 from optgptq.models.hub import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -10,7 +10,6 @@ import sys
 import time
 
 from optgptq.compress.cli import register as register_compress
-from optgptq.compress.convert_cli import add_convert_parser
 from optgptq.config import EngineConfig
 
 
@@ -144,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--temperature", type=float, default=0.0)
     cli.add_argument("--api-key", default=None, help="default: $OPTGPTQ_API_KEY")
     cli.set_defaults(func=_client)
-    add_convert_parser(sub)
     register_compress(sub)
     args = parser.parse_args(argv)
     try:

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoConfig
 
 from optgptq import cli
-from optgptq.compress import gptqt
-from optgptq.compress.checkpoint import load_dequantized
-from optgptq.compress.gptqt import GPTQTSpec, checkpoint_tensors, fit_group, save_gptqt, solve
-from optgptq.compress.pipeline import quantize_model
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quant import pipeline
+from optgptq.compress.quant.checkpoint import load_dequantized, save_checkpoint
+from optgptq.compress.quant.gptqt import GPTQTSpec, fit_group, solve
+from optgptq.compress.quant.pipeline import quantize_model
+from optgptq.compress.quant.quantizer import QuantSpec
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.models.bcq_linear import GPTQTConfig, bcq_dense_weight
@@ -113,11 +113,11 @@ def test_checkpoint_tensors_stand_for_the_solved_weight(bits, group_size):
     w, H = _layer(bits, n=40, k=160)
     result = solve(w, H, GPTQTSpec(bits, group_size=group_size))
     assert result.codes.max() < 1 << bits
-    tensors = checkpoint_tensors(result)
+    tensors = result.tensors()
     dense = bcq_dense_weight(tensors, GPTQTConfig(bits, group_size))
     assert torch.equal(dense, result.weight)
     for part, rows in zip(result.split([16, 24]), (slice(0, 16), slice(16, 40))):
-        assert torch.equal(bcq_dense_weight(checkpoint_tensors(part),
+        assert torch.equal(bcq_dense_weight(part.tensors(),
                                             GPTQTConfig(bits, group_size)), result.weight[rows])
 
 
@@ -143,7 +143,7 @@ def write_gptqt(src, out, bits: int = 3, group_size: int = 32):
     calib = torch.randint(100, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
     spec = GPTQTSpec(bits, group_size=group_size)
     qm = quantize_model(src, spec, "gptqt", calib, progress=False)
-    return save_gptqt(qm.model, qm.results, spec, src, out, torch.float32)
+    return save_checkpoint(qm, src, out, torch.float32)
 
 
 def _dense_twin(quant, out):
@@ -215,4 +215,4 @@ def test_pipeline_checks_spec_and_layout(tiny_models):
         quantize_model(tiny_models["llama-gqa"], GPTQTSpec(), "gptqt")
     layers = torch.nn.ModuleList([torch.nn.ModuleDict({"up": torch.nn.Linear(48, 32)})])
     with pytest.raises(ValueError, match="layer 0 up: in_features=48"):
-        gptqt.check_packable(layers, ["up"], GPTQTSpec())
+        pipeline.check_packable(layers, ["up"], GPTQTSpec())

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from optgptq.compress.calib import (load_calibration, load_calibration_split, load_texts,
                                    source_files, token_stream)
-from optgptq.compress.pipeline import load_float_model
+from optgptq.compress.quant.pipeline import load_float_model
 from optgptq.models.hub import resolve_model
 
 

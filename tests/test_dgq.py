@@ -13,10 +13,10 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from optgptq import cli
-from optgptq.compress.checkpoint import load_dequantized, load_for_eval
-from optgptq.compress.dgq import DGQ, DGQSpec, coarse_search, fine_search, smoothing
-from optgptq.compress.gptq import rtn
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quant.checkpoint import load_dequantized, load_for_eval
+from optgptq.compress.quant.dgq import DGQ, DGQSpec, coarse_search, fine_search, smoothing
+from optgptq.compress.quant.gptq import rtn
+from optgptq.compress.quant.quantizer import QuantSpec
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
 from optgptq.models.dgq_linear import DGQConfig, dgq_dense_weight

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from optgptq.compress import quantizer
-from optgptq.compress.gptq import GPTQ, add_gram_, rtn, solve
-from optgptq.compress.quantizer import MSE_NORM, QuantSpec, find_params, quantize_column
+from optgptq.compress.quant import quantizer
+from optgptq.compress.quant.gptq import GPTQ, add_gram_, rtn, solve
+from optgptq.compress.quant.quantizer import MSE_NORM, QuantSpec, find_params, quantize_column
 
 
 def _layer(seed: int, n: int = 48, k: int = 96, tokens: int = 1024):

@@ -20,9 +20,9 @@ import textwrap
 import pytest
 import torch
 
-from optgptq.compress.checkpoint import load_dequantized, save_gptq
-from optgptq.compress.pipeline import quantize_model
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quant.checkpoint import load_dequantized, save_checkpoint
+from optgptq.compress.quant.pipeline import quantize_model
+from optgptq.compress.quant.quantizer import QuantSpec
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
 
@@ -64,8 +64,7 @@ def test_gptqmodel_loads_our_checkpoint(tiny_models, tmp_path, act_order):
     calib = torch.randint(100, 49152, (8, 64), generator=g)
     spec = QuantSpec(4, 32, sym=True, desc_act=act_order, mse=False)
     qm = quantize_model(src, spec, "gptq", calib, progress=False)
-    out = save_gptq(qm.model, qm.results, spec, "gptq", src, tmp_path / "q",
-                    dtype=torch.float32)
+    out = save_checkpoint(qm, src, tmp_path / "q", dtype=torch.float32)
     prompt = torch.randint(100, 49152, (12,), generator=g).tolist()
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")
     done = subprocess.run([sys.executable, "-c", _SCRIPT, str(out), json.dumps(prompt), "6"],

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from optgptq.cli import main
-from optgptq.compress import gqa, gqa_auto, gqa_recover
-from optgptq.compress.gqa_grouping import (EXACT_LIMIT, num_partitions, partition_score,
+from optgptq.compress.gqa import auto as gqa_auto, convert as gqa, recover as gqa_recover
+from optgptq.compress.gqa.grouping import (EXACT_LIMIT, num_partitions, partition_score,
                                            similarity_groups)
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, GPT2Config
 
 from optgptq import cli
-from optgptq.compress import checkpoint
-from optgptq.compress.checkpoint import load_dequantized
 from optgptq.compress.eval import kv_bytes_per_token, perplexity
+from optgptq.compress.quant import checkpoint
+from optgptq.compress.quant.checkpoint import load_dequantized
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
 from tests.conftest import random_prompt
@@ -195,8 +195,8 @@ def test_compress_converts_then_quantizes(tiny_models, calib_text, tmp_path, cap
                                                 ("highest", True)])
 def test_matmul_precision_covers_the_forward_not_the_hessians_or_solver(tiny_models, monkeypatch,
                                                                         precision, bf16_cpu):
-    from optgptq.compress import gptq, pipeline
-    from optgptq.compress.quantizer import QuantSpec
+    from optgptq.compress.quant import gptq, pipeline
+    from optgptq.compress.quant.quantizer import QuantSpec
 
     seen = {"solve": set(), "gram": set(), "forward": set()}
 
@@ -232,7 +232,7 @@ def test_matmul_precision_covers_the_forward_not_the_hessians_or_solver(tiny_mod
 def test_bfloat16_calibration_attention_matches_sdpa(mask):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from optgptq.compress.pipeline import _bf16_sdpa
+    from optgptq.compress.quant.pipeline import _bf16_sdpa
 
     g = torch.Generator().manual_seed(6)
     module = torch.nn.Module()

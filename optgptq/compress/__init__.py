@@ -1,1 +1,2 @@
-"""Offline compression: calibration data, GPTQ quantization, Opt-GQA conversion, evaluation."""
+"""Offline compression: calibration data (``calib``), Opt-GQA conversion (``gqa``),
+quantization (``quant``), evaluation (``eval``) and their subcommands (``cli``)."""

@@ -30,6 +30,7 @@ fitting windows are drawn from the stream before them, so no check token is ever
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 from pathlib import Path
@@ -199,3 +200,15 @@ def load_calibration(tokenizer, source: str | None = None, num_samples: int = NU
     ``[num_samples, seq_len]``, reproducible for a fixed ``seed``."""
     return load_calibration_split(tokenizer, source, num_samples, seq_len, seed, 0, model,
                                   progress)[0]
+
+
+def calibration_windows(model_path: Path, model: nn.Module | None, a: argparse.Namespace,
+                        progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`load_calibration_split` with the folder's tokenizer and the command line's
+    calibration options (``--calib``, ``--num-samples``, ``--seq-len``, ``--seed``,
+    ``--check-samples``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    return load_calibration_split(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed,
+                                  a.check_samples, model, progress)

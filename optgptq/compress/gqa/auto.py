@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from optgptq.compress import gqa_arch
-from optgptq.compress.gqa import Conversion, convert_model
+from optgptq.compress.gqa import arch
+from optgptq.compress.gqa.convert import Conversion, convert_model
 
 UTILIZATION = 0.9
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -42,7 +42,7 @@ def kv_bytes_per_token(config, num_kv_heads: int, dtype: str = "float16") -> int
     """KV-cache bytes one token takes with ``num_kv_heads`` K/V heads per layer."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"kv dtype {dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
-    h = gqa_arch.num_heads(config)
+    h = arch.num_heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // h
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return 2 * layers * num_kv_heads * head_dim * DTYPE_BYTES[dtype]
@@ -85,7 +85,7 @@ def choose_num_kv_heads(model: torch.nn.Module, calib: torch.Tensor, budget: flo
     """Score every option; returns (table, chosen option, its converted model, its conversion).
     ``model`` itself is left unchanged."""
     config = model.config
-    h, kv = gqa_arch.num_heads(config), gqa_arch.num_kv_heads(config)
+    h, kv = arch.num_heads(config), arch.num_kv_heads(config)
     options = [Option(n, kv_bytes_per_token(config, n, dtype), False)
                for n in range(kv, 0, -1) if h % n == 0]
     best: tuple[Option, torch.nn.Module, Conversion] | None = None

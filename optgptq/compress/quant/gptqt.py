@@ -23,7 +23,7 @@ weights; GPTQT gets there in two steps and lets GPTQ's error feedback see the re
 
 At inference the two steps are one: only ``alphas`` and ``offsets`` (rounded to float16) are
 stored, and a weight's value is the level of its code. The GPTQ loop
-(:mod:`optgptq.compress.gptq`) runs with that binary coding as its quantizer: a group's levels
+(:mod:`optgptq.compress.quant.gptq`) runs with that binary coding as its quantizer: a group's levels
 are fitted (steps 1-3) when its first column is reached, from the columns as updated so far;
 each column is then rounded to its row's nearest level and the rounding error is spread over
 the columns not yet quantized (lazy block updates, dampening ``damp``, ``block_size`` as in
@@ -41,13 +41,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import nn
 
-from optgptq.compress.checkpoint import save_quantized
-from optgptq.compress.gptq import GPTQ, _inverse_cholesky, one_thread
+from optgptq.compress.quant.gptq import GPTQ, inverse_cholesky
+from optgptq.compress.quant.solver import Result, check_loop_settings, one_thread
 from optgptq_kernels.bcq import check_layout, group_width, levels, num_groups, pack_planes
 
 MAX_INTERMEDIATE_BITS = 5   # 3 planes on a 6-bit grid would be 116281 candidates per group
@@ -79,22 +77,32 @@ class GPTQTSpec:
                 and (steps > 1 or lo == hi)):
             raise ValueError(f"explore must be (lo, hi, steps) with 0 < lo <= hi and steps >= 1 "
                              f"(steps = 1 only when lo = hi), got {self.explore}")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must lie in (0, 1), got {self.damp}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        check_loop_settings(self.damp, self.block_size)
 
     @property
     def multipliers(self) -> list[float]:
         lo, hi, steps = self.explore
         return torch.linspace(lo, hi, steps).tolist()
 
+    def check_shape(self, in_features: int, out_features: int) -> None:
+        """``ValueError`` unless a linear of this shape fits the binary-coded layout."""
+        check_layout(self.bits, in_features, self.group_size)
+
+    def quantization_config(self, method: str = "gptqt") -> dict:
+        """config.json's ``quantization_config`` of a GPTQT checkpoint."""
+        return {"quant_method": "gptqt", "bits": self.bits, "group_size": self.group_size,
+                "intermediate_bits": self.intermediate_bits, "explore": list(self.explore),
+                "damp_percent": self.damp, "desc_act": False, "true_sequential": True,
+                "lm_head": False, "meta": {"quantizer": [f"optgptq:{method}"]}}
+
 
 @dataclass
-class BCQResult:
+class BCQResult(Result):
     """One quantized weight ``[N, K]``: ``codes`` ``[N, K]`` (uint8, bit ``i`` = plane ``i``),
     ``alphas`` ``[G, bits, N]`` and ``offsets`` ``[G, N]`` (float32 holding float16 values), the
     dequantized ``weight`` and the solver's loss (sum of squared output-error estimates)."""
+
+    ROW_DIMS = {"codes": 0, "alphas": 2, "offsets": 1, "weight": 0}
 
     codes: torch.Tensor
     alphas: torch.Tensor
@@ -102,11 +110,11 @@ class BCQResult:
     weight: torch.Tensor
     loss: float
 
-    def split(self, sizes: list[int]) -> list["BCQResult"]:
-        """The results of the row blocks of a stacked weight (output rows ``sizes``)."""
-        parts = zip(self.codes.split(sizes), self.alphas.split(sizes, dim=2),
-                    self.offsets.split(sizes, dim=1), self.weight.split(sizes))
-        return [BCQResult(c, a, o, w, self.loss) for c, a, o, w in parts]
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors, layout of :mod:`optgptq_kernels.bcq`."""
+        bits = self.alphas.shape[1]
+        return {"planes": pack_planes(self.codes.t(), bits), "alphas": self.alphas.half(),
+                "offsets": self.offsets.half()}
 
 
 @functools.cache
@@ -167,17 +175,6 @@ def fit_group(w: torch.Tensor, h: torch.Tensor,
     return alphas, offsets
 
 
-def check_packable(layers: nn.ModuleList, names: list[str], spec: GPTQTSpec) -> None:
-    """Every linear ``names`` of every layer must fit the binary-coded layout."""
-    for i, layer in enumerate(layers):
-        for name in names:
-            m = layer.get_submodule(name)
-            try:
-                check_layout(spec.bits, m.in_features, spec.group_size)
-            except ValueError as exc:
-                raise ValueError(f"layer {i} {name}: {exc}") from None
-
-
 class GPTQT(GPTQ):
     """The GPTQ Hessian accumulator whose ``quantize`` runs the GPTQT solver."""
 
@@ -191,7 +188,7 @@ class GPTQT(GPTQ):
 
 def solve(weight: torch.Tensor, H: torch.Tensor, spec: GPTQTSpec) -> BCQResult:
     """The GPTQ loop with the binary-coding quantizer (module docstring) on ``weight [N, K]``
-    with Hessian ``H [K, K]``; one thread, as :func:`optgptq.compress.gptq.solve`."""
+    with Hessian ``H [K, K]``; one thread, as :func:`optgptq.compress.quant.gptq.solve`."""
     with one_thread():
         return _solve(weight, H, spec)
 
@@ -205,7 +202,7 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: GPTQTSpec) -> BCQResult:
     H[dead, dead] = 1
     W[:, dead] = 0
     h_diag = H.diagonal().clone()
-    Hinv = _inverse_cholesky(H, spec.damp)
+    Hinv = inverse_cholesky(H, spec.damp)
     gs, groups = group_width(k, spec.group_size), num_groups(k, spec.group_size)
     block = gs if gs >= spec.block_size else spec.block_size // gs * gs
 
@@ -233,27 +230,3 @@ def _solve(weight: torch.Tensor, H: torch.Tensor, spec: GPTQTSpec) -> BCQResult:
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     assert math.isfinite(float(loss)), "GPTQT loss is not finite"
     return BCQResult(codes.to(torch.uint8), alphas, offsets, Q, float(loss))
-
-
-def quantization_config(spec: GPTQTSpec) -> dict:
-    """config.json's ``quantization_config`` of a GPTQT checkpoint."""
-    return {"quant_method": "gptqt", "bits": spec.bits, "group_size": spec.group_size,
-            "intermediate_bits": spec.intermediate_bits, "explore": list(spec.explore),
-            "damp_percent": spec.damp, "desc_act": False, "true_sequential": True,
-            "lm_head": False, "meta": {"quantizer": ["optgptq:gptqt"]}}
-
-
-def checkpoint_tensors(result: BCQResult) -> dict[str, torch.Tensor]:
-    """A linear's checkpoint tensors (without bias), layout of :mod:`optgptq_kernels.bcq`."""
-    bits = result.alphas.shape[1]
-    return {"planes": pack_planes(result.codes.t(), bits), "alphas": result.alphas.half(),
-            "offsets": result.offsets.half()}
-
-
-def save_gptqt(model: nn.Module, results: dict[str, BCQResult], spec: GPTQTSpec, source: Path,
-               out: Path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
-    """Write the GPTQT checkpoint folder ``out`` (as
-    :func:`optgptq.compress.checkpoint.save_gptq` does for GPTQ) and return its path."""
-    tensors = {name: checkpoint_tensors(r) for name, r in results.items()}
-    return save_quantized(model, tensors, quantization_config(spec), source, out, dtype,
-                          overwrite)

@@ -6,10 +6,10 @@ model, layer by layer:
 
 1. run the calibration tokens through the layer (inputs propagated through the already
    converted layers) and accumulate the attention input Gram matrix and each head's query
-   second moment (:mod:`optgptq.compress.gqa_grouping`, :mod:`optgptq.compress.gqa_merge`
+   second moment (:mod:`optgptq.compress.gqa.grouping`, :mod:`optgptq.compress.gqa.merge`
    say what they are used for);
 2. group the query heads (``contiguous`` or ``similarity``), merge each group's K/V heads
-   (``mean`` or ``lstsq``) and write them (:mod:`optgptq.compress.gqa_arch`);
+   (``mean`` or ``lstsq``) and write them (:mod:`optgptq.compress.gqa.arch`);
 3. ``lstsq`` only: refit the output projection on the calibration tokens;
 4. run the converted layer to get the next layer's inputs.
 
@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from optgptq.compress import gqa_arch
-from optgptq.compress.gqa_grouping import (check_group_count, contiguous_groups, head_similarity,
+from optgptq.compress.gqa import arch
+from optgptq.compress.gqa.grouping import (check_group_count, contiguous_groups, head_similarity,
                                            similarity_groups)
-from optgptq.compress.gqa_merge import (OutProjFit, mean_merge, output_weights,
+from optgptq.compress.gqa.merge import (OutProjFit, mean_merge, output_weights,
                                         rope_query_weights, weighted_merge)
 from optgptq.folders import staged_folder
 
@@ -66,7 +66,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    gqa_arch.architecture(config)
+    arch.architecture(config)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"model {str(path)!r} is quantized; convert the unquantized model")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -79,7 +79,7 @@ def _check(model: torch.nn.Module, num_kv_heads: int, grouping: str, merge: str,
     if merge not in MERGES:
         raise ValueError(f"merge={merge!r}: expected one of {', '.join(MERGES)}")
     cfg = model.config
-    check_group_count(gqa_arch.num_heads(cfg), gqa_arch.num_kv_heads(cfg), num_kv_heads)
+    check_group_count(arch.num_heads(cfg), arch.num_kv_heads(cfg), num_kv_heads)
     if calib is None and (grouping, merge) != ("contiguous", "mean"):
         raise ValueError(f"grouping={grouping!r} with merge={merge!r} needs calibration tokens")
     if calib is not None and (calib.dim() != 2 or calib.shape[1] < 2):
@@ -95,7 +95,7 @@ def _layer_inputs(model: torch.nn.Module, calib: torch.Tensor, batch_size: int) 
         captured.append((list(args), dict(kwargs)))
         raise _Stop
 
-    handle = gqa_arch.decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = arch.decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in calib.split(batch_size):
             try:
@@ -130,7 +130,7 @@ def _run(layer: torch.nn.Module, inputs: list, hooks: list) -> list:
     return outs
 
 
-def _stats(att: gqa_arch.Attention, layer, inputs: list, stacks: dict, keep_output: bool):
+def _stats(att: arch.Attention, layer, inputs: list, stacks: dict, keep_output: bool):
     """Gram matrix of the attention input, query second moments, and the original output
     projection's outputs (for ``lstsq``); stops each batch at the output projection."""
     n = att.input_module.in_features + 1
@@ -155,12 +155,12 @@ def _stats(att: gqa_arch.Attention, layer, inputs: list, stacks: dict, keep_outp
     return gram, qmom, outputs
 
 
-def _merge(att: gqa_arch.Attention, stacks: dict, groups: list[list[int]], merge: str,
+def _merge(att: arch.Attention, stacks: dict, groups: list[list[int]], merge: str,
            qmom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if merge == "mean":
         return (torch.stack([mean_merge(stacks["k"][g]) for g in groups]),
                 torch.stack([mean_merge(stacks["v"][g]) for g in groups]))
-    rope = att.arch != "BloomForCausalLM"
+    rope = att.family == "llama"
     kw = rope_query_weights(qmom) if rope else qmom
     out_w = att.out_proj.weight.detach()
     return (torch.stack([weighted_merge(stacks["k"][g], kw[g]) for g in groups]),
@@ -168,7 +168,7 @@ def _merge(att: gqa_arch.Attention, stacks: dict, groups: list[list[int]], merge
                          for g in groups]))
 
 
-def _refit_out_proj(att: gqa_arch.Attention, layer, inputs: list, targets: list) -> None:
+def _refit_out_proj(att: arch.Attention, layer, inputs: list, targets: list) -> None:
     fit = OutProjFit(att.out_proj)
     pending = iter(targets)
 
@@ -186,7 +186,7 @@ def convert_model(model: torch.nn.Module, num_kv_heads: int, grouping: str = "si
                   progress: bool = True) -> Conversion:
     """Convert ``model`` in place to ``num_kv_heads`` K/V heads (see the module docstring)."""
     _check(model, num_kv_heads, grouping, merge, calib)
-    layers = gqa_arch.attention_layers(model)
+    layers = arch.attention_layers(model)
     result = Conversion(num_kv_heads)
     if calib is None:
         for att in layers:
@@ -194,10 +194,10 @@ def convert_model(model: torch.nn.Module, num_kv_heads: int, grouping: str = "si
             stacks = att.stacks()
             att.write(groups, *_merge(att, stacks, groups, merge, torch.empty(0)))
             result.groups.append(groups)
-        gqa_arch.set_kv_heads(model, result.groups)
+        arch.set_kv_heads(model, result.groups)
         return result
     inputs = _layer_inputs(model, calib, batch_size)
-    blocks = gqa_arch.decoder_layers(model)
+    blocks = arch.decoder_layers(model)
     bar = tqdm(list(zip(layers, blocks)), desc=f"GQA {grouping}/{merge} -> {num_kv_heads}",
                unit="layer", disable=not progress, file=sys.stderr)
     for att, block in bar:
@@ -214,14 +214,14 @@ def convert_model(model: torch.nn.Module, num_kv_heads: int, grouping: str = "si
         for (args, _), hidden in zip(inputs, _run(block, inputs, [])):
             args[0] = hidden
         result.groups.append(groups)
-    gqa_arch.set_kv_heads(model, result.groups)
+    arch.set_kv_heads(model, result.groups)
     result.calib_loss = _loss(model, inputs, calib, batch_size)
     return result
 
 
 def _loss(model: torch.nn.Module, inputs: list, calib: torch.Tensor, batch_size: int) -> float:
     """Mean next-token cross-entropy from the last layer's outputs."""
-    norm, head = gqa_arch.final_norm(model), model.get_output_embeddings()
+    norm, head = arch.final_norm(model), model.get_output_embeddings()
     total, count = 0.0, 0
     for (args, _), batch in zip(inputs, calib.split(batch_size)):
         logits = head(norm(args[0]))[:, :-1].float()
@@ -236,11 +236,11 @@ def expand_to_mha(model: torch.nn.Module, shuffle_seed: int | None = None) -> li
     """Copy each K/V head to every query head that reads it (a multi-head model computing the
     same function); with ``shuffle_seed``, also permute each layer's query heads at random.
     Returns each layer's permutation: new head ``i`` is old query head ``perm[i]``."""
-    if gqa_arch.architecture(model.config) == "BloomForCausalLM":
+    if not arch.is_llama(model.config):
         raise ValueError("BLOOM models are stored multi-head already; nothing to expand")
     gen = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
     perms = []
-    for att in gqa_arch.attention_layers(model):
+    for att in arch.attention_layers(model):
         h = att.num_heads
         perm = torch.randperm(h, generator=gen) if gen is not None else torch.arange(h)
         stacks = att.stacks()

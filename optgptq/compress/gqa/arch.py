@@ -1,5 +1,9 @@
 """Per-architecture access to a transformers model's attention weights, head by head.
 
+The architectures and where their pieces sit are the rows of
+:data:`optgptq.models.architectures.ARCHITECTURES`; this module reads and writes heads by the
+row's ``family``.
+
 The conversion works on per-query-head weight stacks ``[H, in + 1, head_dim]`` (the last input
 row is the bias, zero where the projection has none) and writes merged K/V heads back:
 
@@ -25,8 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_LLAMA = ("LlamaForCausalLM", "MistralForCausalLM")
-_BLOOM = ("BloomForCausalLM",)
+from optgptq.models.architectures import Architecture, architecture_of
 
 
 def _stack(weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
@@ -48,7 +51,7 @@ class Attention:
     """One layer's attention heads as stacks; ``write`` puts merged K/V heads back."""
 
     module: nn.Module
-    arch: str
+    family: str
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -56,17 +59,17 @@ class Attention:
     @property
     def input_module(self) -> nn.Linear:
         """The projection whose input is the attention input ``X``."""
-        return self.module.q_proj if self.arch in _LLAMA else self.module.query_key_value
+        return self.module.q_proj if self.family == "llama" else self.module.query_key_value
 
     @property
     def out_proj(self) -> nn.Linear:
         """The output projection; its input is the concatenated per-head attention outputs."""
-        return self.module.o_proj if self.arch in _LLAMA else self.module.dense
+        return self.module.o_proj if self.family == "llama" else self.module.dense
 
     def stacks(self) -> dict[str, torch.Tensor]:
         """Per-query-head ``q``, ``k``, ``v`` stacks ``[H, in + 1, D]``."""
         h, d = self.num_heads, self.head_dim
-        if self.arch in _LLAMA:
+        if self.family == "llama":
             m = self.module
             k = _stack(m.k_proj.weight, m.k_proj.bias, self.num_kv_heads)
             v = _stack(m.v_proj.weight, m.v_proj.bias, self.num_kv_heads)
@@ -80,7 +83,7 @@ class Attention:
 
     def write(self, groups: list[list[int]], k: torch.Tensor, v: torch.Tensor) -> None:
         """Install merged K/V heads ``k``, ``v`` ``[len(groups), in + 1, D]``, one per group."""
-        if self.arch in _LLAMA:
+        if self.family == "llama":
             self._write_llama(groups, k, v)
         else:
             self._write_bloom(groups, k, v)
@@ -120,13 +123,9 @@ class Attention:
                 b[grp, i] = bias.to(b.dtype)
 
 
-def architecture(config) -> str:
-    """The model's architecture name, checked to be one the conversion supports."""
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    if arch not in _LLAMA + _BLOOM:
-        raise ValueError(f"architecture {arch or '(none)'} is not supported by the GQA conversion "
-                         f"(supported: {', '.join(_LLAMA + _BLOOM)})")
-    return arch
+def architecture(config) -> Architecture:
+    """The model's architecture, checked to be one the conversion supports."""
+    return architecture_of(config, " by the GQA conversion")
 
 
 def num_kv_heads(config) -> int:
@@ -136,7 +135,12 @@ def num_kv_heads(config) -> int:
 
 
 def num_heads(config) -> int:
-    return config.num_attention_heads if architecture(config) in _LLAMA else config.n_head
+    return config.num_attention_heads if is_llama(config) else config.n_head
+
+
+def is_llama(config) -> bool:
+    """Whether the model is of the Llama family (RoPE, separate projections), not BLOOM."""
+    return architecture(config).family == "llama"
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
@@ -144,23 +148,22 @@ def attention_layers(model: nn.Module) -> list[Attention]:
     config = model.config
     arch = architecture(config)
     h, kv = num_heads(config), num_kv_heads(config)
-    if arch in _LLAMA:
-        d = getattr(config, "head_dim", None) or config.hidden_size // h
-        return [Attention(layer.self_attn, arch, h, kv, d) for layer in model.model.layers]
-    d = config.hidden_size // h
-    return [Attention(block.self_attention, arch, h, kv, d) for block in model.transformer.h]
+    d = (getattr(config, "head_dim", None) if arch.family == "llama" else None) \
+        or config.hidden_size // h
+    return [Attention(layer.get_submodule(arch.attention), arch.family, h, kv, d)
+            for layer in decoder_layers(model)]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers if architecture(model.config) in _LLAMA else model.transformer.h
+    return model.get_submodule(architecture(model.config).layers)
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    return model.model.norm if architecture(model.config) in _LLAMA else model.transformer.ln_f
+    return model.get_submodule(architecture(model.config).final_norm)
 
 
 def set_kv_heads(model: nn.Module, groups: list[list[list[int]]]) -> None:
     """Record the new K/V head count (and, for BLOOM, each layer's groups) in the config."""
     model.config.num_key_value_heads = len(groups[0])
-    if architecture(model.config) in _BLOOM:
+    if not is_llama(model.config):
         model.config.kv_head_groups = groups

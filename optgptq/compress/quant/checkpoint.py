@@ -1,22 +1,23 @@
-"""Write a quantized model as a standard GPTQ checkpoint folder, and read one back densely.
+"""Write a quantized model as a checkpoint folder of its method, and read any checkpoint back.
 
-The folder (the layout of :mod:`optgptq_kernels.gptq`, ``checkpoint_format: gptq``):
+:func:`save_checkpoint` writes the folder of any method of
+:data:`optgptq.compress.quant.methods.METHODS`:
 
-- ``model.safetensors``: for each quantized linear ``m``: ``m.qweight`` (codes packed along the
-  input dim), ``m.qzeros`` (zero points minus one, packed along the output dim), ``m.scales``
-  (float16), ``m.g_idx`` (int32) and ``m.bias`` if it has one; every other tensor as in the model
+- ``model.safetensors``: for each quantized linear ``m``, the tensors of its result (GPTQ, the
+  layout of :mod:`optgptq_kernels.gptq`: ``m.qweight`` codes packed along the input dim,
+  ``m.qzeros`` zero points minus one packed along the output dim, ``m.scales`` float16,
+  ``m.g_idx`` int32; GPTQT's binary-coding planes, :mod:`optgptq_kernels.bcq`; DGQ's tensors,
+  :mod:`optgptq_kernels.dgq`) and ``m.bias`` if it has one; every other tensor as in the model
   (float tensors in ``dtype``, default float16), tied copies stored once;
-- ``config.json``: the source config with ``quantization_config`` = ``{quant_method: gptq, bits,
-  group_size, desc_act, sym, checkpoint_format: gptq, static_groups, damp_percent,
-  true_sequential, lm_head: false, meta: {quantizer, mse}}`` (``mse``: the clipping search's
-  norm, 0 when off; gptqmodel keeps it in ``meta`` too);
+- ``config.json``: the source config with the spec's ``quantization_config`` (GPTQ:
+  ``{quant_method: gptq, bits, group_size, desc_act, sym, checkpoint_format: gptq,
+  static_groups, damp_percent, true_sequential, lm_head: false, meta: {quantizer, mse}}``,
+  ``mse`` the clipping search's norm, 0 when off; gptqmodel keeps it in ``meta`` too);
 - every other file of the source folder (tokenizer, generation config).
 
 It is written to a temporary sibling folder and renamed into place when complete, so an
-interrupted run never leaves a folder that looks like a model. :func:`save_quantized` writes
-the same kind of folder for any registered method (GPTQT's binary codes, DGQ's tensors), and
-:func:`load_for_eval` reads any checkpoint back as a transformers model that computes what the
-engine serves.
+interrupted run never leaves a folder that looks like a model. :func:`load_for_eval` reads any
+checkpoint back as a transformers model that computes what the engine serves.
 """
 
 from __future__ import annotations
@@ -31,40 +32,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from optgptq.compress.gptq import QuantResult
-from optgptq.compress.quantizer import MSE_NORM, QuantSpec
+from optgptq.compress.quant.pipeline import QuantizedModel
 from optgptq.folders import staged_folder
 from optgptq.models.quantization import (QUANT_METHODS, method_of, quantized_module_names,
                                          swap_in_quantized)
-from optgptq_kernels.gptq import pack_cols, pack_rows
 
 _MODEL_FILES = ("config.json", "model.safetensors.index.json")
-
-
-def quantization_config(spec: QuantSpec, method: str) -> dict:
-    """config.json's ``quantization_config`` (round-to-nearest never reorders columns)."""
-    return {"quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size,
-            "desc_act": spec.desc_act and method == "gptq", "sym": spec.sym, "checkpoint_format": "gptq",
-            "static_groups": spec.static_groups, "damp_percent": spec.damp,
-            "true_sequential": True, "lm_head": False,
-            "meta": {"quantizer": [f"optgptq:{method}"], "mse": MSE_NORM if spec.mse else 0.0}}
-
-
-def gptq_tensors(result: QuantResult, bits: int) -> dict[str, torch.Tensor]:
-    """A linear's checkpoint tensors (without bias) from its quantization result."""
-    return {"qweight": pack_rows(result.codes.t(), bits),
-            "qzeros": pack_cols(result.zeros - 1, bits),
-            "scales": result.scales.half(),
-            "g_idx": result.g_idx.int().clone()}
-
-
-def save_gptq(model: nn.Module, results: dict[str, QuantResult], spec: QuantSpec, method: str,
-              source: Path, out: Path, dtype: torch.dtype = torch.float16,
-              overwrite: bool = False) -> Path:
-    """Write the checkpoint folder ``out`` (see the module docstring) and return its path."""
-    tensors = {name: gptq_tensors(r, spec.bits) for name, r in results.items()}
-    return save_quantized(model, tensors, quantization_config(spec, method), source, out, dtype,
-                          overwrite)
 
 
 @torch.no_grad()
@@ -80,12 +53,7 @@ def load_dequantized(path: Path) -> nn.Module:
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = QUANT_METHODS[method_of(qc)]
     settings = method.parse(qc)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    raw: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    model, raw = _empty_model(config, path)
     state = {}
     for name, tensor in raw.items():
         module, _, leaf = name.rpartition(".")
@@ -100,6 +68,18 @@ def load_dequantized(path: Path) -> nn.Module:
     return _fill(model, state, path)
 
 
+def _empty_model(config, path: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A float32 model of ``config`` without its quantization (weights not loaded), and every
+    tensor the folder stores."""
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    raw: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    return model, raw
+
+
 def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
     """Load ``state`` into ``model``, tie its weights, and name what is missing or unexpected."""
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -112,13 +92,16 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Mo
     return model
 
 
-def save_quantized(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]],
-                   qconfig: dict, source: Path, out: Path, dtype: torch.dtype = torch.float16,
-                   overwrite: bool = False) -> Path:
-    """Write a checkpoint folder of any registered method: for each module named in ``tensors``
-    its tensors (leaf name -> tensor, stored as given) replace ``module.weight`` (its bias stays,
-    in ``dtype``); every other tensor as in the model (float tensors in ``dtype``, tied copies
-    once); config.json gets ``quantization_config = qconfig``; other source files are copied."""
+def save_checkpoint(qm: QuantizedModel, source: Path, out: Path,
+                    dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
+    """Write the checkpoint folder ``out`` of the quantized model (module docstring) and return
+    its path: for each quantized linear its result's tensors (stored as given) replace
+    ``module.weight`` (its bias stays, in ``dtype``); every other tensor as in the model (float
+    tensors in ``dtype``, tied copies once); config.json gets the spec's
+    ``quantization_config``; other source files are copied."""
+    tensors = {name: r.tensors() for name, r in qm.results.items()}
+    qconfig = qm.spec.quantization_config(qm.method)
+    model = qm.model
     method_of(qconfig)
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
@@ -156,12 +139,7 @@ def load_with_layers(path: Path) -> nn.Module:
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     qc = config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    raw: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    model, raw = _empty_model(config, path)
     quantized = quantized_module_names(qc, list(raw))
     swap_in_quantized(model, quantized, qc)
     state = {name: t.float() if t.is_floating_point() and (name.rpartition(".")[0] not in

@@ -1,7 +1,7 @@
 """Recovery after an Opt-GQA conversion: distil the original model into the converted one.
 
 Merging K/V heads changes what every layer attends to, and the closed-form merges
-(:mod:`optgptq.compress.gqa_merge`) fit each layer on its own. Recovery then trains the merged
+(:mod:`optgptq.compress.gqa.merge`) fit each layer on its own. Recovery then trains the merged
 attention projections end to end so that the converted model (the student) predicts what the
 original (the teacher) predicts on the calibration tokens — the GQA paper recovers quality by
 uptraining; here the budget is minutes, so only the attention projections move:
@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from optgptq.compress import gqa_arch
+from optgptq.compress.gqa import arch
 
 TRAINABLE = {"kv": ("k_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj")}
 LR, WARMUP, BATCH = 1e-4, 0.05, 4
+RECOVER_SECONDS, RECOVER_TRAIN = 600.0, "qkvo"   # the command line's defaults
 
 
 @dataclass
@@ -84,12 +85,12 @@ def trainable_parameters(model: nn.Module, train: str) -> list[nn.Parameter]:
     every other parameter is frozen."""
     if train not in TRAINABLE:
         raise ValueError(f"train={train!r}: expected one of {', '.join(TRAINABLE)}")
-    if gqa_arch.architecture(model.config) == "BloomForCausalLM":
+    if not arch.is_llama(model.config):
         raise ValueError("recovery supports Llama-family models only (BLOOM keeps one K/V copy "
                          "per query head)")
     model.requires_grad_(False)
     params = []
-    for att in gqa_arch.attention_layers(model):
+    for att in arch.attention_layers(model):
         for name in TRAINABLE[train]:
             for p in getattr(att.module, name).parameters():
                 p.requires_grad_(True)

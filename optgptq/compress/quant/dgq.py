@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from optgptq.compress.gptq import one_thread
-from optgptq_kernels.dgq import group_width, num_groups, pack_codes
+from optgptq.compress.quant.solver import Result, one_thread
+from optgptq_kernels.dgq import dgq_linear_ref, group_width, num_groups, pack_codes
 
 _MIN_SCALE = 2.0 ** -14    # float16's smallest normal number
 
@@ -68,20 +68,34 @@ class DGQSpec:
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in (0, 1], got {getattr(self, name)}")
 
-    def quantization_config(self) -> dict:
-        return {"quant_method": "dgq", "bits": 4, "act_bits": 8, "group_size": self.group_size,
-                "sym": False, "act_granularity": "per_token",
+    @property
+    def bits(self) -> int:
+        """Weight bits: always 4 (A8W4)."""
+        return 4
+
+    def check_shape(self, in_features: int, out_features: int) -> None:
+        """``ValueError`` unless a linear of this shape packs into the DGQ layout."""
+        if in_features % 8:
+            raise ValueError(f"dgq: {in_features} input features; 4-bit codes pack 8 to a "
+                             f"word, so it must be a multiple of 8")
+
+    def quantization_config(self, method: str = "dgq") -> dict:
+        """config.json's ``quantization_config`` of a DGQ checkpoint."""
+        return {"quant_method": "dgq", "bits": self.bits, "act_bits": 8,
+                "group_size": self.group_size, "sym": False, "act_granularity": "per_token",
                 "clip_percentile": self.clip_percentile, "fine_grid": self.fine_grid,
                 "fine_min_ratio": self.fine_min_ratio, "coarse_grid": self.coarse_grid,
                 "coarse_min_ratio": self.coarse_min_ratio, "checkpoint_format": "dgq",
-                "lm_head": False, "meta": {"quantizer": ["optgptq:dgq"]}}
+                "lm_head": False, "meta": {"quantizer": [f"optgptq:{method}"]}}
 
 
 @dataclass
-class DGQResult:
+class DGQResult(Result):
     """One quantized weight ``[N, K]``: ``codes`` ``[N, K]``, ``zeros`` ``[G, N]`` uint8,
     ``qscales`` ``[G, N]`` int8, ``scales`` ``[N]`` and ``smooth`` ``[K]`` float16, the weight
     ``s_c u (q - z) / t`` it applies to unquantized inputs, and the output error estimate."""
+
+    ROW_DIMS = {"codes": 0, "zeros": 1, "qscales": 1, "scales": 0, "weight": 0}
 
     codes: torch.Tensor
     zeros: torch.Tensor
@@ -91,18 +105,21 @@ class DGQResult:
     weight: torch.Tensor
     loss: float
 
-    def split(self, sizes: list[int]) -> list["DGQResult"]:
-        """The results of the row blocks of a stacked weight (output rows ``sizes``)."""
-        parts = zip(self.codes.split(sizes), self.zeros.split(sizes, 1),
-                    self.qscales.split(sizes, 1), self.scales.split(sizes),
-                    self.weight.split(sizes))
-        return [DGQResult(c, z, u, s, self.smooth, w, self.loss) for c, z, u, s, w in parts]
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """The linear's checkpoint tensors (without bias), layout of :mod:`optgptq_kernels.dgq`."""
         return {"qweight": pack_codes(self.codes.t()), "qzeros": self.zeros.contiguous(),
                 "qscales": self.qscales.contiguous(), "scales": self.scales.contiguous(),
                 "smooth": self.smooth.clone()}
+
+
+def served_output(result: DGQResult, spec: DGQSpec, x: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """What the served A8W4 layer outputs for ``x [..., K]`` (per-token INT8 activations,
+    :func:`optgptq_kernels.dgq.dgq_linear_ref`)."""
+    t = result.tensors()
+    y = dgq_linear_ref(x.reshape(-1, x.shape[-1]), t["qweight"], t["qzeros"], t["qscales"],
+                       t["scales"], t["smooth"], spec.group_size, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def smoothing(absmax: torch.Tensor, percentile: float) -> torch.Tensor:

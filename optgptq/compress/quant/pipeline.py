@@ -1,6 +1,6 @@
-"""Quantize a Hugging Face model layer by layer: GPTQ with inputs propagated, or round-to-nearest.
+"""Quantize a Hugging Face model layer by layer, inputs propagated: the driver of every method.
 
-GPTQ (``method="gptq"``):
+For a method of :data:`optgptq.compress.quant.methods.METHODS` (GPTQ, GPTQT, DGQ):
 
 1. The model is loaded in float32 on the CPU. The calibration batch is run through the
    embeddings only: a hook on the first decoder layer records its inputs (hidden states and the
@@ -8,12 +8,14 @@ GPTQ (``method="gptq"``):
 2. For each decoder layer, in order, one forward pass over the whole batch quantizes it *true
    sequentially*: a forward pre-hook on each group of linears that read the same input (Llama:
    q/k/v, then o, then gate/up, then down; BLOOM: query_key_value, dense, dense_h_to_4h,
-   dense_4h_to_h — declared in ``ARCHITECTURES``) accumulates the group's Hessian from the input
-   it is about to receive, quantizes the group's weights, and writes the dequantized weights
-   back before the forward continues. So every group is calibrated on inputs computed through
-   the already-quantized groups before it, within the layer and in earlier layers, and the
-   layer's output — the next layer's input — comes from the quantized layer. Working memory is
-   the activations of one layer on the calibration batch.
+   dense_4h_to_h — the ``linear_groups`` of :data:`optgptq.models.architectures.ARCHITECTURES`)
+   feeds the input it is about to receive to the method's solver, quantizes the group's weights
+   as one stacked weight, and writes the dequantized weights back before the forward continues.
+   Where the method's served layer computes something else (DGQ's INT8 activations), a forward
+   hook replaces each quantized linear's output by the served one. So every group is calibrated
+   on inputs computed through the already-quantized groups before it, within the layer and in
+   earlier layers, and the layer's output — the next layer's input — comes from the quantized
+   layer. Working memory is the activations of one layer on the calibration batch.
 3. ``matmul_precision`` is torch's float32 matmul precision for the calibration forward
    (``"medium"``: CPUs with bfloat16 units, AMX or AVX512-BF16, multiply bfloat16 operands and
    accumulate in float32, about 2x faster; other CPUs stay in IEEE float32). With ``"medium"``
@@ -23,22 +25,23 @@ GPTQ (``method="gptq"``):
    float32: with the Hessians in bfloat16 too (relative error ~4e-4 of their norm, which their
    largest eigenvalues set), SmolLM2's 4-bit g64 perplexity came out 1.5% higher (256 x 512
    calibration tokens: 34.45, against 33.94 with only the forward in bfloat16 and 33.96 all in
-   float32).
+   float32). A method whose row says ``fast_forward=False`` (DGQ) keeps the forward in IEEE
+   float32.
 
 Round-to-nearest (``method="rtn"``) quantizes the same linears with the same groups and
-packing, needs no calibration data, and is the baseline GPTQ is measured against.
-
-GPTQT (``method="gptqt"``, :mod:`optgptq.compress.gptqt`) is the same true-sequential pass with
-the binary-coding solver and its settings (``GPTQTSpec``) in place of GPTQ's.
+packing, each from its weight alone: it needs no calibration data and no forward pass, and is
+the baseline GPTQ is measured against.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,71 +49,50 @@ from tqdm import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from optgptq.compress import gptqt
-from optgptq.compress.gptq import GPTQ, QuantResult, rtn
-from optgptq.compress.quantizer import QuantSpec
+from optgptq.compress.quant.methods import Method, method_row
+from optgptq.compress.quant.solver import Result
+from optgptq.models.architectures import Architecture, architecture_of
 
-METHODS = ("gptq", "rtn", "gptqt")
-MATMUL_PRECISIONS = ("highest", "medium")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where an architecture keeps its decoder layers, and its linears grouped by shared input,
-    in the order a layer's forward pass calls them."""
-
-    layers: str
-    groups: tuple[tuple[str, ...], ...]
-
-
-_LLAMA = ArchSpec("model.layers", (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": _LLAMA,
-    "BloomForCausalLM": ArchSpec("transformer.h", (
-        ("self_attention.query_key_value",), ("self_attention.dense",),
-        ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))),
-}
+MATMUL_PRECISIONS = ("medium", "highest")
 
 
 @dataclass
 class QuantizedModel:
-    """A model whose quantized linears hold their dequantized weights, and the codes behind them."""
+    """A model whose quantized linears hold the weights they apply to unquantized inputs, the
+    results behind them (codes and the like), and the method and settings that made them."""
 
     model: nn.Module
-    results: dict[str, QuantResult]
-    spec: QuantSpec
+    results: dict[str, Result]
+    spec: Any
     method: str
     seconds: float
     layer_seconds: list[float] = field(default_factory=list)
 
 
-def arch_spec(model_path: Path) -> ArchSpec:
-    """The spec of the folder's architecture; an error naming the supported ones otherwise."""
+def folder_architecture(model_path: Path) -> Architecture:
+    """The folder's architecture; an error naming the supported ones otherwise."""
     config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
-    arch = (getattr(config, "architectures", None) or ["(none)"])[0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model {str(model_path)!r}: architecture {arch} is not supported for "
-                         f"quantization (supported: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[arch]
+    try:
+        return architecture_of(config, " for quantization")
+    except ValueError as exc:
+        raise ValueError(f"model {str(model_path)!r}: {exc}") from None
 
 
 def load_float_model(model_path: Path) -> nn.Module:
+    """The folder's transformers model in float32 on the CPU, in eval mode."""
     return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
                                                 local_files_only=True).eval()
 
 
-def check_packable(layers: nn.ModuleList, arch: ArchSpec, bits: int) -> None:
-    """Every quantized linear must fill whole 32-bit words with codes along both dimensions."""
+def check_packable(layers: nn.ModuleList, names: list[str], spec: Any) -> None:
+    """Every linear ``names`` of every layer must fit the layout of ``spec``'s method."""
     for i, layer in enumerate(layers):
-        for name in (n for names in arch.groups for n in names):
+        for name in names:
             m = layer.get_submodule(name)
-            if m.in_features * bits % 32 or m.out_features * bits % 32:
-                raise ValueError(f"bits={bits}: layer {i} {name} ({m.in_features} in, "
-                                 f"{m.out_features} out features) cannot be packed into 32-bit "
-                                 f"words (for 3 bits both must be multiples of 32)")
+            try:
+                spec.check_shape(m.in_features, m.out_features)
+            except ValueError as exc:
+                raise ValueError(f"layer {i} {name}: {exc}") from None
 
 
 @contextmanager
@@ -181,14 +163,16 @@ def _first_layer_inputs(model: nn.Module, layer: nn.Module, ids: torch.Tensor):
     return store["args"], store["kwargs"]
 
 
-def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch.Tensor,
-                 spec: QuantSpec | gptqt.GPTQTSpec, results: dict[str, QuantResult]) -> None:
-    """Quantize the linears ``names`` (all reading ``x``) as one stacked weight."""
+def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch.Tensor | None,
+                 method: Method, spec: Any, results: dict[str, Result]) -> None:
+    """Quantize the linears ``names`` (all reading ``x``; ``None`` for a method without
+    calibration) as one stacked weight."""
     linears = [layer.get_submodule(n) for n in names]
-    solver = (gptqt.GPTQT if isinstance(spec, gptqt.GPTQTSpec) else GPTQ)(linears[0].in_features)
+    solver = method.solver(linears[0].in_features)
     stacked = torch.cat([m.weight for m in linears])
     with float32_matmul("highest"):
-        solver.add_batch(x)
+        if x is not None:
+            solver.add_batch(x)
         parts = solver.quantize(stacked, spec).split([m.out_features for m in linears])
     for name, linear, part in zip(names, linears, parts):
         linear.weight.data = part.weight
@@ -196,55 +180,45 @@ def _solve_group(layer: nn.Module, prefix: str, names: tuple[str, ...], x: torch
 
 
 @torch.no_grad()
-def quantize_model(model_path: Path, spec: QuantSpec | gptqt.GPTQTSpec, method: str = "gptq",
+def quantize_model(model_path: Path, spec: Any, method: str = "gptq",
                    calibration: torch.Tensor | None = None, progress: bool = True,
                    matmul_precision: str = "medium") -> QuantizedModel:
-    """Quantize the model in ``model_path`` (see the module docstring); ``calibration`` is a
-    ``[num_samples, seq_len]`` token batch, required for GPTQ and GPTQT; ``spec`` is a
-    ``GPTQTSpec`` for GPTQT, a ``QuantSpec`` otherwise."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    """Quantize the model in ``model_path`` with ``method`` (a key of
+    :data:`~optgptq.compress.quant.methods.METHODS`) and its settings ``spec`` (see the module
+    docstring); ``calibration`` is a ``[num_samples, seq_len]`` token batch, required by every
+    method but round-to-nearest."""
+    row = method_row(method, spec)
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
                          f"got {matmul_precision!r}")
-    if (method == "gptqt") != isinstance(spec, gptqt.GPTQTSpec):
-        kind = "GPTQTSpec" if method == "gptqt" else "QuantSpec"
-        raise ValueError(f"method {method!r} takes a {kind}, got {type(spec).__name__}")
-    arch = arch_spec(model_path)
-    if method in ("gptq", "gptqt") and calibration is None:
+    arch = folder_architecture(model_path)
+    if row.calibrated and calibration is None:
         raise ValueError(f"method {method!r} needs a calibration batch")
     start = time.perf_counter()
     model = load_float_model(model_path)
     layers = model.get_submodule(arch.layers)
-    if method == "gptqt":
-        gptqt.check_packable(layers, [n for names in arch.groups for n in names], spec)
-    else:
-        check_packable(layers, arch, spec.bits)
-    results: dict[str, QuantResult] = {}
+    check_packable(layers, [n for names in arch.linear_groups for n in names], spec)
+    results: dict[str, Result] = {}
     layer_seconds: list[float] = []
     bar = tqdm(range(len(layers)), desc=f"{method} {spec.bits}-bit", unit="layer",
                disable=not progress)
-    if method == "rtn":
+    if not row.calibrated:
         for i in bar:
             t = time.perf_counter()
-            for names in arch.groups:
-                for name in names:
-                    linear = layers[i].get_submodule(name)
-                    results[f"{arch.layers}.{i}.{name}"] = r = rtn(linear.weight, spec)
-                    linear.weight.data = r.weight
+            for name in (n for names in arch.linear_groups for n in names):
+                _solve_group(layers[i], f"{arch.layers}.{i}", (name,), None, row, spec, results)
             layer_seconds.append(time.perf_counter() - t)
-        return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
-                              layer_seconds)
-
-    with float32_matmul(matmul_precision), calibration_attention(model, matmul_precision):
-        _calibrate(model, layers, arch, spec, calibration, results, layer_seconds, bar)
+    else:
+        precision = matmul_precision if row.fast_forward else "highest"
+        with float32_matmul(precision), calibration_attention(model, precision):
+            _calibrate(model, layers, arch, row, spec, calibration, results, layer_seconds, bar)
     return QuantizedModel(model, results, spec, method, time.perf_counter() - start,
                           layer_seconds)
 
 
-def _calibrate(model: nn.Module, layers: nn.ModuleList, arch: ArchSpec,
-               spec: QuantSpec | gptqt.GPTQTSpec, calibration: torch.Tensor,
-               results: dict[str, QuantResult], layer_seconds: list[float], bar: tqdm) -> None:
+def _calibrate(model: nn.Module, layers: nn.ModuleList, arch: Architecture, method: Method,
+               spec: Any, calibration: torch.Tensor, results: dict[str, Result],
+               layer_seconds: list[float], bar: tqdm) -> None:
     """Step 2 of the module docstring: every layer quantized in one true-sequential pass."""
     args, kwargs = _first_layer_inputs(model, layers[0], calibration)
     hidden = args[0]
@@ -252,18 +226,26 @@ def _calibrate(model: nn.Module, layers: nn.ModuleList, arch: ArchSpec,
         t = time.perf_counter()
         layer, prefix = layers[i], f"{arch.layers}.{i}"
         handles = []
-        for names in arch.groups:
-            def hook(_module, inputs, names=names):
+        for names in arch.linear_groups:
+            def solve(_module, inputs, names=names):
                 if f"{prefix}.{names[0]}" not in results:
-                    _solve_group(layer, prefix, names, inputs[0], spec, results)
-            handles.extend(layer.get_submodule(n).register_forward_pre_hook(hook)
-                           for n in names)
+                    _solve_group(layer, prefix, names, inputs[0], method, spec, results)
+
+            def served(module, inputs, _output, name=""):
+                return method.served_output(results[name], spec, inputs[0], module.bias)
+            for n in names:
+                linear = layer.get_submodule(n)
+                handles.append(linear.register_forward_pre_hook(solve))
+                if method.served_output is not None:
+                    handles.append(linear.register_forward_hook(
+                        functools.partial(served, name=f"{prefix}.{n}")))
         try:
             out = layer(hidden, *args[1:], **kwargs)
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for names in arch.groups for n in names if f"{prefix}.{n}" not in results]
+        missing = [n for names in arch.linear_groups for n in names
+                   if f"{prefix}.{n}" not in results]
         assert not missing, f"layer {i}: linears never called: {missing}"
         hidden = out[0] if isinstance(out, tuple) else out
         layer_seconds.append(time.perf_counter() - t)

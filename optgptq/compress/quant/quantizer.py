@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from optgptq.compress.quant.solver import check_loop_settings
 from optgptq_kernels.gptq import SUPPORTED_BITS
 
 _MIN_SCALE = 1e-5   # well inside float16's normal range
@@ -36,7 +37,8 @@ MSE_ROWS = 32
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantize: see :mod:`optgptq.compress.gptq` for the GPTQ-specific fields."""
+    """How to quantize: see :mod:`optgptq.compress.quant.gptq` for the GPTQ-specific fields.
+    The settings of methods ``gptq`` and ``rtn``."""
 
     bits: int = 4
     group_size: int = 128
@@ -53,10 +55,7 @@ class QuantSpec:
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"group_size must be a positive int or -1 (one group per row), "
                              f"got {self.group_size}")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must lie in (0, 1), got {self.damp}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        check_loop_settings(self.damp, self.block_size)
 
     @property
     def maxq(self) -> int:
@@ -67,6 +66,24 @@ class QuantSpec:
 
     def num_groups(self, in_features: int) -> int:
         return -(-in_features // self.group_width(in_features))
+
+    def check_shape(self, in_features: int, out_features: int) -> None:
+        """``ValueError`` unless a linear of this shape fills whole 32-bit words with codes
+        along both dimensions."""
+        if in_features * self.bits % 32 or out_features * self.bits % 32:
+            raise ValueError(f"bits={self.bits}: {in_features} in, {out_features} out features "
+                             f"cannot be packed into 32-bit words (for 3 bits both must be "
+                             f"multiples of 32)")
+
+    def quantization_config(self, method: str = "gptq") -> dict:
+        """config.json's ``quantization_config`` of a ``method`` (``gptq`` or ``rtn``)
+        checkpoint (round-to-nearest never reorders columns)."""
+        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+                "desc_act": self.desc_act and method == "gptq", "sym": self.sym,
+                "checkpoint_format": "gptq", "static_groups": self.static_groups,
+                "damp_percent": self.damp, "true_sequential": True, "lm_head": False,
+                "meta": {"quantizer": [f"optgptq:{method}"],
+                         "mse": MSE_NORM if self.mse else 0.0}}
 
 
 def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
