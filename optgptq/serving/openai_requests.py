@@ -18,11 +18,8 @@ to biases in [-100, 100]; ids beyond the model's vocabulary are a 400 once the i
 Chat ``top_logprobs`` (0..20) needs ``logprobs: true``; completions ``logprobs: N`` (0..5) gives
 the chosen tokens' logprobs and the N most likely alternatives of each step.
 
-Structured output (:mod:`optgptq.engine.structured`): ``response_format`` ``{"type":
-"json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict",
-"description"}}`` (OpenAI), or vLLM's extra ``structured_outputs`` with exactly one of ``json``
-(a schema), ``regex``, ``choice`` (a list of strings) or ``grammar`` (EBNF); not both fields. A
-schema, regex or grammar that does not parse is a 400 naming the field.
+Structured output: OpenAI's ``response_format`` or vLLM's extra ``structured_outputs``, not
+both (:mod:`optgptq.serving.openai_structured`).
 
 Chat messages (:mod:`optgptq.serving.chat_messages`) take the roles ``system``, ``developer``
 (as system), ``user``, ``assistant`` (with ``tool_calls``) and ``tool`` (with ``tool_call_id``);
@@ -32,9 +29,8 @@ content is a string or a list of text parts. Tool calling (chat only): ``tools``
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       field_validator, model_validator)
@@ -43,6 +39,7 @@ from optgptq.engine.sampling_params import (MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, RE
                                             SamplingParams)
 from optgptq.engine.structured import StructuredSpec
 from optgptq.serving.chat_messages import ChatMessage
+from optgptq.serving.openai_structured import ResponseFormat, StructuredOutputs, output_format
 from optgptq.serving.openai_tools import Tool, ToolChoice, ToolSpec
 from optgptq.serving.protocol import (INT64, MAX_SALT_CHARS, MAX_TOKENS_LIMIT, APIError, Text,
                                       effective_salt)
@@ -93,45 +90,6 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
     """A last chunk with the usage of the whole request (and ``"usage": null`` on the others)."""
-
-
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    name: Text = Field(min_length=1, max_length=64)
-    description: Text | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: StrictBool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's ``response_format``: ``text`` (nothing to do), ``json_object``, ``json_schema``."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self):
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type json_schema, and only there")
-        return self
-
-
-class StructuredOutputs(BaseModel):
-    """vLLM's ``structured_outputs`` extra: exactly one of its fields."""
-
-    model_config = ConfigDict(extra="forbid")
-    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
-    regex: Text | None = None
-    choice: list[Text] | None = Field(default=None, min_length=1)
-    grammar: Text | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [n for n in ("json_", "regex", "choice", "grammar") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice and grammar")
-        return self
 
 
 Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
@@ -189,34 +147,7 @@ class _Request(BaseModel):
 
     def structured(self) -> StructuredSpec | None:
         """The engine's structured output spec; APIError 400 naming the field if invalid."""
-        return self._output_format()
-
-    def _output_format(self) -> StructuredSpec | None:
-        fmt, ext = self.response_format, self.structured_outputs
-        if fmt is not None and fmt.type == "text":
-            fmt = None
-        if fmt is not None and ext is not None:
-            raise APIError(400, "response_format: give it or structured_outputs, not both",
-                           param="response_format", code="invalid_value")
-        try:
-            if fmt is not None and fmt.type == "json_object":
-                return StructuredSpec("json_object")
-            if fmt is not None:
-                return StructuredSpec("json_schema", json.dumps(fmt.json_schema.schema_),
-                                      strict=bool(fmt.json_schema.strict))
-            if ext is None:
-                return None
-            field = "structured_outputs"
-            if ext.json_ is not None:
-                text = ext.json_ if isinstance(ext.json_, str) else json.dumps(ext.json_)
-                return StructuredSpec("json_schema", text, field=field)
-            if ext.choice is not None:
-                return StructuredSpec("choice", json.dumps(ext.choice), field=field)
-            kind = "regex" if ext.regex is not None else "grammar"
-            return StructuredSpec(kind, getattr(ext, kind), field=field)
-        except ValueError as exc:
-            name = "response_format" if fmt is not None else "structured_outputs"
-            raise APIError(400, str(exc), param=name, code="invalid_value") from None
+        return output_format(self.response_format, self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
@@ -332,7 +263,7 @@ class ChatCompletionRequest(_Request):
 
     def structured(self) -> StructuredSpec | None:
         """The output format's grammar, or the one guaranteeing ``tool_choice``'s calls."""
-        output = self._output_format()
+        output = output_format(self.response_format, self.structured_outputs)
         tools = self.tool_spec.structured() if self.tool_spec is not None else None
         if tools is not None and output is not None:
             raise APIError(400, f"tool_choice: {self.tool_spec.choice!r} constrains the output "
