@@ -96,6 +96,14 @@ def pack_gptq_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     kernel's layout, its products to run with ``act_pieces`` INT8 pieces per activation;
     ``ValueError`` on a ``g_idx`` naming groups the scales do not have."""
     check_bits(bits)
+    k, n = g_idx.shape[0], scales.shape[1]
+    return _pack_codes(unpack_rows(qweight.cpu(), bits, k).to(torch.int16),
+                       unpack_cols(qzeros.cpu(), bits, n), scales, g_idx, bits, act_pieces)
+
+
+def _pack_codes(codes: torch.Tensor, stored_zeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, bits: int, act_pieces: int) -> PackedGPTQ:
+    """Codes ``[K, N]`` (int16) and stored zero points ``[G, N]`` -> :class:`PackedGPTQ`."""
     if act_pieces not in (1, 2):
         raise ValueError(f"act_pieces must be 1 or 2, got {act_pieces}")
     k, n = g_idx.shape[0], scales.shape[1]
@@ -113,8 +121,8 @@ def pack_gptq_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     k8 = int(padded.sum())
     src = torch.full((k8,), -1, dtype=torch.int32)
     src[rows] = order.int()
-    q = torch.zeros(k8, n, dtype=torch.long)
-    q[rows] = unpack_rows(qweight.cpu(), bits, k).long()[order]
+    q = torch.zeros(k8, n, dtype=torch.int16)
+    q[rows] = codes[order]
     bounds, owner = [0], []
     for gi in torch.nonzero(padded).flatten().tolist():
         end = int(starts[gi] + padded[gi])
@@ -130,11 +138,30 @@ def pack_gptq_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     identity = k8 == k and torch.equal(src, torch.arange(k, dtype=torch.int32))
     return PackedGPTQ(codes=_vectors(by_panel(q), bits),
                       scales=by_panel(scales.cpu().half()),
-                      zeros=by_panel(unpack_cols(qzeros.cpu(), bits, n)).to(torch.uint8),
+                      zeros=by_panel(stored_zeros).to(torch.uint8),
                       seg_rows=torch.tensor(bounds, dtype=torch.int32),
                       seg_group=torch.tensor(owner, dtype=torch.int32),
                       src=None if identity else src, bits=bits, in_features=k, out_features=n,
                       act_pieces=act_pieces)
+
+
+def quantize_int8_cpu(weight: torch.Tensor, group_size: int = SEGMENT) -> PackedGPTQ:
+    """A float ``[N, K]`` linear weight rounded to 8-bit codes for this kernel: symmetric, one
+    float16 scale per ``group_size`` inputs and output (``absmax / 127``, zero point 128), as
+    llama.cpp's Q8_0 stores the output head of its 4-bit files. With one INT8 piece per
+    activation the products are exact int32 sums, like the 4-bit layers'; the weight's error
+    is at most half a step, ``absmax / 254`` of its group."""
+    n, k = weight.shape
+    groups = -(-k // group_size)
+    w = torch.nn.functional.pad(weight.detach().float().cpu(), (0, groups * group_size - k))
+    w = w.view(n, groups, group_size)
+    scales = (w.abs().amax(dim=2) / 127).half()
+    scales = torch.where(scales == 0, torch.ones((), dtype=scales.dtype), scales)  # all-zero group
+    codes = (w / scales.float().unsqueeze(2)).round().clamp(-127, 127).to(torch.int16) + 128
+    codes = codes.view(n, -1)[:, :k].t().to(torch.int16)                 # [K, N]
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    zeros = torch.full((groups, n), 127, dtype=torch.int16)               # stored as z - 1
+    return _pack_codes(codes, zeros, scales.t().contiguous(), g_idx, 8, act_pieces=1)
 
 
 def gptq_cpu_linear(x: torch.Tensor, packed: PackedGPTQ,

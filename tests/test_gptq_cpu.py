@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from optgptq.engine.llm import LLM
 from optgptq.engine.sampling_params import SamplingParams
-from optgptq.models.cpu_gptq_linear import CPUGPTQLinear, use_cpu_gptq_linears
+from optgptq.models.cpu_gptq_linear import CPUGPTQLinear, FrozenEmbedding, use_cpu_gptq_linears
 from optgptq.models.quant_linear import GPTQConfig, GPTQLinear
 from optgptq_kernels import cpu_native, ops
 from optgptq_kernels.gptq import dequantize_ref, gptq_linear_ref, pack_cols, pack_rows
-from optgptq_kernels.gptq_cpu import PackedGPTQ, gptq_cpu_linear, pack_gptq_cpu
+from optgptq_kernels.gptq_cpu import (PackedGPTQ, gptq_cpu_linear, pack_gptq_cpu,
+                                      quantize_int8_cpu)
 from tests.conftest import random_prompt
 
 ROWS = (1, 3, 17, 64, 130)
@@ -155,6 +156,64 @@ def test_swap_drops_the_checkpoint_tensors_and_warns_on_slow_paths(monkeypatch, 
         assert use_cpu_gptq_linears(model) == 0
     assert type(model["proj"]) is GPTQLinear
     assert [r.message for r in caplog.records if "reference" in r.message]
+
+
+@pytest.mark.parametrize("n,k", [(200, 576), (72, 100)])
+def test_int8_weight_is_the_checkpoint_path_of_its_codes(n, k):
+    """``quantize_int8_cpu`` packs the same kernel operands as a symmetric 8-bit GPTQ checkpoint
+    of its codes (groups of 64; a ragged last group where 64 does not divide K): outputs bit for
+    bit equal; its weight within half a step (absmax / 254) of the float one per group."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+    packed = quantize_int8_cpu(w)
+    groups = -(-k // 64)
+    wg = torch.nn.functional.pad(w, (0, groups * 64 - k)).view(n, groups, 64)
+    scales = (wg.abs().amax(2) / 127).half()
+    codes = (wg / scales.float().unsqueeze(2)).round().clamp(-127, 127) + 128
+    codes = codes.view(n, -1)[:, :k].t().long()
+    args = (pack_rows(codes, 8), pack_cols(torch.full((groups, n), 127), 8),
+            scales.t().contiguous(), (torch.arange(k) // 64).int(), 8)
+    x = torch.randn(9, k, generator=g)
+    assert torch.equal(gptq_cpu_linear(x, packed), gptq_cpu_linear(x, pack_gptq_cpu(*args)))
+    step = scales.float().repeat_interleave(64, dim=1)[:, :k]
+    assert bool(((dequantize_ref(*args, dtype=torch.float32).t() - w).abs()
+                 <= step / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("act", ["int8", "int16"])
+def test_head_runs_int8_only_with_int8_activations(tiny_models, tmp_path, monkeypatch, act):
+    """With the default INT8 activations the float output head of a GPTQ checkpoint runs as
+    8-bit codes on the same kernel and the tied embedding keeps the exact weight; with
+    ``int16`` the head stays the float packed linear. Either way generation runs, and in
+    ``int8`` the engine's first greedy token of a prompt is the reference's where the
+    reference's top two logits are well apart."""
+    ckpt = _rtn_checkpoint(tiny_models["llama-gqa"], tmp_path / "q", 4, 32, False, False)
+    monkeypatch.setenv("OPTGPTQ_CPU_GPTQ_ACT", act)
+    llm = LLM(str(ckpt), device="cpu", kv_cache_bytes=64 << 20)
+    model = llm.engine.runner.model
+    head = model.lm_head
+    if act == "int8":
+        assert isinstance(head, CPUGPTQLinear) and head.bits == 8
+        assert isinstance(model.model.embed_tokens, FrozenEmbedding)
+    else:
+        assert not isinstance(head, CPUGPTQLinear)
+    state = load_file(str(ckpt / "model.safetensors"))
+    table = state.get("model.embed_tokens.weight", state.get("lm_head.weight")).float()
+    ids = torch.tensor([[1, 7, 300]])
+    assert torch.equal(model.model.embed_tokens(ids)[0], table[ids[0]])
+    rng = torch.Generator().manual_seed(8)
+    prompts = [random_prompt(rng, n) for n in (5, 12, 30, 9)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=2)
+    got = llm.generate(prompts, params)
+    monkeypatch.setenv("OPTGPTQ_KERNELS", "reference")
+    ref = LLM(str(ckpt), device="cpu", kv_cache_bytes=64 << 20).generate(prompts, params)
+    apart = 0
+    for a, b in zip(got, ref):
+        (_, first), (_, second) = b.top_logprobs[0]
+        if first - second > 0.05:
+            apart += 1
+            assert a.token_ids == b.token_ids
+    assert apart
 
 
 def _rtn_checkpoint(src, dst, bits: int, group_size: int, act_order: bool, sym: bool):

@@ -89,11 +89,12 @@ def use_cpu_linears(model: nn.Module) -> int:
              for name, child in parent.named_children() if _swappable(child)]
     by_weight = {}
     for parent, name, child in swaps:
-        by_weight[id(child.weight)] = replacement = CPULinear(child)
+        by_weight[child.weight.data_ptr()] = replacement = CPULinear(child)
         setattr(parent, name, replacement)
-    tied = [(parent, name, by_weight[id(child.weight)]) for parent in model.modules()
+    # tied weights are one storage (the loader assigns it to each name as its own Parameter)
+    tied = [(parent, name, by_weight[child.weight.data_ptr()]) for parent in model.modules()
             for name, child in parent.named_children()
-            if type(child) is nn.Embedding and id(child.weight) in by_weight]
+            if type(child) is nn.Embedding and child.weight.data_ptr() in by_weight]
     for parent, name, linear in tied:
         setattr(parent, name, CPUEmbedding(linear))
     return len(swaps)
