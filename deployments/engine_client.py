@@ -32,6 +32,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from deployments.serve_calls import TRANSPORT
 from deployments.token_channel import RequestStream, TokenChannels
 from optgptq.engine.sampling_params import SamplingParams
+from optgptq.engine.sequence import InvalidRequest, check_request
 from optgptq.serving.chat_template import ChatTemplate
 from optgptq.serving.metrics import ServingMetrics
 from optgptq.serving.openai_responses import add_usage, usage
@@ -224,23 +225,12 @@ class EngineClient:
         """Send one request; the streams of its ``params.n`` choices once a replica took it."""
         start = time.perf_counter()
         info = await self.model_info(self.admission_timeout_s)
-        limit = info["max_model_len"]
-        if not token_ids:
-            raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
-        if not all(isinstance(t, int) and 0 <= t < info["vocab_size"] for t in token_ids):
-            raise APIError(400, f"prompt token ids must be in [0, {info['vocab_size']})",
-                           param="prompt", code="invalid_value")
-        if any(t >= info["vocab_size"] for t in params.logit_bias):
-            raise APIError(400, f"logit_bias: token ids must be in [0, {info['vocab_size']})",
-                           param="logit_bias", code="invalid_value")
-        if len(token_ids) >= limit:
-            raise APIError(413, f"prompt has {len(token_ids)} tokens; the model's context is "
-                           f"{limit}, leaving no room to generate", param="prompt",
-                           code="context_length_exceeded")
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > limit:
-            raise APIError(400, f"max_tokens={params.max_tokens} plus the prompt's "
-                           f"{len(token_ids)} tokens exceeds the model's context of {limit}",
-                           param="max_tokens", code="context_length_exceeded")
+        try:  # the engine's own check, against the limits its replicas reported
+            check_request(token_ids, params, info["limits"])
+        except InvalidRequest as exc:
+            too_long = exc.code == "context_length_exceeded" and exc.param == "prompt"
+            raise APIError(413 if too_long else 400, str(exc), param=exc.param,
+                           code=exc.code) from None
         rid = uuid.uuid4().hex
         state = RequestStream(rid)
         others = [RequestStream(choice_id(rid, j)) for j in range(1, params.n)]

@@ -20,9 +20,11 @@ from deployments.auth import APIKeys  # noqa: E402
 from deployments.engine_client import EngineClient  # noqa: E402
 from deployments.http_api import build_http_app  # noqa: E402
 from deployments.readiness import Readiness  # noqa: E402
+from optgptq.engine.sequence import RequestLimits  # noqa: E402
 from optgptq.serving.metrics import ServingMetrics  # noqa: E402
 
-INFO = {"max_model_len": 512, "vocab_size": 1000, "num_blocks": 16}
+INFO = {"max_model_len": 512, "vocab_size": 1000, "num_blocks": 16,
+        "limits": RequestLimits(1000, 512, 16, 16, 1, True)}
 
 
 class SlowEngine:

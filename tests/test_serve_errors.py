@@ -66,6 +66,7 @@ def test_a_request_no_replica_takes_in_time_gets_503_with_retry_after():
     from deployments.engine_client import EngineClient
     from deployments.http_api import error_response
     from optgptq.engine.sampling_params import SamplingParams
+    from optgptq.engine.sequence import RequestLimits
     from optgptq.serving.metrics import ServingMetrics
 
     cancelled = []
@@ -90,8 +91,9 @@ def test_a_request_no_replica_takes_in_time_gets_503_with_retry_after():
         def cancel(self):
             cancelled.append(True)
 
-    async def info():
-        return {"max_model_len": 64, "vocab_size": 100}
+    async def info(timeout=None):
+        return {"max_model_len": 64, "vocab_size": 100,
+                "limits": RequestLimits(100, 64, 16, 1000, 1, True)}
 
     async def never(*args):
         await asyncio.get_running_loop().create_future()

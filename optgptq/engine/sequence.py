@@ -9,11 +9,15 @@ from optgptq.engine.sampling_params import SamplingParams
 
 
 class InvalidRequest(ValueError):
-    """A request the engine refuses; ``param`` names the request field at fault, if one is."""
+    """A request the engine refuses; ``param`` names the request field at fault, if one is;
+    ``code``: ``context_length_exceeded`` where the context is what it overruns, else
+    ``invalid_value`` (OpenAI's error codes)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None,
+                 code: str = "invalid_value") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,12 @@ def check_request(ids: list[int], params: SamplingParams, limits: RequestLimits,
     if len(ids) >= max_model_len:
         raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context "
                              f"(max_model_len) is {max_model_len}, leaving no room to generate",
-                             "prompt")
+                             "prompt", "context_length_exceeded")
     room = max_model_len - len(ids)
     if params.max_tokens is not None and params.max_tokens > room:
         raise InvalidRequest(f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} "
-                             f"tokens exceeds max_model_len={max_model_len}", "max_tokens")
+                             f"tokens exceeds max_model_len={max_model_len}", "max_tokens",
+                             "context_length_exceeded")
     max_tokens = params.max_tokens or room
     if params.min_tokens > max_tokens:
         raise InvalidRequest(f"min_tokens={params.min_tokens} exceeds the {max_tokens} tokens "

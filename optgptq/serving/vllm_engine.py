@@ -42,7 +42,7 @@ from optgptq.config import EngineConfig
 from optgptq.engine.block_pool import PoolStats
 from optgptq.engine.outputs import EngineStats, RequestOutput
 from optgptq.engine.sampling_params import SamplingParams
-from optgptq.engine.sequence import InvalidRequest
+from optgptq.engine.sequence import InvalidRequest, RequestLimits
 from optgptq.models.hub import resolve_model
 from optgptq.serving.kv_events import VLLMEventTranslator
 
@@ -164,6 +164,7 @@ class VLLMEngine:
         self.llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[_stat_logger(self)])
         cache = self.llm.vllm_config.cache_config
         self.num_blocks = int(cache.num_gpu_blocks)
+        self.block_size = int(cache.block_size)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.vocab_size = int(self.llm.model_config.get_vocab_size())
 
@@ -259,8 +260,12 @@ class VLLMEngine:
                            preemptions=self._preemptions, pool=pool)
 
     def model_info(self) -> dict:
+        """What requests are validated against (as the native core's): one choice per request
+        (:func:`_sampling_params`)."""
         return {"max_model_len": self.max_model_len, "num_blocks": self.num_blocks,
-                "vocab_size": self.vocab_size}
+                "vocab_size": self.vocab_size,
+                "limits": RequestLimits(self.vocab_size, self.max_model_len, self.block_size,
+                                        self.num_blocks, 1, True)}
 
     def drain_cache_events(self) -> list[tuple[str, int]]:
         """Router ``("add" | "evict", hash)`` events since the last call, in order."""
