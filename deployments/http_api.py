@@ -194,18 +194,21 @@ def build_http_app(ingress) -> FastAPI:
         encode = ChunkEncoder(rid, model_name, chat, body.include_usage,
                               body.tool_spec if chat else None)
         offsets = [len(e) for e in echoes] or [0] * len(streams)
+        # a chat choice's role chunk goes out with its first token, not before the prefill:
+        # clients time the first token by the first chunk
+        started = [not chat] * len(streams)
         try:
-            for i in range(len(streams)):
-                if chat:
-                    yield encode.start(i)
-                if echoes:
-                    yield encode.text(i, echoes[i])
+            for i, echo in enumerate(echoes):
+                yield encode.text(i, echo)
             async for i, chunk in merged(streams):
                 logprobs = None
                 if body.wants_logprobs and chunk.logprobs:
                     logprobs = logprobs_body(chat, chunk.logprobs, client.token_text, offsets[i])
                 offsets[i] += len(chunk.text)
                 events = encode.step(i, chunk.text, chunk.finished, chunk.finish_reason, logprobs)
+                if not started[i]:
+                    started[i] = True
+                    events = encode.start(i) + events
                 if events:
                     yield events
             if body.include_usage:

@@ -3,6 +3,7 @@ field implemented or refused by name, multi-prompt choices, echo, logprobs, stre
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -182,6 +183,35 @@ def test_stream_role_first_and_usage_last(api):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
     plain = _events(_post(client, "/v1/chat/completions", {**CHAT, "stream": True}))
     assert all("usage" not in e for e in plain)
+
+
+def test_stream_role_goes_out_with_the_first_token(api):
+    """A chat choice's role chunk waits for its first token (clients such as ``vllm bench
+    serve`` time the first token by the first chunk): the first write carries both."""
+    _, client = api
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop()
+        await asyncio.Event().wait()  # the client stays connected
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(client.app(scope, receive, send))
+    writes = [m["body"].decode() for m in sent if m["type"] == "http.response.body" and m["body"]]
+    first = [json.loads(e[len("data: "):]) for e in writes[0].split("\n\n") if e]
+    assert [c["choices"][0]["delta"] for c in first] == [{"role": "assistant", "content": ""},
+                                                         {"content": "he"}]
 
 
 def test_stream_of_several_prompts_with_logprobs(api):
