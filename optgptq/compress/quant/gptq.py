@@ -82,7 +82,7 @@ class GPTQ:
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Fold the input rows ``x [..., in_features]`` into ``H = 2 XᵀX / n``."""
-        assert self.H is not None, "add_batch after quantize/free"
+        assert self.H is not None, "add_batch after quantize"
         x = x.reshape(-1, self.in_features).float()
         total = self.nsamples + x.shape[0]
         add_gram_(self.H, x, beta=self.nsamples / total, alpha=2.0 / total)
@@ -94,9 +94,6 @@ class GPTQ:
             raise ValueError("GPTQ.quantize: no calibration inputs were added")
         H, self.H = self.H, None
         return solve(weight, H, spec)
-
-    def free(self) -> None:
-        self.H = None
 
 
 class RTN:
