@@ -16,6 +16,10 @@ heads) and its ``optgptq compress`` output (GQA + GPTQ 4-bit, group 32).
   <= 0.03 nats (measured on an AVX-512 Xeon: 99% and 0.007 nats; in bfloat16 the same pair
   gave 88% and 0.18 nats, as did vLLM in bfloat16 against this engine in float32, so bfloat16
   rounding, not the checkpoint, sets that gap).
+- ``vllm bench serve`` (``openai`` on /v1/completions, ``openai-chat`` on /v1/chat/completions)
+  against the deployment on this project's own engine (SmolLM2): 0 failed requests, and its
+  output and prompt token totals equal to the server's counts over the run
+  (bench/vllm_bench_serve.py, which also records the numbers).
 - Serve: ``backend: vllm`` behind the same router and endpoints: streamed HTTP output equals
   this engine's, vLLM's KV events reach the router's index under the router's own block hashes,
   repeated prompts hit vLLM's prefix cache, a client that disconnects aborts its request.
@@ -170,6 +174,45 @@ def test_gptq_checkpoint_settings_are_vllms_gptq(folders):
     config = AutoGPTQConfig.from_config(qc)
     assert (config.weight_bits, config.group_size, config.is_sym) == (4, 32, True)
     assert str(config.quant_type) == "uint4b8"
+
+
+# -- `vllm bench serve` against this project's server (its own engine) -------------------------
+BENCH_PROMPTS, BENCH_INPUT_LEN, BENCH_OUTPUT_LEN = 32, 64, 32
+
+
+@pytest.fixture(scope="class")
+def native_server():
+    """The deployment on this project's engine (SmolLM2, one engine replica on the CPU), its
+    HTTP base URL. Class-scoped: Ray is down again before the ``backend: vllm`` deployment."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from bench.vllm_bench_serve import free_port, start_server
+
+    try:
+        yield start_server("smollm2", free_port())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+class TestBenchServe:
+    """`vllm bench serve` (random prompts: vLLM sets ``ignore_eos``) with each OpenAI backend:
+    no request fails, and the benchmark's token totals, taken from the streams' usage chunks,
+    equal what the server counted generating (and reading) over the run on /metrics."""
+
+    @pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+    def test_counts_equal_what_the_server_generated(self, native_server, backend, tmp_path,
+                                                    smollm2_path):
+        from bench.vllm_bench_serve import run_backend
+
+        run = run_backend(native_server, backend, str(smollm2_path), tmp_path, BENCH_PROMPTS,
+                          BENCH_INPUT_LEN, BENCH_OUTPUT_LEN)
+        assert (run["failed"], run["completed"]) == (0, BENCH_PROMPTS), run["errors"][:3]
+        assert run["output_lens"] == [BENCH_OUTPUT_LEN] * BENCH_PROMPTS
+        assert run["total_output_tokens"] == run["server_generated_tokens"] \
+            == BENCH_PROMPTS * BENCH_OUTPUT_LEN
+        assert run["total_input_tokens"] == run["server_prompt_tokens"]
 
 
 # -- the Serve deployment with backend: vllm ----------------------------------------------------
