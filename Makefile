@@ -46,7 +46,9 @@ serve: install
 		print('deployments/optgptq-gpu.yaml' if torch.cuda.is_available() else \
 		'deployments/optgptq.yaml')")}
 
-# Regenerate the committed gRPC stubs (optgptq/serving/optgptq_pb2*.py) from the .proto.
+# Regenerate the committed gRPC stubs (optgptq/serving/optgptq_pb2*.py) from the .proto. The
+# _pb2_grpc stub refuses a grpcio older than the grpcio-tools that wrote it: generate with the
+# floor pyproject.toml names (`make proto PYTHON=<python with grpcio-tools==1.85.1>`).
 proto:
 	$(PYTHON) -m grpc_tools.protoc -Ioptgptq/serving=deployments --python_out=. \
 		--grpc_python_out=. deployments/optgptq.proto

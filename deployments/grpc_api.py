@@ -11,22 +11,34 @@ without internal detail), with the message as the status details. With
 ``ingress.replica_header`` each response names the replica that served the request. With
 ``n`` > 1, GenerateStream interleaves the choices' responses, each naming its choice (``index``);
 Generate, whose one response has room for one choice, refuses it.
+
+Tool calling (chat messages only) is /v1/chat/completions' (:mod:`optgptq.serving.openai_tools`,
+:mod:`optgptq.serving.tool_calls`): the request's ``tools``, ``tool_choice_mode`` /
+``tool_choice_function``, ``parallel_tool_calls`` and the messages' ``tool_calls`` and
+``tool_call_id`` become that endpoint's fields and are validated by its request model; the
+output is parsed for calls the same way. Generate answers the content as ``text`` and every
+call in ``tool_calls``; GenerateStream sends the content and the calls in output order, each
+call in one response once its block is complete, and the finish reason (``tool_calls`` where
+the output ended with calls) on the last.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
-from deployments.engine_client import TokenLogprob, internal_error, merged
+from deployments.engine_client import Chunk, TokenLogprob, internal_error, merged
 from optgptq.serving import optgptq_pb2 as pb
 from optgptq.serving.openai_requests import ChatCompletionRequest, CompletionRequest
+from optgptq.serving.openai_tools import ToolSpec
 from optgptq.serving.protocol import APIError, invalid, new_id
+from optgptq.serving.tool_calls import ParsedCall, ToolCallParser, whole
+from optgptq.serving.tool_calls import finish_reason as tool_finish
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -38,17 +50,64 @@ _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "cache_salt"
 """GenerateRequest fields passed on where set (else the request model's default)."""
 
 
-def _json_field(name: str, text: str):
-    """A ``*_json`` field's value; APIError 400 naming ``name`` unless it is a JSON object."""
+def _json_object(param: str, field: str, text: str) -> dict:
+    """A JSON-text field's value; APIError 400 naming ``param`` unless it is a JSON object."""
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise APIError(400, f"{name}: {name}_json is not JSON: {exc}", param=name,
+        raise APIError(400, f"{param}: {field} is not JSON: {exc}", param=param,
                        code="invalid_value") from None
     if not isinstance(value, dict):
-        raise APIError(400, f"{name}: {name}_json must be a JSON object", param=name,
+        raise APIError(400, f"{param}: {field} must be a JSON object", param=param,
                        code="invalid_value")
     return value
+
+
+def _messages(request: pb.GenerateRequest) -> list[dict]:
+    """The chat messages as /v1/chat/completions takes them (an assistant message's empty
+    content next to tool calls is no content)."""
+    messages = []
+    for m in request.messages:
+        message: dict = {"role": m.role,
+                         "content": m.content if m.content or not m.tool_calls else None}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in m.tool_calls]
+        if m.HasField("tool_call_id"):
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    return messages
+
+
+def _tool(tool: pb.Tool) -> dict:
+    """One tool as /v1/chat/completions takes it."""
+    function: dict = {"name": tool.name}
+    if tool.HasField("description"):
+        function["description"] = tool.description
+    if tool.HasField("parameters_json"):
+        function["parameters"] = _json_object("tools", f"{tool.name}: parameters_json",
+                                              tool.parameters_json)
+    if tool.HasField("strict"):
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def _tool_fields(request: pb.GenerateRequest) -> dict:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` as /v1/chat/completions takes
+    them, those the request sets."""
+    fields: dict = {}
+    if request.tools:
+        fields["tools"] = [_tool(t) for t in request.tools]
+    choice = request.WhichOneof("tool_choice")
+    if choice == "tool_choice_mode":
+        fields["tool_choice"] = request.tool_choice_mode
+    elif choice == "tool_choice_function":
+        fields["tool_choice"] = {"type": "function",
+                                 "function": {"name": request.tool_choice_function}}
+    if request.HasField("parallel_tool_calls"):
+        fields["parallel_tool_calls"] = request.parallel_tool_calls
+    return fields
 
 
 def status_code(exc: APIError) -> grpc.StatusCode:
@@ -85,7 +144,7 @@ class GRPCService:
 
     async def Generate(self, raw: bytes,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        (stream,), echo = await self._open(raw, context, unary=True)
+        (stream,), echo, tools = await self._open(raw, context, unary=True)
         text, tokens = echo, []
         try:
             async for chunk in stream:
@@ -93,23 +152,49 @@ class GRPCService:
                 tokens += chunk.logprobs or []
         except APIError as exc:
             await _fail(context, exc)
-        return self._response(stream, text, tokens)
+        if tools is None:
+            return self._response(stream, text, tokens, stream.finish_reason)
+        content, calls = whole(text, tools.names)
+        reason = tool_finish(stream.finish_reason, len(calls), tools.name is not None)
+        return self._response(stream, content or "", tokens, reason, calls)
 
     async def GenerateStream(self, raw: bytes, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateResponse]:
-        streams, echo = await self._open(raw, context, unary=False)
+        streams, echo, tools = await self._open(raw, context, unary=False)
         if echo:
             for stream in streams:
-                yield self._response(stream, echo, [])
+                yield self._response(stream, echo, [], None)
+        parsers = [ToolCallParser(tools.names) for _ in streams] if tools is not None else None
         try:
             async for i, chunk in merged(streams):
-                if chunk.text or chunk.finished:
-                    yield self._response(streams[i], chunk.text, chunk.logprobs or [])
+                if parsers is not None:
+                    for response in self._parsed(streams[i], parsers[i], chunk, tools):
+                        yield response
+                elif chunk.text or chunk.finished:
+                    yield self._response(streams[i], chunk.text, chunk.logprobs or [],
+                                         chunk.finish_reason if chunk.finished else None)
         except APIError as exc:
             await _fail(context, exc)
         finally:
             for stream in streams:
                 stream.close()
+
+    def _parsed(self, stream, parser: ToolCallParser, chunk: Chunk,
+                tools: ToolSpec) -> list[pb.GenerateResponse]:
+        """A chunk's responses with tools: one per piece of content or call, in output order;
+        its logprobs and the finish reason on the last (one more response if there is none)."""
+        events = parser.feed(chunk.text) + (parser.finish() if chunk.finished else [])
+        out = [self._response(stream, "", [], None, [e]) if isinstance(e, ParsedCall)
+               else self._response(stream, e, [], None) for e in events]
+        if chunk.finished or chunk.logprobs:
+            if not out:
+                out.append(self._response(stream, "", [], None))
+            last = out[-1]
+            last.logprobs.extend(self._logprobs(chunk.logprobs or []))
+            if chunk.finished:
+                last.finish_reason = tool_finish(chunk.finish_reason, parser.calls,
+                                                 tools.name is not None) or ""
+        return out
 
     async def _open(self, raw: bytes, context: grpc.aio.ServicerContext, unary: bool):
         try:
@@ -125,34 +210,42 @@ class GRPCService:
                                code="model_not_found")
             if bool(request.prompt) == bool(request.messages):
                 raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = _messages(request)
             params = {name: getattr(request, name) for name in _OPTIONAL
                       if request.HasField(name)}
+            tool_fields = _tool_fields(request)
+            if tool_fields and not messages:
+                raise APIError(400, "tools: tool calling needs messages (chat), not a prompt",
+                               param="tools", code="invalid_value")
             params.update(stop=list(request.stop), ignore_eos=request.ignore_eos,
                           logit_bias={str(k): v for k, v in request.logit_bias.items()})
             for name in ("response_format", "structured_outputs"):
                 if request.HasField(name + "_json"):
-                    params[name] = _json_field(name, getattr(request, name + "_json"))
+                    params[name] = _json_object(name, name + "_json",
+                                                getattr(request, name + "_json"))
             top = request.top_logprobs
             if top and not request.logprobs:
                 raise APIError(400, "top_logprobs: needs logprobs", param="top_logprobs")
             if unary and params.get("n", 1) > 1:
                 raise APIError(400, "n: Generate answers one choice; use GenerateStream, whose "
                                "responses name their choice (index)", param="n")
+            tools = None
             if messages:
                 if request.echo:
                     raise APIError(400, "echo: only for a prompt", param="echo")
                 body = ChatCompletionRequest(model=request.model, messages=messages,
                                              logprobs=request.logprobs, top_logprobs=top,
-                                             **params)
+                                             **params, **tool_fields)
                 prompt = [m.rendered() for m in body.messages]
+                tools = body.tool_spec
             else:
                 body = CompletionRequest(model=request.model, prompt=request.prompt,
                                          echo=request.echo,
                                          logprobs=top if request.logprobs else None, **params)
                 prompt = body.prompt
-            ids = await self.client.prompt_ids(prompt)
-            streams = await self.client.open(ids, body.sampling_params(tenant))
+            sampling = body.sampling_params(tenant)
+            ids = await self.client.prompt_ids(prompt, tools.rendered() if tools else None)
+            streams = await self.client.open(ids, sampling)
         except ValidationError as exc:
             await _fail(context, invalid(exc))
         except APIError as exc:
@@ -162,17 +255,21 @@ class GRPCService:
         rid = new_id("grpc")
         for stream in streams:
             stream.request_id = rid
-        return streams, (request.prompt if request.echo else "")
+        return (streams, (request.prompt if request.echo else ""),
+                tools if tools is not None and tools.parses else None)
 
-    def _response(self, stream, text: str, tokens: list[TokenLogprob]) -> pb.GenerateResponse:
+    def _logprobs(self, tokens: list[TokenLogprob]) -> list[pb.TokenLogprob]:
         token_text = self.client.token_text
-        logprobs = [pb.TokenLogprob(token_id=t, token=token_text(t), logprob=lp, top=[
+        return [pb.TokenLogprob(token_id=t, token=token_text(t), logprob=lp, top=[
             pb.TopLogprob(token_id=i, token=token_text(i), logprob=v) for i, v in top or ()])
             for t, lp, top in tokens]
-        return pb.GenerateResponse(id=stream.request_id, index=stream.index, text=text,
-                                   logprobs=logprobs,
-                                   finish_reason=stream.finish_reason or "",
-                                   prompt_tokens=stream.prompt_tokens,
-                                   completion_tokens=stream.completion_tokens,
-                                   cached_tokens=stream.cached_tokens,
-                                   replica=stream.replica if self.replica_field else "")
+
+    def _response(self, stream, text: str, tokens: list[TokenLogprob], reason: str | None,
+                  calls: Sequence[ParsedCall] = ()) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            id=stream.request_id, index=stream.index, text=text, logprobs=self._logprobs(tokens),
+            finish_reason=reason or "", prompt_tokens=stream.prompt_tokens,
+            completion_tokens=stream.completion_tokens, cached_tokens=stream.cached_tokens,
+            replica=stream.replica if self.replica_field else "",
+            tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                        for c in calls])

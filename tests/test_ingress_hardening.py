@@ -276,3 +276,79 @@ def test_grpc_structured_output_fields():
         code, details = _grpc_call(ingress, "Generate", request.SerializeToString())
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "response_format" in details, details
     assert len(ingress.client.opened) == opened
+
+
+WEATHER = pb.Tool(name="get_weather", description="The weather in a city",
+                  parameters_json=json.dumps({"type": "object", "required": ["city"],
+                                              "properties": {"city": {"type": "string"}}}))
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def _calls(reply) -> list[tuple[str, dict]]:
+    return [(c.name, json.loads(c.arguments)) for c in reply.tool_calls]
+
+
+def test_grpc_tool_calls_parsed_as_over_http():
+    """Tools reach the chat template as /v1/chat/completions gives them; the output's calls come
+    back parsed (Generate: all at once; GenerateStream: in output order, the finish reason on
+    the last response), and a stream reassembles to the unary reply."""
+    ingress = _ingress({})
+    ingress.client.text = ["Let me look. <tool_", CALL[len("<tool_"):]]
+    ingress.client.finish_reason = "stop"
+    user = pb.ChatMessage(role="user", content="Weather in Paris?")
+    request = pb.GenerateRequest(model="m", messages=[user], tools=[WEATHER], logprobs=True)
+    code, reply = _grpc_call(ingress, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.OK, reply
+    assert (reply.text, _calls(reply), reply.finish_reason) == (
+        "Let me look.", [("get_weather", {"city": "Paris"})], "tool_calls")
+    assert len(reply.logprobs) == 2 and reply.tool_calls[0].id.startswith("call_")
+    assert ingress.client.tools[-1] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": json.loads(WEATHER.parameters_json)}}]
+    code, replies = _grpc_call(ingress, "GenerateStream", request.SerializeToString())
+    assert code == grpc.StatusCode.OK, replies
+    assert [(r.text, _calls(r), r.finish_reason) for r in replies] == [
+        ("Let me look.", [], ""), ("", [("get_weather", {"city": "Paris"})], "tool_calls")]
+    assert sum(len(r.logprobs) for r in replies) == 2
+    none = pb.GenerateRequest(model="m", messages=[user], tools=[WEATHER],
+                              tool_choice_mode="none")
+    code, reply = _grpc_call(ingress, "Generate", none.SerializeToString())
+    assert (reply.text, list(reply.tool_calls), reply.finish_reason) == (
+        "Let me look. " + CALL, [], "stop")
+    assert ingress.client.tools[-1] is not None  # rendered all the same, as OpenAI does
+
+
+def test_grpc_tool_messages_choice_and_errors():
+    ingress = _ingress({})
+    history = [pb.ChatMessage(role="user", content="Weather in Paris?"),
+               pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(
+                   id="call_1", name="get_weather", arguments='{"city": "Paris"}')]),
+               pb.ChatMessage(role="tool", content="sunny", tool_call_id="call_1")]
+    request = pb.GenerateRequest(model="m", messages=history, tools=[WEATHER],
+                                 tool_choice_function="get_weather")
+    code, reply = _grpc_call(ingress, "Generate", request.SerializeToString())
+    assert code == grpc.StatusCode.OK, reply
+    assert ingress.client.prompts[-1][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+    assert ingress.client.opened[-1][1].structured.kind == "structural_tag"
+    opened = len(ingress.client.opened)
+    user = pb.ChatMessage(role="user", content="x")
+    for bad, param in [
+            ({"prompt": "hi", "tools": [WEATHER]}, "tools"),
+            ({"messages": [user], "tools": [WEATHER], "tool_choice_function": "get_time"},
+             "tool_choice"),
+            ({"messages": [user], "tool_choice_mode": "required"}, "tool_choice"),
+            ({"messages": [user], "tools": [WEATHER], "tool_choice_mode": "sometimes"},
+             "tool_choice"),
+            ({"messages": [user], "tools": [pb.Tool(name="f", parameters_json="{oops")]},
+             "tools"),
+            ({"messages": [user, pb.ChatMessage(role="tool", content="sunny")]}, "messages"),
+            ({"messages": [user, pb.ChatMessage(role="user", content="x", tool_calls=[
+                pb.ToolCall(id="c", name="f", arguments="{}")])]}, "messages")]:
+        request = pb.GenerateRequest(model="m", **bad)
+        code, details = _grpc_call(ingress, "GenerateStream", request.SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and param in details, (bad, details)
+    assert len(ingress.client.opened) == opened
