@@ -486,8 +486,10 @@ def test_refused_fields_are_400_naming_the_field(client, endpoint, field, value)
     assert e.type == "invalid_request_error"
 
 
+# a bounded count: an unbounded integer lets a random model's digits run past max_tokens
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["north", "south"]},
-                                          "count": {"type": "integer"}},
+                                          "count": {"type": "integer", "minimum": 0,
+                                                    "maximum": 999}},
           "required": ["answer", "count"], "additionalProperties": False}
 
 
@@ -514,7 +516,7 @@ def test_structured_output(client, rng, stream):
     assert finish == "stop", text
     value = json.loads(text)
     assert set(value) == {"answer", "count"} and value["answer"] in ("north", "south")
-    assert isinstance(value["count"], int)
+    assert isinstance(value["count"], int) and 0 <= value["count"] <= 999
     text, finish = content(extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert text in ("yes", "no") and finish == "stop"
     text, finish = content(response_format={"type": "json_object"}, max_tokens=200)
