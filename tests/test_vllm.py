@@ -64,10 +64,12 @@ def folders(tmp_path_factory, calib_text) -> dict[str, Path]:
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
         tie_word_embeddings=False, architectures=["LlamaForCausalLM"]), root / "dense", seed=7)
     assert cli.main(["convert", "--model", str(dense), "--out", str(root / "gqa"),
-                     "--num-kv-heads", "2", "--grouping", "contiguous", "--quiet"]) == 0
+                     "--num-kv-heads", "2", "--grouping", "contiguous", "--recover-seconds", "0",
+                     "--check-samples", "0", "--quiet"]) == 0
     assert cli.main(["compress", "--model", str(dense), "--out", str(root / "gptq"),
                      "--num-kv-heads", "2", "--calib", str(calib_text), "--num-samples", "8",
-                     "--seq-len", "64", "--bits", "4", "--group-size", "32", "--quiet"]) == 0
+                     "--seq-len", "64", "--bits", "4", "--group-size", "32",
+                     "--recover-seconds", "0", "--check-samples", "0", "--quiet"]) == 0
     return {"dense": dense, "gqa": root / "gqa", "gptq": root / "gptq"}
 
 
