@@ -189,7 +189,10 @@ def replicas_changed(replicas: Iterable[str]) -> None:
     process keeps a channel from each (any thread)."""
     live = frozenset(replicas)
     for channels in list(_INGRESSES):
-        channels.loop.call_soon_threadsafe(channels.follow, live)
+        try:
+            channels.loop.call_soon_threadsafe(channels.follow, live)
+        except RuntimeError:  # its loop is closed: that ingress serves nobody any more
+            pass
 
 
 class TokenChannels:

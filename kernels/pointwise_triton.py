@@ -34,8 +34,10 @@ def add_rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """As :func:`optgptq_kernels.pointwise.add_rms_norm_ref`, for ``x [T, N]``."""
     t, n = x.shape
     assert x.stride(1) == 1 and weight.is_contiguous()
+    if residual is not None and residual.stride(1) != 1:  # rows are read with one stride
+        residual = residual.contiguous()
     out = torch.empty((t, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    total = torch.empty_like(x) if residual is not None else x
+    total = x.new_empty((t, n)) if residual is not None else x
     if t:
         block = triton.next_power_of_2(n)
         _add_rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out,

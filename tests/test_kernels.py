@@ -67,6 +67,9 @@ def test_add_rms_norm_matches_reference(dtype, n, with_residual):
     expect, expect_total = add_rms_norm_ref(x, weight, 1e-5, residual if with_residual else None)
     assert torch.equal(total, expect_total)      # the residual sum rounds once, like torch
     _assert_close(out, expect)
+    if with_residual:  # a column-major residual (a transposed view) reads the same values
+        out_t, total_t = add_rms_norm_triton(x, weight, 1e-5, residual.t().contiguous().t())
+        assert torch.equal(total_t, total) and torch.equal(out_t, out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -49,7 +49,7 @@ class CPULinear(nn.Module):
         if self.packed is not None:
             panels = self.packed.shape[2]
             return self.packed[ids // panels, :, ids % panels].float()
-        return self.weight_t.index_select(1, ids).t()
+        return self.weight_t.index_select(1, ids).t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
