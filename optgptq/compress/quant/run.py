@@ -11,6 +11,7 @@ the folder a GQA conversion wrote.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ def quantize_folder(model: Path, out: Path, a: argparse.Namespace, overwrite: bo
     est = estimate(before, qm.model, check, a.warn_above, f"{a.method} {a.bits}-bit") \
         if before is not None else {}
     path = save_checkpoint(qm, model, out, DTYPES[a.dtype], overwrite)
+    qc = spec.quantization_config(a.method) if isinstance(spec, QuantSpec) else {}
+    refused = ([" desc_act with groups (act-order without --static-groups: vLLM >= 0.32)"]
+               if qc.get("desc_act") and a.group_size != -1 else [])
+    refused += [" asymmetric zeros (vLLM 0.32's CPU build; --sym)"] if qc and not qc["sym"] else []
+    if refused:
+        print(f"optgptq: note: transformers, gptqmodel and this engine load this checkpoint; "
+              f"vLLM refuses{' and'.join(refused)}", file=sys.stderr)
     return {"out": str(path), "method": a.method, "bits": a.bits, "group_size": a.group_size,
             "seconds": round(time.perf_counter() - start, 2),
             "quantize_seconds": round(qm.seconds, 2), "modules": len(qm.results), **est}
