@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from optgptq.models.bcq_linear import BCQLinear
+from optgptq.models.cpu_linear import tied_embeddings
 from optgptq.models.dgq_linear import DGQLinear
 from optgptq.models.quant_linear import GPTQLinear
 from optgptq_kernels import ops
@@ -89,10 +90,7 @@ def _head_to_int8(model: nn.Module) -> None:
     head = getattr(model, "lm_head", None)
     if type(head) is not nn.Linear or head.weight.dtype != torch.float32:
         return
-    tied = [(parent, name) for parent in model.modules()
-            for name, child in parent.named_children()
-            if type(child) is nn.Embedding and child.weight.data_ptr() == head.weight.data_ptr()]
-    for parent, name in tied:
+    for parent, name, _ in tied_embeddings(model, {head.weight.data_ptr()}):
         setattr(parent, name, FrozenEmbedding(head.weight))
     model.lm_head = CPUGPTQLinear(quantize_int8_cpu(head.weight), head.bias)
 

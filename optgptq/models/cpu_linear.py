@@ -75,6 +75,15 @@ class CPUEmbedding(nn.Module):
         return self.linear[0].rows(flat).reshape(*ids.shape, -1)
 
 
+def tied_embeddings(model: nn.Module, storages: set[int]) -> list[tuple[nn.Module, str, int]]:
+    """``(parent, name, storage)`` of every ``nn.Embedding`` whose weight is one of ``storages``
+    (``data_ptr``s): tied weights are one storage, which the loader assigns to each tied name
+    as its own Parameter, so identity of the Parameters does not find them."""
+    return [(parent, name, child.weight.data_ptr()) for parent in model.modules()
+            for name, child in parent.named_children()
+            if type(child) is nn.Embedding and child.weight.data_ptr() in storages]
+
+
 def _swappable(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and module.weight.device.type == "cpu"
             and module.weight.dtype == torch.float32)
@@ -91,10 +100,6 @@ def use_cpu_linears(model: nn.Module) -> int:
     for parent, name, child in swaps:
         by_weight[child.weight.data_ptr()] = replacement = CPULinear(child)
         setattr(parent, name, replacement)
-    # tied weights are one storage (the loader assigns it to each name as its own Parameter)
-    tied = [(parent, name, by_weight[child.weight.data_ptr()]) for parent in model.modules()
-            for name, child in parent.named_children()
-            if type(child) is nn.Embedding and child.weight.data_ptr() in by_weight]
-    for parent, name, linear in tied:
-        setattr(parent, name, CPUEmbedding(linear))
+    for parent, name, ptr in tied_embeddings(model, set(by_weight)):
+        setattr(parent, name, CPUEmbedding(by_weight[ptr]))
     return len(swaps)
